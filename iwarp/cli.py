@@ -1,0 +1,155 @@
+"""The `iwarp` command. Thin: parse arguments, call one function per subcommand.
+
+User mistakes (IwarpError) print one line and exit 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from iwarp.errors import IwarpError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from iwarp.model.stats import model_stats
+
+    stats = model_stats(args.config, args.size, args.sources)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"config {stats['config']} at {stats['size']}x{stats['size']}")
+    print(f"  parameters            {stats['parameters'] / 1e6:.3f} M")
+    for name, count in stats["parameters_by_module"].items():
+        print(f"    {name:<20s}{count / 1e6:.3f} M")
+    print(f"  GFLOP per source image  {stats['gflop_per_source']:.3f}")
+    print(f"  GFLOP per driving frame {stats['gflop_per_frame']:.3f} ({args.sources} source(s))")
+    for name, g in stats["gflop_per_frame_by_stage"].items():
+        print(f"    {name:<20s}{g:.3f}")
+    print(f"  attention tokens        {stats['query_tokens']} queries x {stats['key_tokens']} keys")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from iwarp.config import get_config
+    from iwarp.train.trainer import train
+
+    config = get_config(args.config)
+    tc = config.train
+    for name in ("batch_size", "lr", "seed", "max_sources"):
+        if getattr(args, name) is not None:
+            setattr(tc, name, getattr(args, name))
+    if args.size is not None:
+        tc.train_size = args.size
+    if args.bf16:
+        tc.bf16 = True
+    for spec in args.loss or []:
+        key, _, value = spec.partition("=")
+        if not hasattr(tc.loss, key):
+            raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(tc.loss))}")
+        setattr(tc.loss, key, float(value))
+    for flag in ("sample_every", "checkpoint_every", "val_every", "log_every"):
+        if getattr(args, flag) is not None:
+            setattr(tc, flag, getattr(args, flag))
+    if args.no_residual:
+        config.model.residual_branch = False
+    if args.extra_tokens is not None:
+        config.model.extra_tokens = args.extra_tokens
+    last = train(
+        config,
+        args.data,
+        args.out,
+        args.steps,
+        resume=args.resume,
+        device=args.device,
+        init_checkpoint=args.init,
+        cache_dir=args.cache,
+    )
+    print(json.dumps(last))
+    return 0
+
+
+def _cmd_animate(args: argparse.Namespace) -> int:
+    from iwarp.offline import animate_video
+
+    animate_video(
+        sources=args.source,
+        driving=args.driving,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        relative=args.relative,
+        reference_frame=args.reference_frame,
+        max_frames=args.max_frames,
+        backend=args.backend,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iwarp", description="Real-time avatar animation with implicit warping."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="parameters and GFLOP of a config")
+    p.add_argument("--config", default="tiny", help="tiny, paper or paper512")
+    p.add_argument("--size", type=int, default=None, help="image side (default: the config's)")
+    p.add_argument("--sources", type=int, default=1, help="source images for the per-frame cost")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("train", help="train the network on a folder of clips")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--data", required=True, help="folder of clips (manifest.csv optional)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, samples, curves")
+    p.add_argument("--steps", type=int, default=10_000, help="total steps, resumed ones included")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--init", help="start from these weights (a fine-tune), not from scratch")
+    p.add_argument("--size", type=int, help="training crop size (default: the config's)")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-sources", type=int, dest="max_sources")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--loss", action="append", metavar="NAME=W", help="override a loss weight")
+    p.add_argument("--no-residual", action="store_true", help="ablation: no residual branch")
+    p.add_argument("--extra-tokens", type=int, help="ablation: number of extra tokens (0 = off)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cache", help="where prepared clips are cached (default ~/.cache/iwarp)")
+    for flag in ("sample-every", "checkpoint-every", "val-every", "log-every"):
+        p.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("animate", help="animate source photo(s) with a driving video")
+    p.add_argument("--source", action="append", required=True, help="avatar photo (repeatable)")
+    p.add_argument("--driving", required=True, help="driving video file")
+    p.add_argument("--out", required=True, help="output video (.mp4)")
+    p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
+    p.add_argument("--relative", action="store_true", help="relative motion from a reference frame")
+    p.add_argument("--reference-frame", type=int, default=0, help="driving frame used as neutral")
+    p.add_argument("--max-frames", type=int, help="stop after this many driving frames")
+    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.set_defaults(handler=_cmd_animate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except IwarpError as exc:
+        print(f"iwarp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"iwarp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Typed configurations: the network's shape and how it is trained.
+
+A checkpoint stores its `Config` as JSON, so the shape of a network is never guessed from
+its weights. Named presets live in `PRESETS`; `get_config("tiny")` returns a fresh copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from iwarp.errors import CheckpointError
+
+MultiSourceMode = Literal["attention", "average"]
+
+
+@dataclass
+class ModelConfig:
+    """The implicit-warping network (DESIGN.md section 2)."""
+
+    image_size: int = 256
+    num_keypoints: int = 20
+    # Keypoint detector: runs on image_size / kp_downsample; FOMM-style spatial softmax.
+    kp_downsample: int = 4
+    kp_channels: tuple[int, ...] = (16, 32, 64, 64)
+    kp_temperature: float = 0.1
+    # Gaussian keypoint maps: variance in [-1, 1] coordinates, drawn at image_size / kp_downsample.
+    kp_variance: float = 0.01
+    # Query/key UNets run at image_size / kp_downsample and end on the attention grid.
+    query_channels: tuple[int, ...] = (16, 32, 64, 64)
+    key_channels: tuple[int, ...] = (32, 64, 64, 64)
+    # Attention grid = image_size / attn_stride on each side.
+    attn_stride: int = 8
+    attn_dim: int = 64  # d: query/key width; scale c = sqrt(d)
+    value_channels: tuple[int, ...] = (16, 32, 64)  # one stride-2 stage per entry
+    value_dim: int = 64
+    extra_tokens: int = 32
+    residual_branch: bool = True
+    residual_hidden: int = 64
+    # Keys/values/pixels average-pooled by this factor before attention (1 = off).
+    spatial_reduction: int = 1
+    # "attention": one softmax over all sources (the paper). "average": warp each source
+    # separately and average the warped features (the paper's multi-source baseline).
+    multi_source_mode: MultiSourceMode = "attention"
+    # Generator: res blocks at the grid, then one 2x upsampling per entry of up_channels.
+    generator_channels: int = 64
+    generator_res_blocks: int = 2
+    generator_up_channels: tuple[int, ...] = (32, 16, 8)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.attn_stride
+
+    @property
+    def kp_size(self) -> int:
+        return self.image_size // self.kp_downsample
+
+    @property
+    def tokens_per_source(self) -> int:
+        side = self.grid_size // self.spatial_reduction
+        return side * side
+
+    def validate(self) -> None:
+        if self.image_size % (self.attn_stride * self.spatial_reduction):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by attn_stride * "
+                f"spatial_reduction = {self.attn_stride * self.spatial_reduction}"
+            )
+        if 2 ** len(self.generator_up_channels) != self.attn_stride:
+            raise ValueError("generator_up_channels needs one entry per 2x step up to image_size")
+        if 2 ** len(self.value_channels) != self.attn_stride:
+            raise ValueError("value_channels needs one entry per 2x step down to the grid")
+        if self.kp_size // 2 ** (len(self.query_channels) - 1) < 1:
+            raise ValueError("query/key UNet is too deep for this image size")
+        if self.multi_source_mode not in ("attention", "average"):
+            raise ValueError(f"unknown multi_source_mode {self.multi_source_mode!r}")
+
+
+@dataclass
+class LossWeights:
+    l1: float = 1.0
+    perceptual: float = 0.1
+    gan: float = 0.0
+    feature_matching: float = 0.0
+    equivariance: float = 1.0
+    # Keeps strengths from collapsing to 0 or saturating: penalises mean strength below a floor.
+    strength_floor: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    lr: float = 2e-4
+    lr_discriminator: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.5, 0.999)
+    max_sources: int = 3
+    source_dropout: float = 0.2
+    # Training crops are made at this size (may be smaller than model.image_size: the network is
+    # fully convolutional, so a curriculum can start small).
+    train_size: int = 256
+    # Perceptual loss backbone: "efficientnet_lite0" (ships offline) or "vgg19:PATH".
+    perceptual_backbone: str = "efficientnet_lite0"
+    perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25)
+    gan_start_step: int = 0
+    loss: LossWeights = field(default_factory=LossWeights)
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    val_every: int = 500
+    val_batches: int = 4
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+
+def _from_dict(kind: type, data: dict[str, Any]) -> Any:
+    """Rebuilds nested dataclasses, turning JSON lists back into tuples; unknown keys fail."""
+    hints = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise CheckpointError(
+            f"unknown configuration keys {sorted(unknown)} for {kind.__name__}",
+            "the checkpoint was written by a newer iwarp; upgrade iwarp",
+        )
+    values = {}
+    for name, value in data.items():
+        default = getattr(kind(), name)
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        values[name] = value
+    return kind(**values)
+
+
+def _tiny() -> Config:
+    return Config(name="tiny")
+
+
+def _paper(size: int = 256) -> Config:
+    """The paper's widths: d = 256, attention at 1/8 of the image side."""
+    model = ModelConfig(
+        image_size=size,
+        kp_channels=(64, 128, 256, 512, 512),
+        query_channels=(64, 128, 256, 512),
+        key_channels=(64, 128, 256, 512),
+        attn_dim=256,
+        value_channels=(64, 128, 256),
+        value_dim=256,
+        residual_hidden=256,
+        generator_channels=256,
+        generator_res_blocks=6,
+        generator_up_channels=(128, 64, 32),
+    )
+    train = TrainConfig(batch_size=16, train_size=size)
+    train.loss.gan = 1.0
+    train.loss.feature_matching = 10.0
+    return Config(name="paper" if size == 256 else f"paper{size}", model=model, train=train)
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "paper": _paper,
+    "paper512": lambda: _paper(512),
+}
+
+
+def get_config(name: str, image_size: int | None = None) -> Config:
+    """A fresh copy of a named preset, optionally at another image size."""
+    if name not in PRESETS:
+        raise CheckpointError(
+            f"unknown config {name!r}", f"choose one of: {', '.join(sorted(PRESETS))}"
+        )
+    config = PRESETS[name]()
+    if image_size is not None:
+        config.model.image_size = image_size
+    config.model.validate()
+    return config

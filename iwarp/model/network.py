@@ -1,0 +1,115 @@
+"""The whole network and its split API.
+
+    encode_sources(images)  -> SourceSet        once per avatar
+    detect(driving)         -> Keypoints        per frame
+    animate(source, kp)     -> image            per frame
+
+`forward(sources, driving)` is exactly their composition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iwarp.config import ModelConfig
+from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
+from iwarp.model.generator import Generator
+from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
+from iwarp.model.warp import ImplicitWarp, SourceSet, tokens
+
+
+class ImplicitWarpingNetwork(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.keypoint_detector = KeypointDetector(config)
+        self.query_encoder = QueryEncoder(config)
+        self.key_encoder = KeyEncoder(config)
+        self.value_encoder = ValueEncoder(config)
+        self.warp = ImplicitWarp(config)
+        self.generator = Generator(config)
+
+    # -- per frame -------------------------------------------------------------------------
+    def detect(self, driving: torch.Tensor) -> Keypoints:
+        """Driving frame(s) (B, 3, H, W) in [0, 1] -> keypoints and strength."""
+        return self.keypoint_detector(driving)
+
+    def animate(
+        self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
+    ) -> torch.Tensor:
+        """An avatar's source set + driving keypoints -> image (B, 3, H, W) in [0, 1]."""
+        kp_size = source.image_size // self.config.kp_downsample
+        maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
+        query_features = self.query_encoder(maps)
+        queries = self.warp.project_queries(query_features)
+        warped = self.warp(queries, source, source_dropout)
+        g = query_features.shape[-1]
+        return self.generator(warped.transpose(1, 2).reshape(warped.shape[0], -1, g, g))
+
+    # -- per avatar ------------------------------------------------------------------------
+    def encode_sources(self, images: torch.Tensor) -> SourceSet:
+        """Source images (B, N, 3, H, W) in [0, 1] -> the avatar's cached source set."""
+        b, n = images.shape[:2]
+        flat = images.flatten(0, 1)
+        kp = self.keypoint_detector(flat)
+        return self.encode_with_keypoints(flat, kp, b, n)
+
+    def encode_with_keypoints(
+        self, flat: torch.Tensor, kp: Keypoints, batch: int, num_sources: int
+    ) -> SourceSet:
+        """`encode_sources` after detection; flat images (B*N, 3, H, W)."""
+        cfg = self.config
+        kp_size = flat.shape[-1] // cfg.kp_downsample
+        grid = flat.shape[-1] // cfg.attn_stride
+        maps = keypoint_maps(kp, kp_size, cfg.kp_variance)
+        key_features = self.key_encoder(torch.cat([maps, downsample_to(flat, kp_size)], dim=1))
+        value_features = self.value_encoder(flat)
+        pixels = downsample_to(flat, grid)
+        r = cfg.spatial_reduction
+        if r > 1:
+            pool = nn.functional.avg_pool2d
+            key_features, value_features, pixels = (
+                pool(key_features, r),
+                pool(value_features, r),
+                pool(pixels, r),
+            )
+        keys = self.warp.project_keys(key_features)
+        t = keys.shape[1]
+
+        def join(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, num_sources * t, -1)
+
+        return SourceSet(
+            keypoints=Keypoints(
+                kp.points.reshape(batch, num_sources, *kp.points.shape[1:]),
+                kp.strength.reshape(batch, num_sources, -1),
+            ),
+            keys=join(keys),
+            values=join(tokens(value_features)),
+            pixels=join(tokens(pixels)),
+            mask=torch.ones(batch, num_sources * t, dtype=torch.bool, device=flat.device),
+            num_sources=num_sources,
+            image_size=flat.shape[-1],
+        )
+
+    # -- both --------------------------------------------------------------------------------
+    def forward(
+        self, sources: torch.Tensor, driving: torch.Tensor, source_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, Keypoints, SourceSet]:
+        """sources (B, N, 3, H, W), driving (B, 3, H, W) -> (image, driving kp, source set)."""
+        source = self.encode_sources(sources)
+        kp = self.detect(driving)
+        return self.animate(source, kp, source_dropout), kp, source
+
+
+def relative_keypoints(source: Keypoints, driving: Keypoints, reference: Keypoints) -> Keypoints:
+    """Moves the source keypoints by the driving keypoints' displacement from a reference.
+
+    All three are (B, K, 2) / (B, K). Strength follows the driving frame (it carries
+    expression: an open mouth), scaled by how it changed relative to the reference.
+    """
+    points = source.points + (driving.points - reference.points)
+    strength = (source.strength + (driving.strength - reference.strength)).clamp(0.0, 1.0)
+    return Keypoints(points, strength)

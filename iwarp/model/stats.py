@@ -1,0 +1,50 @@
+"""Parameter and FLOP counts of a config (`iwarp info`), counted with torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from iwarp.config import get_config
+from iwarp.model.network import ImplicitWarpingNetwork
+
+
+def _gflop(fn) -> tuple[float, dict[str, float]]:
+    with FlopCounterMode(display=False, depth=1) as counter:
+        fn()
+    by_module = {
+        name: sum(ops.values()) / 1e9
+        for name, ops in counter.get_flop_counts().items()
+        if name != "Global" and "." not in name  # top-level stages only
+    }
+    return counter.get_total_flops() / 1e9, by_module
+
+
+@torch.no_grad()
+def model_stats(config_name: str, size: int | None = None, sources: int = 1) -> dict[str, Any]:
+    """Parameters, GFLOP per source image and per driving frame (with `sources` sources)."""
+    config = get_config(config_name, size)
+    net = ImplicitWarpingNetwork(config.model).eval()
+    s = config.model.image_size
+    src = torch.rand(1, sources, 3, s, s)
+    drv = torch.rand(1, 3, s, s)
+    one_source = torch.rand(1, 1, 3, s, s)
+    g_source, _ = _gflop(lambda: net.encode_sources(one_source))
+    source_set = net.encode_sources(src)
+    g_frame, by_stage = _gflop(lambda: net.animate(source_set, net.detect(drv)))
+    return {
+        "config": config.name,
+        "size": s,
+        "sources": sources,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "parameters_by_module": {
+            name: sum(p.numel() for p in m.parameters()) for name, m in net.named_children()
+        },
+        "gflop_per_source": g_source,
+        "gflop_per_frame": g_frame,
+        "gflop_per_frame_by_stage": by_stage,
+        "query_tokens": config.model.grid_size**2,
+        "key_tokens": source_set.keys.shape[1] + config.model.extra_tokens,
+    }

@@ -1,0 +1,199 @@
+"""A folder of clips as training data: 1..N source frames and one driving frame per sample.
+
+Each clip is decoded once, cropped to one face-centred square for the whole clip (so that the
+head moves inside the crop, as in VoxCeleb), resized, and cached as a uint8 array; training
+then samples from memory. Sampling is a pure function of (seed, step, rank, index), which makes
+`--resume` exact without saving any loader state.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from iwarp.errors import InputError
+from iwarp.face import FaceDetector, clip_crop_box, crop_and_resize
+from iwarp.media import iter_video_frames, read_image
+from iwarp.paths import user_cache_dir
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class ClipEntry:
+    path: Path
+    split: str
+    identity: str
+
+
+def find_clips(root: str | Path, split: str | None = None) -> list[ClipEntry]:
+    """Clips under `root`: from its manifest.csv when there is one, else every video file and
+    every folder of frames. `split` filters on the manifest's split column."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data folder {root} does not exist", "pass a folder of video clips")
+    manifest = root / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        clips = [
+            ClipEntry(root / r["path"], r.get("split", "train"), r.get("identity", r["path"]))
+            for r in rows
+        ]
+        if split is not None:
+            clips = [c for c in clips if c.split == split]
+    else:
+        clips = []
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+                clips.append(ClipEntry(path, "train", path.stem))
+            elif path.is_dir() and _frame_files(path):
+                clips.append(ClipEntry(path, "train", path.name))
+    if not clips:
+        raise InputError(
+            f"no clips found in {root}" + (f" for split {split!r}" if split else ""),
+            "the folder needs video files (mp4, mov, ...) or folders of frames",
+        )
+    return clips
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _iter_clip_frames(path: Path, max_frames: int):
+    if path.is_dir():
+        for p in _frame_files(path)[:max_frames]:
+            yield read_image(p)
+    else:
+        yield from iter_video_frames(path, max_frames=max_frames)
+
+
+def prepare_clip(
+    path: Path,
+    size: int,
+    detector: FaceDetector,
+    max_frames: int = 2000,
+    detect_every: int = 5,
+    crop_scale: float = 1.8,
+) -> np.ndarray:
+    """Decode a clip, find one face crop for all of it, return (T, size, size, 3) uint8."""
+    frames = list(_iter_clip_frames(path, max_frames))
+    if len(frames) < 2:
+        raise InputError(f"{path} has fewer than 2 frames", "a training clip needs motion")
+    faces = [detector.detect(f) for f in frames[::detect_every]]
+    box = clip_crop_box(faces, scale=crop_scale)
+    if box is None:
+        raise InputError(f"no face found in {path}", "training clips must show a face")
+    return np.stack([crop_and_resize(f, box, size) for f in frames])
+
+
+class ClipDataset:
+    """Face-cropped clips held in memory, cached on disk between runs."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int,
+        split: str | None = "train",
+        cache_dir: str | Path | None = None,
+        max_frames: int = 2000,
+        min_frames: int = 4,
+        show_progress: bool = True,
+    ) -> None:
+        self.size = size
+        entries = find_clips(root, split)
+        cache = Path(cache_dir) if cache_dir else user_cache_dir() / "clips"
+        self.clips: list[np.ndarray] = []
+        self.names: list[str] = []
+        detector: FaceDetector | None = None
+        for entry in tqdm(
+            entries, desc=f"preparing clips ({split or 'all'})", disable=not show_progress
+        ):
+            cache_file = _cache_path(cache, entry.path, size, max_frames)
+            try:
+                if cache_file.is_file():
+                    frames = np.load(cache_file, mmap_mode="r")
+                else:
+                    detector = detector or FaceDetector()
+                    frames = prepare_clip(entry.path, size, detector, max_frames)
+                    _save_atomic(cache_file, frames)
+            except (InputError, OSError, ValueError) as exc:
+                # A bad clip never ends a run: say which one and go on.
+                warnings.warn(f"skipping clip {entry.path}: {exc}", stacklevel=2)
+                continue
+            if len(frames) < min_frames:
+                warnings.warn(
+                    f"skipping clip {entry.path}: only {len(frames)} frames", stacklevel=2
+                )
+                continue
+            self.clips.append(frames)
+            self.names.append(str(entry.path))
+        if not self.clips:
+            raise InputError(
+                f"none of the clips in {root} could be used", "see the warnings above for why"
+            )
+        # Sample clips in proportion to sqrt(length): long clips count more, not overwhelmingly.
+        weights = np.sqrt([len(c) for c in self.clips])
+        self.clip_weights = weights / weights.sum()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.clips)
+
+    def sample(self, rng: np.random.Generator, num_sources: int, augment: bool = True):
+        """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1]."""
+        clip = self.clips[rng.choice(len(self.clips), p=self.clip_weights)]
+        replace = len(clip) < num_sources + 1
+        idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
+        frames = np.asarray(clip[[*np.sort(idx[:num_sources]).tolist(), idx[-1]]])
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        if augment:
+            x = _augment(x, rng)
+        return x[:num_sources], x[num_sources]
+
+    def batch(
+        self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A deterministic batch for (seed, step, rank): sources (B, N, 3, S, S), driving."""
+        rng = np.random.default_rng([seed, step, rank])
+        samples = [self.sample(rng, num_sources, augment) for _ in range(batch_size)]
+        return torch.stack([s for s, _ in samples]), torch.stack([d for _, d in samples])
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The same flip and colour jitter for all frames of a sample (they are one scene)."""
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+    brightness = rng.uniform(0.85, 1.15)
+    contrast = rng.uniform(0.85, 1.15)
+    saturation = rng.uniform(0.8, 1.2)
+    gray = x.mean(dim=1, keepdim=True)
+    x = gray + (x - gray) * saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    return (x * brightness).clamp(0.0, 1.0)
+
+
+def _cache_path(cache: Path, path: Path, size: int, max_frames: int) -> Path:
+    stat = path.stat() if path.exists() else None
+    key = f"{path.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime if stat else 0}"
+    key += f"|{size}|{max_frames}|v1"
+    return cache / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}-{size}.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)

