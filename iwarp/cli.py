@@ -75,11 +75,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:
-    from iwarp.offline import animate_video
+    from iwarp.offline import animate_video, default_driving_clip
+    from iwarp.paths import DEFAULT_AVATAR
 
-    animate_video(
-        sources=args.source,
-        driving=args.driving,
+    sources = args.source or [DEFAULT_AVATAR]
+    driving = args.driving or default_driving_clip()
+    written = animate_video(
+        sources=sources,
+        driving=driving,
         out=args.out,
         checkpoint=args.checkpoint,
         relative=args.relative,
@@ -87,6 +90,47 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         backend=args.backend,
     )
+    print(
+        f"wrote {written} frames to {args.out} (avatar: {', '.join(map(str, sources))}; "
+        f"driving: {driving})"
+    )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from iwarp.runtime.benchmark import plot_histogram, run_benchmark
+
+    results = []
+    for backend in args.backend.split(","):
+        for sources in args.sources:
+            r = run_benchmark(
+                backend,
+                sources,
+                args.frames,
+                args.clip,
+                args.checkpoint,
+                args.threads,
+                show_progress=not args.json,
+            )
+            if args.size is not None and r["size"] != args.size:
+                raise IwarpError(
+                    f"the checkpoint is for {r['size']}x{r['size']}, not {args.size}",
+                    "leave out --size or pass a checkpoint trained for that size",
+                )
+            results.append(r)
+            public = {k: v for k, v in r.items() if not k.startswith("_")}
+            if args.json:
+                print(json.dumps(public))
+            else:
+                st = "  ".join(f"{k} {v['p50_ms']:.1f}" for k, v in r["stages"].items())
+                f = r["frame_ms"]
+                print(
+                    f"{backend:<12s} {sources} src  frame p50 {f['p50']:.1f} / p95 {f['p95']:.1f}"
+                    f" / p99 {f['p99']:.1f} ms  {r['fps']:.1f} fps  (p50 ms: {st}; "
+                    f"avatar {r['avatar_ms']:.0f} ms)"
+                )
+    if args.plot:
+        plot_histogram(results, args.plot)
     return 0
 
 
@@ -126,15 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("animate", help="animate source photo(s) with a driving video")
-    p.add_argument("--source", action="append", required=True, help="avatar photo (repeatable)")
-    p.add_argument("--driving", required=True, help="driving video file")
-    p.add_argument("--out", required=True, help="output video (.mp4)")
+    p.add_argument(
+        "--source", action="append", help="avatar photo, repeatable (default: a packaged portrait)"
+    )
+    p.add_argument(
+        "--driving",
+        help="driving video (default: a clip from ../shared/data/clips, else a generated one)",
+    )
+    p.add_argument("--out", default="iwarp_animation.mp4", help="output video (.mp4)")
     p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
     p.add_argument("--relative", action="store_true", help="relative motion from a reference frame")
     p.add_argument("--reference-frame", type=int, default=0, help="driving frame used as neutral")
     p.add_argument("--max-frames", type=int, help="stop after this many driving frames")
     p.add_argument("--backend", default="torch", help="torch or onnxruntime")
     p.set_defaults(handler=_cmd_animate)
+    p = sub.add_parser("bench", help="per-stage latency of the runtime on real frames")
+    p.add_argument(
+        "--backend", default="onnxruntime", help="torch, onnxruntime, tensorrt; comma-separated"
+    )
+    p.add_argument("--size", type=int, help="check that the model runs at this size")
+    p.add_argument(
+        "--sources",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        help="number of avatar photos, comma-separated for several runs (e.g. 1,3)",
+    )
+    p.add_argument("--frames", type=int, default=200, help="frames to time (after warm-up)")
+    p.add_argument("--clip", help="driving clip (default: a val clip from ../shared/data/clips)")
+    p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.add_argument("--plot", help="write a latency histogram PNG here")
+    p.set_defaults(handler=_cmd_bench)
     return parser
 
 

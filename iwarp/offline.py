@@ -1,0 +1,69 @@
+"""Offline animation: source photo(s) + a driving video -> an avatar video (`iwarp animate`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from iwarp.errors import InputError
+from iwarp.media import VideoWriter, iter_video_frames, make_test_clip, read_image, video_info
+from iwarp.paths import DEFAULT_AVATAR, shared_data_dir, user_cache_dir
+from iwarp.runtime import Animator
+
+# A real talking-head clip from the shared footage makes the best demo driver.
+DEMO_CLIP = "fomm/demo_old/04.mp4"
+
+
+def default_driving_clip() -> Path:
+    """A real clip from ../shared/data when present, else a generated clip of moving head."""
+    data = shared_data_dir()
+    if data is not None and (data / "clips" / DEMO_CLIP).is_file():
+        return data / "clips" / DEMO_CLIP
+    path = user_cache_dir() / "demo_driving.mp4"
+    if not path.is_file():
+        make_test_clip(path, frames=75, size=256, fps=25, image=read_image(DEFAULT_AVATAR))
+    return path
+
+
+def animate_video(
+    sources: Sequence[str | Path],
+    driving: str | Path,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    relative: bool = False,
+    reference_frame: int = 0,
+    max_frames: int | None = None,
+    backend: str = "torch",
+    show_progress: bool = True,
+) -> int:
+    """Writes one output frame per driving frame; returns the number of frames written."""
+    info = video_info(driving)  # fails early, with a clear message, on a bad driving file
+    animator = Animator.from_pretrained(backend, checkpoint, show_progress=show_progress)
+    avatar = animator.add_avatar(list(sources))
+    stream = animator.stream()
+    if relative:
+        head = list(iter_video_frames(driving, max_frames=reference_frame + 1))
+        if len(head) <= reference_frame:
+            raise InputError(
+                f"{driving} has only {len(head)} frames; --reference-frame {reference_frame} "
+                "is past its end",
+                "choose a smaller --reference-frame",
+            )
+        if not stream.set_reference(head[reference_frame]):
+            raise InputError(
+                f"no face in frame {reference_frame} of {driving}",
+                "choose another --reference-frame that shows the face",
+            )
+        stream.reset()  # the reference pass must not leave the tracker mid-video
+    total = (
+        min(info.frames, max_frames) if max_frames and info.frames else (max_frames or info.frames)
+    )
+    written = 0
+    with VideoWriter(out, fps=info.fps or 25.0) as writer:
+        frames = iter_video_frames(driving, max_frames=max_frames)
+        for frame in tqdm(frames, total=total or None, desc="animate", disable=not show_progress):
+            writer.write(stream.animate(avatar, frame))
+            written += 1
+    return written

@@ -1,0 +1,7 @@
+"""Runtime: one Animator over interchangeable backends, with cached avatars."""
+
+from iwarp.runtime.animator import Animator, DrivingStream
+from iwarp.runtime.avatar_store import AvatarStore
+from iwarp.runtime.backends import create_backend
+
+__all__ = ["Animator", "AvatarStore", "DrivingStream", "create_backend"]

@@ -1,0 +1,252 @@
+"""The Animator: avatars in, driving frames in, avatar frames out, over any backend.
+
+Per avatar (once):   photo -> face crop -> backend.encode_avatar -> cached AvatarFeatures
+Per frame (stream):  frame -> face tracking -> crop -> backend.detect -> relative motion
+                     -> smoothing -> backend.animate -> frame
+
+A `DrivingStream` holds what belongs to one driving video (its face tracker, neutral pose,
+keypoint filter), so one Animator serves several streams; `Animator.animate` uses a default
+stream for the single-user case.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iwarp.errors import InputError
+from iwarp.face import (
+    FaceDetector,
+    FaceTracker,
+    OneEuroFilter,
+    crop_and_resize,
+    detect_face_or_raise,
+    face_crop_box,
+)
+from iwarp.media import read_image, to_rgb
+from iwarp.runtime.avatar_store import AvatarRecord, AvatarStore
+from iwarp.runtime.backends import AvatarFeatures, Backend, create_backend
+
+
+def to_input(image: np.ndarray) -> np.ndarray:
+    """(S, S, 3) uint8 -> (1, 3, S, S) float32 in [0, 1]."""
+    return (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+
+
+def to_frame(image: np.ndarray) -> np.ndarray:
+    """(1, 3, S, S) float in [0, 1] -> (S, S, 3) uint8."""
+    return (np.clip(image[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class Avatar:
+    record: AvatarRecord
+    crops: list[np.ndarray]  # face crops at the model size, what the network saw
+    features: AvatarFeatures
+
+
+@dataclass
+class StageTimes:
+    """Milliseconds spent in each stage for the last frame."""
+
+    face_tracking: float = 0.0
+    keypoints: float = 0.0
+    animator: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class DrivingStream:
+    """Per-driving-video state: face tracker, neutral pose, smoothing, last good pose."""
+
+    animator: Animator
+    smoothing: bool = True
+    tracker: FaceTracker = field(default_factory=FaceTracker)
+    reference: tuple[np.ndarray, np.ndarray] | None = None
+    last_pose: tuple[np.ndarray, np.ndarray] | None = None
+    times: StageTimes = field(default_factory=StageTimes)
+
+    def __post_init__(self) -> None:
+        # Keypoints move in [-1, 1]; a low cutoff removes detector jitter, beta keeps fast
+        # motion (a quick turn, a mouth opening) from lagging.
+        self.filter = OneEuroFilter(min_cutoff=1.5, beta=8.0)
+
+    def driving_pose(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Face-tracked keypoints of a driving frame, or None when no face is in view."""
+        t0 = time.perf_counter()
+        frame = to_rgb(frame)
+        box = self.tracker.update(frame)
+        t1 = time.perf_counter()
+        self.times.face_tracking = (t1 - t0) * 1e3
+        if box is None:
+            self.times.keypoints = 0.0
+            return None
+        crop = crop_and_resize(frame, box, self.animator.backend.image_size)
+        points, strength = self.animator.backend.detect(to_input(crop))
+        self.times.keypoints = (time.perf_counter() - t1) * 1e3
+        return points, strength
+
+    def set_reference(self, frame: np.ndarray | None = None) -> bool:
+        """Sets the neutral pose for relative motion from `frame` (or the last pose seen);
+        None with no pose seen yet clears it. Returns whether a reference is now set."""
+        pose = self.driving_pose(frame) if frame is not None else self.last_pose
+        self.reference = pose
+        return pose is not None
+
+    def clear_reference(self) -> None:
+        self.reference = None
+
+    def animate(self, avatar_id: str, frame: np.ndarray) -> np.ndarray:
+        """One driving frame -> one avatar frame (model size). Never fails on a faceless frame:
+        it holds the last good pose, or shows the avatar's photo before any face was seen."""
+        t0 = time.perf_counter()
+        avatar = self.animator.get(avatar_id)
+        pose = self.driving_pose(frame)
+        if pose is not None:
+            pose = self._relative(avatar, pose)
+            if self.smoothing:
+                pose = (self.filter(pose[0]).astype(np.float32), pose[1])
+            self.last_pose = pose
+        elif self.last_pose is not None:
+            pose = self.last_pose
+        else:
+            self.times.animator = 0.0
+            self.times.total = (time.perf_counter() - t0) * 1e3
+            return avatar.crops[0].copy()
+        t1 = time.perf_counter()
+        out = self.animator.backend.animate(avatar.features, *pose)
+        self.times.animator = (time.perf_counter() - t1) * 1e3
+        self.times.total = (time.perf_counter() - t0) * 1e3
+        return to_frame(out)
+
+    def _relative(self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray]):
+        if self.reference is None:
+            return pose
+        points, strength = pose
+        ref_points, ref_strength = self.reference
+        # The first source is the avatar's canonical face: move it as the driver moves.
+        points = avatar.features.points[:1] + (points - ref_points)
+        strength = np.clip(avatar.features.strength[:1] + (strength - ref_strength), 0.0, 1.0)
+        return points.astype(np.float32), strength.astype(np.float32)
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self.filter.reset()
+        self.last_pose = None
+
+
+class Animator:
+    def __init__(
+        self,
+        backend: Backend,
+        store: AvatarStore | None = None,
+        smoothing: bool = True,
+        detector: FaceDetector | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.smoothing = smoothing
+        self._detector = detector or FaceDetector()
+        self._avatars: dict[str, Avatar] = {}
+        self._lock = threading.Lock()
+        self._default_stream: DrivingStream | None = None
+        if store is not None:
+            for record, photos in store.load_all():
+                self._register(record, photos)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        backend: str = "auto",
+        checkpoint: str | Path | None = None,
+        store_dir: str | Path | None = None,
+        build_dir: str | Path | None = None,
+        device: str | None = None,
+        threads: int = 0,
+        smoothing: bool = True,
+        show_progress: bool = True,
+    ) -> Animator:
+        """The shipped weights (or `checkpoint`) on the chosen backend; ONNX graphs are built
+        on first use and reused after. `store_dir` keeps avatars across restarts."""
+        engine = create_backend(
+            backend, checkpoint, device, build_dir, threads, show_progress=show_progress
+        )
+        store = AvatarStore(store_dir) if store_dir else None
+        return cls(engine, store, smoothing)
+
+    # -- avatars ----------------------------------------------------------------------------
+    def add_avatar(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        avatar_id: str | None = None,
+        owner: str = "",
+        name: str = "",
+    ) -> str:
+        """Registers 1..N photos of one face as an avatar; returns its id."""
+        if not images:
+            raise InputError("an avatar needs at least one photo", "give one or more face photos")
+        photos = [read_image(i) if isinstance(i, str | Path) else to_rgb(i) for i in images]
+        labels = [
+            str(i) if isinstance(i, str | Path) else f"photo {n + 1}" for n, i in enumerate(images)
+        ]
+        record = AvatarRecord(avatar_id or AvatarStore.new_id(), len(photos), owner, name)
+        avatar = self._register(record, photos, labels)
+        if self.store is not None:
+            self.store.save(record, photos)
+        return avatar.record.avatar_id
+
+    def _register(
+        self, record: AvatarRecord, photos: list[np.ndarray], labels: list[str] | None = None
+    ) -> Avatar:
+        size = self.backend.image_size
+        crops = []
+        for i, photo in enumerate(photos):
+            label = labels[i] if labels else f"photo {i + 1} of avatar {record.avatar_id}"
+            face = detect_face_or_raise(photo, self._detector, label)
+            crops.append(crop_and_resize(photo, face_crop_box(face), size))
+        features = self.backend.encode_avatar(np.concatenate([to_input(c) for c in crops]))
+        avatar = Avatar(record, crops, features)
+        with self._lock:
+            self._avatars[record.avatar_id] = avatar
+        return avatar
+
+    def remove_avatar(self, avatar_id: str) -> None:
+        with self._lock:
+            if self._avatars.pop(avatar_id, None) is None:
+                raise InputError(f"unknown avatar {avatar_id!r}", "list the avatars to see ids")
+        if self.store is not None:
+            self.store.delete(avatar_id)
+
+    def get(self, avatar_id: str) -> Avatar:
+        try:
+            return self._avatars[avatar_id]
+        except KeyError:
+            raise InputError(
+                f"unknown avatar {avatar_id!r}", "add it with add_avatar or list the avatars"
+            ) from None
+
+    def avatars(self) -> list[AvatarRecord]:
+        with self._lock:
+            return [a.record for a in self._avatars.values()]
+
+    # -- driving ----------------------------------------------------------------------------
+    def stream(self) -> DrivingStream:
+        """A new driving stream (one per webcam / video / session)."""
+        return DrivingStream(self, smoothing=self.smoothing)
+
+    @property
+    def default_stream(self) -> DrivingStream:
+        if self._default_stream is None:
+            self._default_stream = self.stream()
+        return self._default_stream
+
+    def animate(self, avatar_id: str, frame: np.ndarray) -> np.ndarray:
+        return self.default_stream.animate(avatar_id, frame)
+
+    def set_reference(self, frame: np.ndarray | None = None) -> bool:
+        return self.default_stream.set_reference(frame)

@@ -1,0 +1,65 @@
+"""PyTorch backend: the network itself, on CPU or CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iwarp.checkpoint import load_network
+from iwarp.model import Keypoints, SourceSet
+from iwarp.runtime.backends.base import AvatarFeatures, Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(
+        self, checkpoint: str | Path | None = None, device: str | None = None, threads: int = 0
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.net, self.checkpoint = load_network(checkpoint, self.device)
+        super().__init__(self.checkpoint.config.model)
+
+    def _t(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    @torch.inference_mode()
+    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kp = self.net.detect(self._t(images))
+        return kp.points.cpu().numpy(), kp.strength.cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
+        s = self.net.encode_with_keypoints(
+            self._t(image), Keypoints(self._t(points), self._t(strength)), 1, 1
+        )
+        return {"keys": s.keys, "values": s.values, "pixels": s.pixels}
+
+    def join_sources(self, rows: list[dict]) -> dict:
+        joined = {k: torch.cat([r[k] for r in rows], dim=1) for k in ("keys", "values", "pixels")}
+        joined["mask"] = torch.ones(joined["keys"].shape[:2], dtype=torch.bool, device=self.device)
+        return joined
+
+    @torch.inference_mode()
+    def animate(
+        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
+    ) -> np.ndarray:
+        rows = avatar.rows
+        source = SourceSet(
+            keypoints=Keypoints(self._t(avatar.points[None]), self._t(avatar.strength[None])),
+            keys=rows["keys"],
+            values=rows["values"],
+            pixels=rows["pixels"],
+            mask=rows["mask"],
+            num_sources=avatar.num_sources,
+            image_size=self.image_size,
+        )
+        image = self.net.animate(source, Keypoints(self._t(points), self._t(strength)))
+        return image.float().cpu().numpy()
+
+    def describe(self) -> str:
+        return f"torch ({self.device.type}, {torch.get_num_threads()} threads)"
