@@ -98,6 +98,8 @@ def _cmd_animate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.webrtc:
+        return _bench_webrtc(args)
     from iwarp.runtime.benchmark import plot_histogram, run_benchmark
 
     results = []
@@ -132,6 +134,44 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_histogram(results, args.plot)
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from iwarp.engine_build.export import export_onnx
+
+    meta = export_onnx(args.checkpoint, args.out, args.opset, check=not args.no_check)
+    errors = {g: info["max_abs_error"] for g, info in meta["graphs"].items()}
+    print(json.dumps({"out": str(args.out), "opset": meta["opset"], "max_abs_error": errors}))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from iwarp.streaming.server import serve
+
+    return serve(
+        avatars=args.avatar,
+        backend=args.backend,
+        checkpoint=args.checkpoint,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("IWARP_TOKEN") or None,
+        max_sessions=args.max_sessions,
+        cert=args.cert,
+        key=args.key,
+        store=args.store,
+        workers=args.workers,
+        threads=args.threads,
+        idle_timeout=args.idle_timeout,
+    )
+
+
+def _bench_webrtc(args: argparse.Namespace) -> int:
+    from iwarp.streaming.latency import run_from_args
+
+    args.size = args.size or 256
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +241,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.add_argument("--plot", help="write a latency histogram PNG here")
+    # WebRTC round trip against a running `iwarp serve` (same as bench/latency.py):
+    p.add_argument("--webrtc", action="store_true", help="measure a running iwarp serve")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="with --webrtc: server URL")
+    p.add_argument("--clients", default="1", help="with --webrtc: e.g. 1,2,4 (one run each)")
+    p.add_argument("--seconds", type=float, default=10.0, help="with --webrtc: seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="with --webrtc: seconds left out")
+    p.add_argument("--avatar", action="append", help="with --webrtc: avatar photo(s) to use")
+    p.add_argument("--token", help="with --webrtc: the server's token (default $IWARP_TOKEN)")
     p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser("export", help="export the ONNX graphs (keypoints, sources, animator)")
+    p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
+    p.add_argument("--out", required=True, help="build folder for the graphs and metadata.json")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (23: one Attention node)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check vs PyTorch")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("serve", help="WebRTC server: webcam in, animated avatar out")
+    p.add_argument(
+        "--avatar", action="append", help="avatar photo, repeatable (default: a packaged one)"
+    )
+    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
+    p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or $IWARP_TOKEN)")
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent streams")
+    p.add_argument("--cert", help="TLS certificate (PEM): serve HTTPS")
+    p.add_argument("--key", help="TLS private key (PEM)")
+    p.add_argument("--store", help="folder that keeps uploaded avatars across restarts")
+    p.add_argument("--workers", type=int, default=0, help="frames animated at once (0: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per frame (0: auto)")
+    p.add_argument(
+        "--idle-timeout", type=float, default=10.0, help="close a session after S s without video"
+    )
+    p.set_defaults(handler=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,18 @@
+"""Streaming: the WebRTC server (`iwarp serve`), its browser page and the latency client.
+
+Modules, one concern each (see README.md in this folder for endpoints, auth and measurements):
+
+    server.py      aiohttp app: routes, auth middleware, error mapping, `serve()`
+    session.py     one RTCPeerConnection per session, the registry and its limits
+    tracks.py      the processing track: newest frame only, model off the event loop
+    lowlatency.py  jitter-buffer adapter: release a video frame on its RTP marker bit
+    rtc.py         aiortc settings: bitrate, ICE without STUN, loopback candidates
+    uploads.py     avatar photo uploads: size, count, type and pixel limits
+    metrics.py     Prometheus text exposition
+    frameid.py     the frame-id band that the latency benchmark reads back
+    client.py      a pure-Python aiortc client (benchmark and tests)
+    latency.py     the round-trip latency benchmark built on client.py
+    static/        the page: index.html, app.js, style.css
+
+Nothing here is imported by the rest of iwarp; aiortc/aiohttp are imported only by these modules.
+"""

@@ -1,0 +1,193 @@
+"""A pure-Python WebRTC client of `iwarp serve` (aiortc): the latency benchmark and the tests.
+
+It streams a list of frames at a fixed rate, each stamped with its number in a bottom band
+(`frameid`), asks the server to echo that band onto the animated frame (`echo_id` in the
+offer), and notes for every returned frame when it arrived and which sent frame it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from iwarp.errors import IwarpError
+from iwarp.streaming import frameid
+from iwarp.streaming.rtc import rtc_configuration
+
+VIDEO_TIME_BASE = Fraction(1, 90000)
+
+
+class ClipTrack(MediaStreamTrack):
+    """Frames played in a loop at `fps`, in real time, each stamped with its number."""
+
+    kind = "video"
+
+    def __init__(self, frames: Sequence[np.ndarray], fps: float, stamp: bool = True) -> None:
+        super().__init__()
+        if not frames:
+            raise ValueError("no frames to stream")
+        self.frames = frames
+        self.fps = float(fps)
+        self.stamp = stamp
+        self.sent: dict[int, float] = {}  # frame number -> time.monotonic() handed to encoder
+        self.count = 0
+        self._start: float | None = None
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        n = self.count
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + n / self.fps
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif now - due > 2 / self.fps:
+            self._start = now - n / self.fps  # fell behind (busy CPU): no catch-up burst
+        rgb = np.array(self.frames[n % len(self.frames)], copy=True)
+        if self.stamp:
+            frameid.stamp_id(rgb, n)
+        frame = VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = round(n * 90000 / self.fps)
+        frame.time_base = VIDEO_TIME_BASE
+        self.sent[n] = time.monotonic()
+        self.count += 1
+        return frame
+
+    def resolve(self, wrapped_id: int) -> int | None:
+        """The frame number whose 16-bit id is `wrapped_id` (the newest such one sent)."""
+        n = wrapped_id + (self.count - 1 - wrapped_id) // frameid.ID_MODULO * frameid.ID_MODULO
+        return n if n in self.sent else None
+
+
+@dataclass
+class Received:
+    time: float  # time.monotonic() when the decoded frame came out of the receiver
+    frame: int | None  # the sent frame number it was made from, None when the band was unreadable
+    latency: float | None  # seconds from send to receive
+
+
+class StreamingClient:
+    """One session: upload (optional), offer/answer over HTTP, stream, collect results."""
+
+    def __init__(
+        self,
+        url: str,
+        frames: Sequence[np.ndarray],
+        fps: float,
+        token: str | None = None,
+        client_id: str | None = None,
+        echo_id: bool = True,
+        keep_every: int = 0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.frames = frames
+        self.fps = fps
+        self.echo_id = echo_id
+        self.keep_every = keep_every  # keep every n-th received image (0: none) for inspection
+        self.headers = {"X-Iwarp-Client": client_id or uuid.uuid4().hex}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.http: aiohttp.ClientSession | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.track: ClipTrack | None = None
+        self.session_id: str | None = None
+        self.received: list[Received] = []
+        self.kept: list[np.ndarray] = []
+        self.first_frame = asyncio.Event()
+        self._consumer: asyncio.Task | None = None
+
+    async def __aenter__(self) -> StreamingClient:
+        self.http = aiohttp.ClientSession(headers=self.headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """(status, JSON body or text) of one API call."""
+        assert self.http is not None, "use `async with StreamingClient(...)`"
+        async with self.http.request(method, self.url + path, **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    async def upload_avatar(self, photos: Sequence[str | Path]) -> str:
+        form = aiohttp.FormData()
+        for p in photos:
+            form.add_field("file", Path(p).read_bytes(), filename=Path(p).name)
+        status, body = await self.request("POST", "/avatars", data=form)
+        if status != 201:
+            raise IwarpError(f"avatar upload failed ({status}): {body}", "check the photos")
+        return body["avatar_id"]
+
+    async def connect(self, avatar_id: str | None = None, timeout: float = 20.0) -> None:
+        """Offer/answer; returns once the answer is applied (frames may take a moment)."""
+        self.pc = pc = RTCPeerConnection(rtc_configuration())
+        self.track = ClipTrack(self.frames, self.fps, stamp=self.echo_id)
+        pc.addTrack(self.track)
+        pc.on("track", self._on_track)
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer", "echo_id": self.echo_id}
+        if avatar_id:
+            offer["avatar_id"] = avatar_id
+        status, body = await asyncio.wait_for(self.request("POST", "/offer", json=offer), timeout)
+        if status != 200:
+            raise IwarpError(f"offer refused ({status}): {body}", "see the server's log")
+        self.session_id = body["session_id"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video" and self._consumer is None:
+            self._consumer = asyncio.ensure_future(self._consume(track))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                rgb = frame.to_ndarray(format="rgb24")
+                number = latency = None
+                if self.echo_id and self.track is not None:
+                    wrapped = frameid.read_id(rgb)
+                    number = self.track.resolve(wrapped) if wrapped is not None else None
+                    if number is not None:
+                        latency = now - self.track.sent[number]
+                self.received.append(Received(now, number, latency))
+                if self.keep_every and len(self.received) % self.keep_every == 0:
+                    self.kept.append(rgb)
+                self.first_frame.set()
+
+    async def session_info(self) -> dict[str, Any] | None:
+        if self.session_id is None:
+            return None
+        status, body = await self.request("GET", f"/sessions/{self.session_id}")
+        return body if status == 200 else None
+
+    def stop_sending(self) -> None:
+        if self.track is not None:
+            self.track.stop()
+
+    async def close(self) -> None:
+        if self.pc is not None:
+            await self.pc.close()
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
+            self.http = None

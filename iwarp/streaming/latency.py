@@ -1,0 +1,296 @@
+"""WebRTC round-trip latency benchmark: N aiortc clients stream a real clip to `iwarp serve`.
+
+Each client sends the clip at its frame rate, stamped with frame numbers that the server echoes
+onto the animated frames (see `frameid`), so every returned frame is matched to its sent frame:
+round trip = client encode + network + server decode + model + server encode + network +
+client decode. Frames sent during the first `warmup` seconds (connection set-up, model warm-up)
+are left out; after `seconds` the clients stop sending and wait `grace` seconds for frames in
+flight. A sent frame that never comes back was dropped (the server animates only the newest
+frame, so under load it skips frames rather than queueing them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from iwarp.errors import InputError, IwarpError
+from iwarp.media import iter_video_frames, make_test_clip, read_image, video_info
+from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
+from iwarp.streaming import rtc
+from iwarp.streaming.client import StreamingClient
+
+DEFAULT_CLIP = "clips/liveportrait/driving/d3.mp4"
+
+
+def default_clip() -> Path:
+    """A real driving clip from the shared data, else a generated one (the astronaut, swaying)."""
+    data = shared_data_dir()
+    if data is not None and (data / DEFAULT_CLIP).is_file():
+        return data / DEFAULT_CLIP
+    path = Path(tempfile.gettempdir()) / "iwarp-bench-clip.mp4"
+    if not path.is_file():
+        make_test_clip(path, frames=150, size=256, fps=30, image=read_image(DEFAULT_AVATAR))
+    return path
+
+
+def load_frames(
+    clip: str | Path, size: int, max_frames: int = 300
+) -> tuple[list[np.ndarray], float]:
+    """The clip's first frames, centre-cropped square and resized to size x size, and its fps."""
+    fps = video_info(clip).fps or 30.0
+    frames = []
+    for rgb in iter_video_frames(clip, max_frames=max_frames):
+        h, w = rgb.shape[:2]
+        s = min(h, w)
+        sq = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        frames.append(cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA))
+    if not frames:
+        raise InputError(f"no frames in {clip}", "give another --clip")
+    return frames, fps
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1e3, 1) if len(values) else None
+
+
+def summarize(
+    clients: Sequence[StreamingClient], t_start: float, t_stop: float, fps_in: float
+) -> dict[str, Any]:
+    """Results of one run (frames sent in [t_start, t_stop))."""
+    window = max(t_stop - t_start, 1e-6)
+    all_latency: list[float] = []
+    per_client = []
+    sent_total = received_total = unreadable_total = 0
+    quarters: list[list[float]] = [[] for _ in range(4)]
+    for c in clients:
+        assert c.track is not None
+        sent = {n: t for n, t in c.track.sent.items() if t_start <= t < t_stop}
+        got = {}
+        unreadable = 0
+        for r in c.received:
+            if r.frame is None:
+                unreadable += int(t_start <= r.time < t_stop)
+            elif r.frame in sent and r.latency is not None:
+                got[r.frame] = r.latency
+        latency = [got[n] for n in sorted(got)]
+        for n, lat in got.items():
+            q = min(3, int(4 * (sent[n] - t_start) / window))
+            quarters[q].append(lat)
+        all_latency += latency
+        sent_total += len(sent)
+        received_total += len(got)
+        unreadable_total += unreadable
+        per_client.append(
+            {
+                "frames_sent": len(sent),
+                "frames_received": len(got),
+                "fps_out": round(len(got) / window, 2),
+                "rtt_ms": {"p50": _pct(latency, 50), "p95": _pct(latency, 95)},
+            }
+        )
+    fps = [p["fps_out"] for p in per_client]
+    return {
+        "clients": len(clients),
+        "seconds": round(window, 2),
+        "fps_in": round(fps_in, 2),
+        "rtt_ms": {
+            "p50": _pct(all_latency, 50),
+            "p95": _pct(all_latency, 95),
+            "p99": _pct(all_latency, 99),
+            "mean": round(float(np.mean(all_latency)) * 1e3, 1) if all_latency else None,
+            "max": round(max(all_latency) * 1e3, 1) if all_latency else None,
+        },
+        # Latency drift under load: p50 of frames sent in the first vs the last quarter.
+        "rtt_first_quarter_p50_ms": _pct(quarters[0], 50),
+        "rtt_last_quarter_p50_ms": _pct(quarters[3], 50),
+        "fps_out": round(float(np.mean(fps)), 2) if fps else 0.0,
+        "fps_out_min": round(min(fps), 2) if fps else 0.0,
+        "frames_sent": sent_total,
+        "frames_received": received_total,
+        "frames_dropped": sent_total - received_total,
+        "frames_unreadable": unreadable_total,
+        "per_client": per_client,
+    }
+
+
+async def run_async(
+    url: str,
+    frames: Sequence[np.ndarray],
+    fps: float,
+    clients: int = 1,
+    seconds: float = 10.0,
+    warmup: float = 2.0,
+    grace: float = 1.0,
+    token: str | None = None,
+    avatar: Sequence[str | Path] | None = None,
+    connect_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """One run with `clients` concurrent sessions; returns `summarize`'s dict (+ server view)."""
+    loop = asyncio.get_running_loop()
+    owner = uuid.uuid4().hex
+    async with contextlib.AsyncExitStack() as stack:
+        group = [
+            await stack.enter_async_context(
+                StreamingClient(url, frames, fps, token=token, client_id=owner)
+            )
+            for _ in range(clients)
+        ]
+        avatar_id = await group[0].upload_avatar(avatar) if avatar else None
+        await asyncio.gather(*(c.connect(avatar_id) for c in group))
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.first_frame.wait() for c in group)), connect_timeout
+            )
+        except TimeoutError:
+            raise IwarpError(
+                f"no video came back within {connect_timeout:g} s", "check the server's log"
+            ) from None
+        t_start = loop.time() + warmup
+        t_stop = t_start + seconds
+        await asyncio.sleep(warmup + seconds)
+        for c in group:
+            c.stop_sending()
+        await asyncio.sleep(grace)
+        server = [await c.session_info() for c in group]
+        if avatar_id:
+            await group[0].request("DELETE", f"/avatars/{avatar_id}")
+    # loop.time() and time.monotonic() share a clock on Linux/macOS; the clients use the latter.
+    result = summarize(group, t_start, t_stop, fps)
+    model = [s["model_ms"]["p50"] for s in server if s]
+    result["server_model_ms_p50"] = round(float(np.mean(model)), 1) if model else None
+    srv = [s["server_latency_ms"]["p50"] for s in server if s]
+    result["server_latency_ms_p50"] = round(float(np.mean(srv)), 1) if srv else None
+    result["server_frames_dropped"] = sum(s["frames_dropped"] for s in server if s)
+    return result
+
+
+def run(
+    url: str,
+    clip: str | Path | None = None,
+    clients: Sequence[int] = (1,),
+    seconds: float = 10.0,
+    warmup: float = 2.0,
+    size: int = 256,
+    token: str | None = None,
+    avatar: Sequence[str | Path] | None = None,
+) -> list[dict[str, Any]]:
+    """One run per entry of `clients` (e.g. 1, 2, 4), one after the other."""
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    rtc.configure(loopback_only=rtc.is_loopback(_host(url)))
+    frames, fps = load_frames(clip or default_clip(), size)
+    results = []
+    for n in clients:
+        r = asyncio.run(run_async(url, frames, fps, n, seconds, warmup, token=token, avatar=avatar))
+        r["clip"] = str(clip or default_clip())
+        r["size"] = size
+        results.append(r)
+    return results
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url).hostname or ""
+
+
+def plot(results: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Round-trip percentiles and output fps against the number of clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["clients"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for q in ("p50", "p95", "p99"):
+        ax1.plot(xs, [r["rtt_ms"][q] for r in results], marker="o", label=q)
+    ax1.set_xlabel("concurrent clients")
+    ax1.set_ylabel("round trip (ms)")
+    ax1.set_title("WebRTC round-trip latency")
+    ax1.legend()
+    ax2.plot(xs, [r["fps_out"] for r in results], marker="o", label="mean per client")
+    ax2.plot(xs, [r["fps_out_min"] for r in results], marker="x", label="worst client")
+    ax2.axhline(15, color="grey", linestyle="--", label="15 fps")
+    ax2.set_xlabel("concurrent clients")
+    ax2.set_ylabel("animated frames per second")
+    ax2.set_title("Output rate per client")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    rtt = r["rtt_ms"]
+    return (
+        f"{r['clients']} client(s): round trip p50 {rtt['p50']} / p95 {rtt['p95']} / p99 "
+        f"{rtt['p99']} ms; {r['fps_out']} fps out per client (worst {r['fps_out_min']}, "
+        f"in {r['fps_in']}); {r['frames_received']}/{r['frames_sent']} frames back, "
+        f"{r['frames_dropped']} dropped; server model p50 {r['server_model_ms_p50']} ms"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_from_args(args)
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the iwarp serve address")
+    p.add_argument("--clip", help="driving clip (default: a real one from shared data)")
+    p.add_argument("--avatar", action="append", help="avatar photo(s) to upload and use")
+    p.add_argument(
+        "--clients",
+        default="1",
+        help="concurrent clients; a comma list runs each in turn (e.g. 1,2,4)",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds left out at the start")
+    p.add_argument("--size", type=int, default=256, help="sent frame size (square)")
+    p.add_argument("--token", help="the server's token (default: $IWARP_TOKEN)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.add_argument("--plot", help="write a PNG of latency and fps against clients")
+
+
+def run_from_args(args: Any) -> int:
+    import os
+
+    try:
+        counts = [int(x) for x in str(args.clients).split(",") if x.strip()]
+    except ValueError:
+        raise IwarpError(f"bad --clients {args.clients!r}", "e.g. --clients 1,2,4") from None
+    if not counts or min(counts) < 1:
+        raise IwarpError("--clients needs numbers >= 1", "e.g. --clients 1,2,4")
+    results = run(
+        args.url,
+        args.clip,
+        counts,
+        args.seconds,
+        args.warmup,
+        args.size,
+        args.token or os.environ.get("IWARP_TOKEN"),
+        args.avatar,
+    )
+    for r in results:
+        print(json.dumps(r) if args.json else format_result(r), flush=True)
+    if args.plot:
+        plot(results, args.plot)
+    return 0

@@ -1,0 +1,681 @@
+/*
+ * iwarp fused attention kernel (see iwarp_attention.h for the contract).
+ *
+ * Design (flash-attention style, CUDA cores, fp32 accumulation):
+ *   - One block = 4 warps = 128 threads, owning ROWS = 4 * R query rows of one batch entry
+ *     (R = 8 rows per warp when dv <= 192, else R = 4, to bound the accumulator registers).
+ *   - The block's Q rows live in shared memory for the whole kernel, pre-multiplied by
+ *     scale * log2(e) so the softmax uses exp2f.
+ *   - The key axis is walked in tiles of 32 keys. Per tile:
+ *       1. the K tile (32 x d, float, row stride d4 + 1 so that lane j reading row j is
+ *          bank-conflict free) and the 32 mask flags are loaded into shared memory;
+ *       2. lane j of every warp computes the R scores q_r . k_j (Q read as float4 broadcasts);
+ *       3. online softmax per row with warp shuffles: running max m, running sum l, the
+ *          accumulators rescaled by exp2(m_old - m_new); masked keys get p = 0;
+ *       4. the V tile (32 x dv, zero-padded to VC * 32 columns) replaces the K tile in the same
+ *          shared buffer; each lane accumulates columns lane, lane + 32, ... (VC of them) for its
+ *          warp's R rows, p_j broadcast by __shfl_sync.
+ *     The scores exist only in registers: the Nq x Nk matrix is never written.
+ *   - Split-K: when batch * query blocks would not fill the GPU (batch 1 at 256^2 has only 32-64
+ *     query blocks), the key tiles are split over gridDim.z blocks that write unnormalised
+ *     partial rows plus (m, l) to the workspace; a second kernel combines them.
+ *   - Shared memory: ROWS * d4 + 32 + 32 * max(d4 + 1, VC * 32) floats, e.g. 86 KB for
+ *     d = 256, dv = 515 (R = 4) and 21 KB for d = 64, dv = 131 (R = 8).
+ */
+#include "iwarp_attention.h"
+
+#ifndef IWARP_CPU_EMULATION
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define IWARP_DYNAMIC_SMEM(type, name)                                                                                 \
+    extern __shared__ __align__(16) unsigned char iwarp_smem_raw[];                                                    \
+    type* name = reinterpret_cast<type*>(iwarp_smem_raw)
+#define IWARP_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+#include <math.h>
+
+#include <atomic>
+
+namespace iwarp_detail
+{
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileKeys = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxDevices = 64;
+
+__device__ __forceinline__ float to_float(float x)
+{
+    return x;
+}
+__device__ __forceinline__ float to_float(__half x)
+{
+    return __half2float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x)
+{
+    return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x)
+{
+    return __float2half_rn(x);
+}
+
+__device__ __forceinline__ float warp_max(float x)
+{
+    for (int offset = 16; offset > 0; offset >>= 1)
+    {
+        x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+    }
+    return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x)
+{
+    for (int offset = 16; offset > 0; offset >>= 1)
+    {
+        x += __shfl_xor_sync(kFullMask, x, offset);
+    }
+    return x;
+}
+
+struct Shape
+{
+    int batch;
+    int nq;
+    int nk;
+    int d;
+    int dv;
+    int d4;      // d rounded up to a multiple of 4 (float4 reads of Q)
+    int kstride; // d4 + 1: odd, so lanes reading different K rows hit different banks
+    float qscale;
+    int mask_type;
+    int mask_batch_stride; // Nk, or 0 when the mask is broadcast over the batch
+    int num_splits;
+    int tiles_per_split;
+};
+
+__device__ __forceinline__ bool key_allowed(void const* mask, Shape const& s, int b, int key)
+{
+    if (key >= s.nk)
+    {
+        return false;
+    }
+    size_t const idx = static_cast<size_t>(b) * s.mask_batch_stride + key;
+    if (s.mask_type == IWARP_MASK_FLOAT32)
+    {
+        return static_cast<float const*>(mask)[idx] != 0.0f;
+    }
+    if (s.mask_type == IWARP_MASK_BOOL)
+    {
+        return static_cast<uint8_t const*>(mask)[idx] != 0;
+    }
+    return true;
+}
+
+template <typename T, int R, int VC>
+__global__ void __launch_bounds__(kThreads) attention_kernel(T const* __restrict__ q, T const* __restrict__ k,
+    T const* __restrict__ v, void const* __restrict__ mask, T* __restrict__ out, float* __restrict__ workspace,
+    Shape s)
+{
+    constexpr int kRows = kWarps * R;
+    constexpr int kVStride = VC * 32;
+    IWARP_DYNAMIC_SMEM(float, smem);
+    float* q_s = smem;                  // [kRows][d4]
+    float* mask_s = q_s + kRows * s.d4; // [32]
+    float* kv_s = mask_s + kTileKeys;   // K tile [32][kstride], then V tile [32][kVStride]
+
+    int const tid = static_cast<int>(threadIdx.x);
+    int const lane = tid & 31;
+    int const warp = tid >> 5;
+    int const b = static_cast<int>(blockIdx.y);
+    int const split = static_cast<int>(blockIdx.z);
+    int const q0 = static_cast<int>(blockIdx.x) * kRows;
+
+    // The block's queries, scaled into the log2 domain, zero rows/columns past the end.
+    for (int r = warp; r < kRows; r += kWarps)
+    {
+        int const qi = q0 + r;
+        T const* src = q + (static_cast<size_t>(b) * s.nq + qi) * s.d;
+        for (int c = lane; c < s.d4; c += 32)
+        {
+            q_s[r * s.d4 + c] = (qi < s.nq && c < s.d) ? to_float(src[c]) * s.qscale : 0.0f;
+        }
+    }
+
+    float m[R];
+    float l[R];
+    float acc[R][VC];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+    {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < VC; ++c)
+        {
+            acc[r][c] = 0.0f;
+        }
+    }
+
+    int const num_tiles = (s.nk + kTileKeys - 1) / kTileKeys;
+    int const t_begin = split * s.tiles_per_split;
+    int const t_end = min(num_tiles, t_begin + s.tiles_per_split);
+    float const* q_warp = q_s + warp * R * s.d4;
+    T const* k_batch = k + static_cast<size_t>(b) * s.nk * s.d;
+    T const* v_batch = v + static_cast<size_t>(b) * s.nk * s.dv;
+
+    for (int t = t_begin; t < t_end; ++t)
+    {
+        int const k0 = t * kTileKeys;
+        __syncthreads(); // Q stored (first tile) / previous V tile consumed
+
+        for (int j = warp; j < kTileKeys; j += kWarps)
+        {
+            int const key = k0 + j;
+            T const* src = k_batch + static_cast<size_t>(key) * s.d;
+            for (int c = lane; c < s.d4; c += 32)
+            {
+                kv_s[j * s.kstride + c] = (key < s.nk && c < s.d) ? to_float(src[c]) : 0.0f;
+            }
+        }
+        if (tid < kTileKeys)
+        {
+            mask_s[tid] = key_allowed(mask, s, b, k0 + tid) ? 1.0f : 0.0f;
+        }
+        __syncthreads();
+
+        // Scores of this warp's R rows against key k0 + lane.
+        float score[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+        {
+            score[r] = 0.0f;
+        }
+        float const* k_row = kv_s + lane * s.kstride;
+        for (int c = 0; c < s.d4; c += 4)
+        {
+            float const k0v = k_row[c];
+            float const k1v = k_row[c + 1];
+            float const k2v = k_row[c + 2];
+            float const k3v = k_row[c + 3];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+            {
+                float4 const qv = *reinterpret_cast<float4 const*>(q_warp + r * s.d4 + c);
+                score[r] = fmaf(qv.x, k0v, score[r]);
+                score[r] = fmaf(qv.y, k1v, score[r]);
+                score[r] = fmaf(qv.z, k2v, score[r]);
+                score[r] = fmaf(qv.w, k3v, score[r]);
+            }
+        }
+
+        // Online softmax (log2 domain). m is uniform across the warp, so the branch is too.
+        bool const allowed = mask_s[lane] != 0.0f;
+        float p[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+        {
+            float const x = allowed ? score[r] : -INFINITY;
+            float const m_new = fmaxf(m[r], warp_max(x));
+            float alpha = 1.0f;
+            if (m_new == -INFINITY)
+            {
+                p[r] = 0.0f; // nothing attended yet in this row
+            }
+            else
+            {
+                p[r] = exp2f(x - m_new);     // 0 for masked keys
+                alpha = exp2f(m[r] - m_new); // 0 when m[r] was -inf
+            }
+            l[r] = l[r] * alpha + warp_sum(p[r]);
+            m[r] = m_new;
+#pragma unroll
+            for (int c = 0; c < VC; ++c)
+            {
+                acc[r][c] *= alpha;
+            }
+        }
+        __syncthreads(); // every warp is done with the K tile
+
+        for (int j = warp; j < kTileKeys; j += kWarps)
+        {
+            int const key = k0 + j;
+            T const* src = v_batch + static_cast<size_t>(key) * s.dv;
+            for (int c = lane; c < kVStride; c += 32)
+            {
+                kv_s[j * kVStride + c] = (key < s.nk && c < s.dv) ? to_float(src[c]) : 0.0f;
+            }
+        }
+        __syncthreads();
+
+#pragma unroll 4
+        for (int j = 0; j < kTileKeys; ++j)
+        {
+            float pj[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+            {
+                pj[r] = __shfl_sync(kFullMask, p[r], j);
+            }
+            float const* v_row = kv_s + j * kVStride + lane;
+#pragma unroll
+            for (int c = 0; c < VC; ++c)
+            {
+                float const vv = v_row[c * 32];
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                {
+                    acc[r][c] = fmaf(pj[r], vv, acc[r][c]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: no barrier or shuffle below, so rows past the end may simply be skipped.
+    size_t const rows_total = static_cast<size_t>(s.batch) * s.nq;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+    {
+        int const qi = q0 + warp * R + r;
+        if (qi >= s.nq)
+        {
+            continue;
+        }
+        size_t const row = static_cast<size_t>(b) * s.nq + qi;
+        if (s.num_splits == 1)
+        {
+            float const inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+            T* dst = out + row * s.dv;
+#pragma unroll
+            for (int c = 0; c < VC; ++c)
+            {
+                int const col = lane + c * 32;
+                if (col < s.dv)
+                {
+                    dst[col] = from_float<T>(acc[r][c] * inv);
+                }
+            }
+        }
+        else
+        {
+            size_t const prow = static_cast<size_t>(split) * rows_total + row;
+            float* dst = workspace + prow * s.dv;
+#pragma unroll
+            for (int c = 0; c < VC; ++c)
+            {
+                int const col = lane + c * 32;
+                if (col < s.dv)
+                {
+                    dst[col] = acc[r][c];
+                }
+            }
+            if (lane == 0)
+            {
+                float* ml = workspace + static_cast<size_t>(s.num_splits) * rows_total * s.dv;
+                ml[prow * 2] = m[r];
+                ml[prow * 2 + 1] = l[r];
+            }
+        }
+    }
+}
+
+// One warp per (batch, query) row: merges the splits' partial rows with weights exp2(m_s - M).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(float const* __restrict__ workspace, T* __restrict__ out, int rows_total, int dv, int num_splits)
+{
+    int const lane = static_cast<int>(threadIdx.x) & 31;
+    int const row = static_cast<int>(blockIdx.x) * kWarps + (static_cast<int>(threadIdx.x) >> 5);
+    if (row >= rows_total)
+    {
+        return;
+    }
+    float const* ml = workspace + static_cast<size_t>(num_splits) * rows_total * dv;
+    float m_max = -INFINITY;
+    for (int sp = 0; sp < num_splits; ++sp)
+    {
+        m_max = fmaxf(m_max, ml[(static_cast<size_t>(sp) * rows_total + row) * 2]);
+    }
+    float weight[IWARP_ATTENTION_MAX_SPLITS];
+    float total = 0.0f;
+#pragma unroll
+    for (int sp = 0; sp < IWARP_ATTENTION_MAX_SPLITS; ++sp)
+    {
+        weight[sp] = 0.0f;
+        if (sp < num_splits)
+        {
+            size_t const prow = static_cast<size_t>(sp) * rows_total + row;
+            float const ms = ml[prow * 2];
+            float const ls = ml[prow * 2 + 1];
+            weight[sp] = (ms == -INFINITY) ? 0.0f : exp2f(ms - m_max);
+            total += weight[sp] * ls;
+        }
+    }
+    float const inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int col = lane; col < dv; col += 32)
+    {
+        float o = 0.0f;
+#pragma unroll
+        for (int sp = 0; sp < IWARP_ATTENTION_MAX_SPLITS; ++sp)
+        {
+            if (sp < num_splits)
+            {
+                o = fmaf(weight[sp], workspace[(static_cast<size_t>(sp) * rows_total + row) * dv + col], o);
+            }
+        }
+        out[static_cast<size_t>(row) * dv + col] = from_float<T>(o * inv);
+    }
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+inline int value_chunks(int dv)
+{
+    return (dv + 31) / 32;
+}
+
+// Register budget: R * VC accumulators per thread.
+inline int rows_per_warp(int dv)
+{
+    return value_chunks(dv) <= 6 ? 8 : 4;
+}
+
+inline int rows_per_block(int dv)
+{
+    return kWarps * rows_per_warp(dv);
+}
+
+// The VC the kernel is instantiated with for a value width.
+inline int value_chunks_bucket(int dv)
+{
+    int const vc = value_chunks(dv);
+    int const buckets[] = {1, 2, 3, 4, 5, 6, 8, 12, 17};
+    for (int bkt : buckets)
+    {
+        if (vc <= bkt)
+        {
+            return bkt;
+        }
+    }
+    return -1;
+}
+
+inline int round_up4(int x)
+{
+    return (x + 3) & ~3;
+}
+
+inline size_t smem_bytes_for(int d, int dv)
+{
+    int const d4 = round_up4(d);
+    int const vstride = value_chunks_bucket(dv) * 32;
+    int const kv = kTileKeys * ((d4 + 1) > vstride ? (d4 + 1) : vstride);
+    return static_cast<size_t>(rows_per_block(dv) * d4 + kTileKeys + kv) * sizeof(float);
+}
+
+struct DeviceInfo
+{
+    int sm_count;
+    int smem_optin;
+};
+
+inline cudaError_t device_info(DeviceInfo* info)
+{
+    static std::atomic<int> cached_sm[kMaxDevices];
+    static std::atomic<int> cached_smem[kMaxDevices];
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    if (device >= 0 && device < kMaxDevices && cached_sm[device].load() > 0)
+    {
+        info->sm_count = cached_sm[device].load();
+        info->smem_optin = cached_smem[device].load();
+        return cudaSuccess;
+    }
+    err = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+    {
+        err = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    if (err == cudaSuccess && device >= 0 && device < kMaxDevices)
+    {
+        cached_smem[device].store(info->smem_optin);
+        cached_sm[device].store(info->sm_count);
+    }
+    return err;
+}
+
+template <typename T, int R, int VC>
+cudaError_t launch(iwarp_attention_params const& p, cudaStream_t stream, DeviceInfo const& dev)
+{
+    constexpr int kRows = kWarps * R;
+    Shape s;
+    s.batch = p.batch;
+    s.nq = p.num_queries;
+    s.nk = p.num_keys;
+    s.d = p.head_dim;
+    s.dv = p.value_dim;
+    s.d4 = round_up4(p.head_dim);
+    s.kstride = s.d4 + 1;
+    float const scale = p.scale > 0.0f ? p.scale : 1.0f / sqrtf(static_cast<float>(p.head_dim));
+    s.qscale = scale * kLog2e;
+    s.mask_type = p.mask == nullptr ? IWARP_MASK_NONE : p.mask_type;
+    s.mask_batch_stride = p.mask_broadcast ? 0 : p.num_keys;
+
+    size_t const smem = smem_bytes_for(p.head_dim, p.value_dim);
+    if (smem > static_cast<size_t>(dev.smem_optin))
+    {
+        return cudaErrorInvalidValue;
+    }
+
+    int const num_tiles = (p.num_keys + kTileKeys - 1) / kTileKeys;
+    int splits = p.num_splits > 0
+        ? p.num_splits
+        : iwarp_attention_choose_splits(p.batch, p.num_queries, p.num_keys, p.value_dim, dev.sm_count);
+    splits = splits < IWARP_ATTENTION_MAX_SPLITS ? splits : IWARP_ATTENTION_MAX_SPLITS;
+    splits = splits < num_tiles ? splits : num_tiles;
+    size_t const per_split = iwarp_attention_workspace_size(p.batch, p.num_queries, p.value_dim, 2) / 2;
+    if (splits > 1 && (p.workspace == nullptr || per_split == 0))
+    {
+        splits = 1;
+    }
+    else if (splits > 1 && p.workspace_bytes < per_split * static_cast<size_t>(splits))
+    {
+        splits = static_cast<int>(p.workspace_bytes / per_split);
+    }
+    if (splits < 1)
+    {
+        splits = 1;
+    }
+    s.tiles_per_split = splits > 1 ? (num_tiles + splits - 1) / splits : (num_tiles > 0 ? num_tiles : 1);
+    if (splits > 1)
+    {
+        splits = (num_tiles + s.tiles_per_split - 1) / s.tiles_per_split; // no empty split
+    }
+    s.num_splits = splits;
+
+    auto kernel = &attention_kernel<T, R, VC>;
+    if (smem > 48 * 1024)
+    {
+        static std::atomic<int> configured[kMaxDevices];
+        int device = 0;
+        cudaGetDevice(&device);
+        bool const cacheable = device >= 0 && device < kMaxDevices;
+        if (!cacheable || configured[device].load() == 0)
+        {
+            cudaError_t const err
+                = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
+            if (err != cudaSuccess)
+            {
+                return err;
+            }
+            if (cacheable)
+            {
+                configured[device].store(1);
+            }
+        }
+    }
+
+    T const* q = static_cast<T const*>(p.q);
+    T const* k = static_cast<T const*>(p.k);
+    T const* v = static_cast<T const*>(p.v);
+    T* out = static_cast<T*>(p.out);
+    float* ws = static_cast<float*>(p.workspace);
+    dim3 const grid(static_cast<unsigned>((p.num_queries + kRows - 1) / kRows), static_cast<unsigned>(p.batch),
+        static_cast<unsigned>(splits));
+    IWARP_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, q, k, v, p.mask, out, ws, s);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1)
+    {
+        return err;
+    }
+    int const rows_total = p.batch * p.num_queries;
+    auto combine = &combine_kernel<T>;
+    dim3 const cgrid(static_cast<unsigned>((rows_total + kWarps - 1) / kWarps));
+    IWARP_LAUNCH(combine, cgrid, dim3(kThreads), 0, stream, static_cast<float const*>(ws), out, rows_total,
+        p.value_dim, splits);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch(iwarp_attention_params const& p, cudaStream_t stream, DeviceInfo const& dev)
+{
+    switch (value_chunks_bucket(p.value_dim))
+    {
+    case 1: return launch<T, 8, 1>(p, stream, dev);
+    case 2: return launch<T, 8, 2>(p, stream, dev);
+    case 3: return launch<T, 8, 3>(p, stream, dev);
+    case 4: return launch<T, 8, 4>(p, stream, dev);
+    case 5: return launch<T, 8, 5>(p, stream, dev);
+    case 6: return launch<T, 8, 6>(p, stream, dev);
+    case 8: return launch<T, 4, 8>(p, stream, dev);
+    case 12: return launch<T, 4, 12>(p, stream, dev);
+    case 17: return launch<T, 4, 17>(p, stream, dev);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+} // namespace iwarp_detail
+
+extern "C" int iwarp_attention_choose_splits(int batch, int num_queries, int num_keys, int value_dim, int sm_count)
+{
+    using namespace iwarp_detail;
+    if (batch <= 0 || num_queries <= 0 || value_dim <= 0)
+    {
+        return 1;
+    }
+    int const rows = rows_per_block(value_dim);
+    long long const q_blocks = static_cast<long long>(batch) * ((num_queries + rows - 1) / rows);
+    int const tiles = (num_keys + kTileKeys - 1) / kTileKeys;
+    long long const target = 2LL * (sm_count > 0 ? sm_count : 1); // about two blocks per SM
+    if (q_blocks >= target || tiles < 4)
+    {
+        return 1;
+    }
+    long long splits = (target + q_blocks - 1) / q_blocks;
+    if (splits > IWARP_ATTENTION_MAX_SPLITS)
+    {
+        splits = IWARP_ATTENTION_MAX_SPLITS;
+    }
+    if (splits > tiles / 2)
+    {
+        splits = tiles / 2; // at least two key tiles per split
+    }
+    return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
+extern "C" size_t iwarp_attention_workspace_size(int batch, int num_queries, int value_dim, int num_splits)
+{
+    if (num_splits <= 1 || batch <= 0 || num_queries <= 0 || value_dim <= 0)
+    {
+        return 0;
+    }
+    return static_cast<size_t>(num_splits) * batch * num_queries * (static_cast<size_t>(value_dim) + 2)
+        * sizeof(float);
+}
+
+extern "C" size_t iwarp_attention_workspace_bound(int max_batch, int max_queries, int value_dim, int sm_count)
+{
+    using namespace iwarp_detail;
+    if (max_batch <= 0 || max_queries <= 0 || value_dim <= 0)
+    {
+        return 0;
+    }
+    // Splits happen only when batch * query blocks < target = 2 * SMs, and then
+    // splits * query blocks < target + query blocks < 2 * target.
+    size_t const rows = static_cast<size_t>(rows_per_block(value_dim));
+    size_t const target = 2u * static_cast<size_t>(sm_count > 0 ? sm_count : 1);
+    size_t const by_heuristic = 2u * target * rows;
+    size_t const by_shape = static_cast<size_t>(IWARP_ATTENTION_MAX_SPLITS) * max_batch * max_queries;
+    size_t const split_rows = by_heuristic < by_shape ? by_heuristic : by_shape;
+    return split_rows * (static_cast<size_t>(value_dim) + 2) * sizeof(float);
+}
+
+extern "C" size_t iwarp_attention_smem_bytes(int head_dim, int value_dim)
+{
+    if (head_dim <= 0 || value_dim <= 0 || iwarp_detail::value_chunks_bucket(value_dim) < 0)
+    {
+        return 0;
+    }
+    return iwarp_detail::smem_bytes_for(head_dim, value_dim);
+}
+
+extern "C" cudaError_t iwarp_attention_forward(iwarp_attention_params const* params, cudaStream_t stream)
+{
+    using namespace iwarp_detail;
+    if (params == nullptr)
+    {
+        return cudaErrorInvalidValue;
+    }
+    iwarp_attention_params const& p = *params;
+    if (p.batch < 0 || p.num_queries < 0 || p.num_keys < 0 || p.head_dim < 1
+        || p.head_dim > IWARP_ATTENTION_MAX_HEAD_DIM || p.value_dim < 1 || p.value_dim > IWARP_ATTENTION_MAX_VALUE_DIM)
+    {
+        return cudaErrorInvalidValue;
+    }
+    if (p.batch == 0 || p.num_queries == 0)
+    {
+        return cudaSuccess;
+    }
+    if (p.q == nullptr || p.out == nullptr || (p.num_keys > 0 && (p.k == nullptr || p.v == nullptr))
+        || (p.mask_type != IWARP_MASK_NONE && p.mask == nullptr))
+    {
+        return cudaErrorInvalidValue;
+    }
+    DeviceInfo dev;
+    cudaError_t const err = device_info(&dev);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    if (p.dtype == IWARP_DTYPE_FLOAT32)
+    {
+        return dispatch<float>(p, stream, dev);
+    }
+    if (p.dtype == IWARP_DTYPE_FLOAT16)
+    {
+        return dispatch<__half>(p, stream, dev);
+    }
+    return cudaErrorInvalidValue;
+}
+
+#ifdef IWARP_CPU_EMULATION
+/* Test hook of the CPU emulation: the multiprocessor count and shared memory limit it reports. */
+extern "C" void iwarp_emulation_set_device(int sm_count, int smem_optin)
+{
+    iwarp_emu::g_sm_count = sm_count;
+    iwarp_emu::g_smem_optin = smem_optin;
+}
+#endif

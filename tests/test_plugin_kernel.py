@@ -1,0 +1,287 @@
+"""The fused attention kernel (plugins/kernels): it compiles, and its source computes the math.
+
+* `nvcc` / CMake: the kernels-only build compiles for one architecture (skipped without nvcc).
+* CPU emulation: the same .cu file is compiled by g++ with -DIWARP_CPU_EMULATION
+  (plugins/kernels/cuda_cpu_emulation.h: one std::thread per CUDA thread, barriers, warp
+  shuffles, NaN-filled shared memory) and run on small shapes against the NumPy reference, in a
+  child process with a timeout (a barrier bug would hang, not fail).
+* The NumPy reference itself is checked against the PyTorch `attention()` of the network.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "plugins" / "kernels"
+KERNEL_SRC = KERNEL_DIR / "iwarp_attention.cu"
+
+if str(REPO) not in sys.path:  # the child process runs this file as a script
+    sys.path.insert(0, str(REPO))
+
+from iwarp.engine_build.rewrite import attention_reference  # noqa: E402
+
+
+class AttentionParams(ctypes.Structure):
+    """Mirror of `iwarp_attention_params` (plugins/kernels/iwarp_attention.h)."""
+
+    _fields_ = [  # noqa: RUF012
+        ("batch", ctypes.c_int),
+        ("num_queries", ctypes.c_int),
+        ("num_keys", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("value_dim", ctypes.c_int),
+        ("scale", ctypes.c_float),
+        ("dtype", ctypes.c_int),
+        ("mask_type", ctypes.c_int),
+        ("mask_broadcast", ctypes.c_int),
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("mask", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
+        ("num_splits", ctypes.c_int),
+    ]
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def run_emulated(lib_path: str, case: dict) -> np.ndarray:
+    """Runs the emulated kernel in this process (called in the child)."""
+    lib = ctypes.CDLL(lib_path)
+    lib.iwarp_attention_forward.restype = ctypes.c_int
+    lib.iwarp_attention_workspace_size.restype = ctypes.c_size_t
+    lib.iwarp_attention_choose_splits.restype = ctypes.c_int
+    lib.iwarp_emulation_set_device(int(case.get("sm_count", 4)), 227 * 1024)
+    q, k, v = case["q"], case["k"], case["v"]
+    mask = case.get("mask")
+    b, nq, d = q.shape
+    nk, dv = v.shape[1], v.shape[2]
+    fp16 = q.dtype == np.float16
+    out = np.full((b, nq, dv), np.nan, dtype=q.dtype)  # every element must be written
+    splits = int(case.get("num_splits", 0))
+    if splits == 0:
+        splits = lib.iwarp_attention_choose_splits(b, nq, nk, dv, int(case.get("sm_count", 4)))
+    ws_bytes = lib.iwarp_attention_workspace_size(b, nq, dv, max(splits, 1))
+    ws = np.full(max(ws_bytes // 4, 1), np.nan, dtype=np.float32)
+    if mask is None:
+        mask_type = 0
+    elif mask.dtype == np.bool_ or mask.dtype == np.uint8:
+        mask_type = 2
+        mask = np.ascontiguousarray(mask.astype(np.uint8))
+    else:
+        mask_type = 1
+        mask = np.ascontiguousarray(mask.astype(np.float32))
+    p = AttentionParams(
+        batch=b,
+        num_queries=nq,
+        num_keys=nk,
+        head_dim=d,
+        value_dim=dv,
+        scale=float(case.get("scale", 0.0)),
+        dtype=1 if fp16 else 0,
+        mask_type=mask_type,
+        mask_broadcast=int(mask is not None and mask.shape[0] == 1 and b > 1),
+        q=_ptr(q),
+        k=_ptr(k),
+        v=_ptr(v),
+        mask=_ptr(mask),
+        out=_ptr(out),
+        workspace=_ptr(ws),
+        workspace_bytes=ws_bytes,
+        num_splits=splits,
+    )
+    err = lib.iwarp_attention_forward(ctypes.byref(p), None)
+    if err != 0:
+        raise RuntimeError(f"iwarp_attention_forward returned {err}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def emulated_lib(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the kernel")
+    out = tmp_path_factory.mktemp("emu") / "libiwarp_attention_emu.so"
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        "-DIWARP_CPU_EMULATION",
+        "-x",
+        "c++",
+        "-shared",
+        "-fPIC",
+        "-pthread",
+        str(KERNEL_SRC),
+        "-o",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 and "c++20" in result.stderr:
+        pytest.skip(f"{cxx} lacks C++20 (std::barrier): {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def _run_in_child(lib: Path, tmp_path: Path, case: dict) -> np.ndarray:
+    case_file = tmp_path / "case.npz"
+    out_file = tmp_path / "out.npy"
+    arrays = {k: v for k, v in case.items() if isinstance(v, np.ndarray)}
+    scalars = {k: np.asarray(v) for k, v in case.items() if not isinstance(v, np.ndarray)}
+    np.savez(case_file, **arrays, **scalars)
+    result = subprocess.run(
+        [sys.executable, __file__, "--run-emulated", str(lib), str(case_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(out_file)
+
+
+def _make_case(rng, b, nq, sources, tokens, extra, d, dv, dtype, masked, fully_masked_row=False):
+    nk = sources * tokens + extra
+    q = rng.standard_normal((b, nq, d)).astype(np.float32)
+    k = rng.standard_normal((b, nk, d)).astype(np.float32)
+    v = rng.standard_normal((b, nk, dv)).astype(np.float32)
+    mask = np.ones((b, nk), dtype=bool)
+    if masked:
+        mask[:, : sources * tokens] = rng.random((b, sources * tokens)) >= 0.3  # dropped tokens
+    if fully_masked_row:
+        mask[-1] = False
+    return {
+        "q": q.astype(dtype),
+        "k": k.astype(dtype),
+        "v": v.astype(dtype),
+        "mask": mask,
+    }
+
+
+CASES = [
+    # (b, nq, sources, tokens, extra, d, dv, dtype, masked, splits, sm_count)
+    (2, 40, 1, 24, 8, 16, 35, np.float32, False, 1, 4),
+    (2, 40, 2, 24, 8, 16, 35, np.float32, True, 0, 64),
+    (1, 37, 4, 24, 8, 13, 131, np.float32, True, 3, 4),
+    (1, 20, 4, 30, 5, 64, 300, np.float32, True, 0, 64),
+    (2, 33, 2, 24, 8, 24, 67, np.float16, True, 2, 4),
+    (1, 16, 1, 40, 0, 8, 515, np.float16, False, 1, 4),
+]
+
+
+@pytest.mark.parametrize(
+    "b,nq,sources,tokens,extra,d,dv,dtype,masked,splits,sm", CASES, ids=[str(i) for i in CASES]
+)
+def test_emulated_kernel_matches_reference(
+    emulated_lib, tmp_path, b, nq, sources, tokens, extra, d, dv, dtype, masked, splits, sm
+):
+    rng = np.random.default_rng(hash((b, nq, sources, d, dv)) & 0xFFFF)
+    case = _make_case(rng, b, nq, sources, tokens, extra, d, dv, dtype, masked)
+    case.update(num_splits=splits, sm_count=sm)
+    out = _run_in_child(emulated_lib, tmp_path, case)
+    assert np.isfinite(out.astype(np.float32)).all(), "an output element was not written"
+    ref = attention_reference(case["q"], case["k"], case["v"], case["mask"])
+    err = np.abs(out.astype(np.float64) - ref).max() / (np.abs(ref).max() + 1e-12)
+    tol = 1e-5 if dtype == np.float32 else 3e-3
+    assert err < tol, f"relative error {err:.2e} (tolerance {tol})"
+
+
+def test_emulated_kernel_fully_masked_rows_and_float_mask(emulated_lib, tmp_path):
+    rng = np.random.default_rng(7)
+    case = _make_case(rng, 3, 20, 2, 24, 8, 16, 19, np.float32, True, fully_masked_row=True)
+    case["mask"] = case["mask"].astype(np.float32)  # the TensorRT plugin's mask form
+    case.update(num_splits=2, scale=0.3)
+    out = _run_in_child(emulated_lib, tmp_path, case)
+    assert np.all(out[-1] == 0.0), "a fully masked row must be zeros"
+    ref = attention_reference(case["q"], case["k"], case["v"], case["mask"], scale=0.3)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_emulated_kernel_no_keys_and_no_mask(emulated_lib, tmp_path):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 9, 8)).astype(np.float32)
+    empty = {"q": q, "k": np.zeros((1, 0, 8), np.float32), "v": np.zeros((1, 0, 5), np.float32)}
+    out = _run_in_child(emulated_lib, tmp_path, empty)
+    assert out.shape == (1, 9, 5) and np.all(out == 0.0)
+    case = _make_case(rng, 1, 9, 1, 40, 0, 8, 5, np.float32, False)
+    case.pop("mask")
+    out = _run_in_child(emulated_lib, tmp_path, case)
+    np.testing.assert_allclose(
+        out, attention_reference(case["q"], case["k"], case["v"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_reference_matches_torch_attention():
+    torch = pytest.importorskip("torch")
+    from iwarp.model.warp import attention
+
+    rng = np.random.default_rng(0)
+    for masked in (False, True):
+        case = _make_case(rng, 2, 30, 3, 16, 8, 32, 32 + 3 + 32, np.float32, masked)
+        ref = attention_reference(case["q"], case["k"], case["v"], case["mask"])
+        got = attention(*(torch.from_numpy(case[n]) for n in ("q", "k", "v", "mask"))).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_split_heuristic_and_workspace_bound(emulated_lib):
+    lib = ctypes.CDLL(str(emulated_lib))
+    lib.iwarp_attention_choose_splits.restype = ctypes.c_int
+    lib.iwarp_attention_workspace_size.restype = ctypes.c_size_t
+    lib.iwarp_attention_workspace_bound.restype = ctypes.c_size_t
+    # 256^2 paper config, 1 source + 32 extra tokens, batch 1, on an H100 (132 SMs).
+    s = lib.iwarp_attention_choose_splits(1, 1024, 1056, 515, 132)
+    assert 1 < s <= 8
+    # Many query blocks already fill the GPU: no split.
+    assert lib.iwarp_attention_choose_splits(16, 4096, 1056, 515, 132) == 1
+    for b, nq, nk, dv in [(1, 1024, 1056, 515), (2, 1024, 4128, 131), (1, 4096, 16416, 515)]:
+        need = lib.iwarp_attention_workspace_size(
+            b, nq, dv, lib.iwarp_attention_choose_splits(b, nq, nk, dv, 132)
+        )
+        assert need <= lib.iwarp_attention_workspace_bound(8, 4096, dv, 132)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (no CUDA toolkit)")
+def test_kernel_compiles_with_nvcc_cmake(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    arch = os.environ.get("IWARP_CI_CUDA_ARCH", "90")
+    build = tmp_path / "build"
+    configure = [
+        "cmake",
+        "-S",
+        str(REPO),
+        "-B",
+        str(build),
+        "-DIWARP_KERNELS_ONLY=ON",
+        f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
+    ]
+    result = subprocess.run(configure, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = subprocess.run(
+        ["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (build / "libiwarp_attention_kernels.a").is_file()
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--run-emulated":
+    _lib, _case, _out = sys.argv[2:]
+    with np.load(_case) as data:
+        _c = {k: (data[k] if data[k].ndim else data[k].item()) for k in data.files}
+    np.save(_out, run_emulated(_lib, _c))
