@@ -33,6 +33,16 @@ ASTRONAUT = REPO_ROOT / "iwarp" / "assets" / "astronaut.jpg"
 SIZE = 64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training steps here are small convolutions that gain little from a second thread, and on
+    a loaded machine extra threads made them ~6x slower: one thread keeps run times predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     """Two short generated clips of a real face: different sizes, one mirrored."""
@@ -263,16 +273,9 @@ def test_training_beats_copy_source_on_a_real_clip(shared_data: Path, tmp_path: 
     tc.sample_every = tc.val_every = tc.checkpoint_every = 10**9
     tc.log_every = 50
 
-    # Small convolutions gain little from a second thread, and on a loaded machine extra
-    # threads made steps ~6x slower: one thread keeps the run time predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        train(config, folder, run, LEARN_STEPS, cache_dir=cache, show_progress=False)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    train(config, folder, run, LEARN_STEPS, cache_dir=cache, show_progress=False)
+    seconds = time.perf_counter() - start
 
     net, ckpt = load_network(run / "checkpoints" / "latest.safetensors")
     assert ckpt.step == LEARN_STEPS
@@ -283,7 +286,7 @@ def test_training_beats_copy_source_on_a_real_clip(shared_data: Path, tmp_path: 
         model_l1 = float((net(sources, driving)[0] - driving).abs().mean())
     copy_l1 = float((sources[:, 0] - driving).abs().mean())
     # A blurry average of the clip is the cheap way to beat copy-source; the model must beat it.
-    mean_frame = torch.from_numpy(np.asarray(data.clips[0])).float().mean(0).permute(2, 0, 1)
+    mean_frame = torch.from_numpy(np.array(data.clips[0])).float().mean(0).permute(2, 0, 1)
     mean_l1 = float((mean_frame / 255 - driving).abs().mean())
     report = (
         f"{LEARN_CLIP} at {SIZE} px, {LEARN_STEPS} steps in {seconds:.0f} s: model L1 "

@@ -9,6 +9,7 @@ then samples from memory. Sampling is a pure function of (seed, step, rank, inde
 from __future__ import annotations
 
 import csv
+import os
 import hashlib
 import logging
 import warnings
@@ -194,6 +195,6 @@ def _cache_path(cache: Path, path: Path, size: int, max_frames: int) -> Path:
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # ranks may race on a cold cache
     np.save(tmp, array)
     tmp.replace(path)

@@ -213,8 +213,8 @@ def train(
             opt_d.step()
             losses["discriminator"] = d_loss
 
-        last = {k: float(v) for k, v in losses.items()}
-        last["total"] = float(total)
+        last = {k: float(v.detach()) for k, v in losses.items()}
+        last["total"] = float(total.detach())
         copy_l1 = float((sources[:, 0] - driving).abs().mean())
         last["copy_source_l1"] = copy_l1
         if grad_norm is not None:
