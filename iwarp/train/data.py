@@ -9,9 +9,9 @@ then samples from memory. Sampling is a pure function of (seed, step, rank, inde
 from __future__ import annotations
 
 import csv
-import os
 import hashlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
