@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=10.0, help="close a session after S s without video"
     )
     p.set_defaults(handler=_cmd_serve)
+
+    # `iwarp build` (TensorRT engines) and `iwarp build-plugin` (CUDA kernel + plugin).
+    from iwarp.engine_build.tensorrt_build import add_cli as add_tensorrt_commands
+
+    add_tensorrt_commands(sub)
     return parser
 
 

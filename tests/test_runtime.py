@@ -105,6 +105,10 @@ def test_relative_motion_uses_source_face(backend, portrait, driving):
     np.testing.assert_allclose(pose[0], expected, atol=1e-6)
     stream.clear_reference()
     assert stream._relative(animator.get(avatar), moved) is moved
+    # Without a frame, the neutral pose is the raw pose of the last frame animated.
+    stream.animate(avatar, driving[6])
+    assert stream.set_reference()
+    np.testing.assert_array_equal(stream.reference[0], moved[0])
 
 
 def test_photo_without_face_is_a_clear_error(backend, tmp_path):

@@ -55,7 +55,9 @@ def _checkpoint(folder: Path, size: int) -> Path:
 
 
 def _animator(checkpoint: Path) -> Animator:
-    animator = Animator.from_pretrained("torch", checkpoint, threads=1, show_progress=False)
+    animator = Animator.from_pretrained(
+        "torch", checkpoint, device="cpu", threads=1, show_progress=False
+    )
     animator.add_avatar([DEFAULT_AVATAR], avatar_id="default", name="default")
     return animator
 
@@ -376,9 +378,12 @@ def test_upload_limits_and_errors(small_animator):
                     return r.status, await r.json()
 
             rng = np.random.default_rng(0)
-            noise = rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 KB as PNG
+            noise = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)  # ~270 KB as PNG
             status, body = await post(("big.png", _png(noise)))
-            assert status == 413 and "larger" in body["error"]
+            assert status == 413 and "larger than" in body["error"]
+            # A body larger than every allowed photo together is refused from its header.
+            status, body = await post(*[(f"{i}.png", _png(noise)) for i in range(2)])
+            assert status == 413 and "bytes" in body["error"]
             status, body = await post(("notes.txt", b"hello, I am not a photo\n" * 10))
             assert status == 415 and "not an image" in body["error"]
             # A decompression bomb in miniature: tiny file, too many pixels.
@@ -408,19 +413,31 @@ def test_upload_limits_and_errors(small_animator):
 
 
 def test_latency_stays_flat_when_the_model_is_slower_than_the_camera(tmp_path, camera):
-    """256x256 tiny model (~100+ ms a frame on this CPU) fed at 30 fps for 20 s: the server
-    must skip frames, not queue them, so the round trip does not grow."""
+    """The 256x256 tiny model on one CPU thread (~60-100 ms a frame on a 2-core machine)
+    fed faster than it can animate, for 20 s: the server must skip frames, not queue them,
+    so the round trip does not grow. A real slow condition, no artificial delay: the camera
+    rate is set to ~3x what the model manages here (at least 30 fps)."""
     animator = _animator(_checkpoint(tmp_path, 256))
+    stream = animator.stream()
+    times = []
+    for frame in camera[:8]:
+        t0 = time.perf_counter()
+        stream.animate("default", frame)
+        times.append(time.perf_counter() - t0)
+    model_s = float(np.median(times[3:]))
+    fps = max(30.0, 3.0 / model_s)
+    if fps > 90:
+        pytest.skip(f"the model takes {model_s * 1e3:.0f} ms: too fast to overload at 90 fps")
 
     async def scenario():
         async with running(animator, ServerConfig()) as (url, _api):
-            return await latency.run_async(url, camera, 30.0, clients=1, seconds=20, warmup=2)
+            return await latency.run_async(url, camera, fps, clients=1, seconds=20, warmup=2)
 
     result = run(scenario(), timeout=120)
     first, last = result["rtt_first_quarter_p50_ms"], result["rtt_last_quarter_p50_ms"]
-    print(result)
-    assert result["fps_out"] < 25 and result["frames_dropped"] > 0, "not overloaded"
+    print(f"model {model_s * 1e3:.0f} ms, camera {fps:.0f} fps:", result)
+    assert result["fps_out"] < 0.8 * fps and result["frames_dropped"] > 0, "not overloaded"
     assert result["frames_received"] >= 20
-    # Queueing would add ~20 s x (1 - fps_out / 30) by the end; skipping keeps it flat.
+    # Queueing would add ~20 s x (1 - fps_out / fps) by the end; skipping keeps it flat.
     assert last <= 1.5 * first + 150, f"latency grew: {first} -> {last} ms"
     assert result["rtt_ms"]["p95"] < 2000

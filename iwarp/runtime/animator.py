@@ -68,7 +68,8 @@ class DrivingStream:
     smoothing: bool = True
     tracker: FaceTracker = field(default_factory=FaceTracker)
     reference: tuple[np.ndarray, np.ndarray] | None = None
-    last_pose: tuple[np.ndarray, np.ndarray] | None = None
+    last_pose: tuple[np.ndarray, np.ndarray] | None = None  # what was animated last
+    last_driving: tuple[np.ndarray, np.ndarray] | None = None  # raw pose of the last face seen
     times: StageTimes = field(default_factory=StageTimes)
 
     def __post_init__(self) -> None:
@@ -94,7 +95,7 @@ class DrivingStream:
     def set_reference(self, frame: np.ndarray | None = None) -> bool:
         """Sets the neutral pose for relative motion from `frame` (or the last pose seen);
         None with no pose seen yet clears it. Returns whether a reference is now set."""
-        pose = self.driving_pose(frame) if frame is not None else self.last_pose
+        pose = self.driving_pose(frame) if frame is not None else self.last_driving
         self.reference = pose
         return pose is not None
 
@@ -108,6 +109,7 @@ class DrivingStream:
         avatar = self.animator.get(avatar_id)
         pose = self.driving_pose(frame)
         if pose is not None:
+            self.last_driving = pose
             pose = self._relative(avatar, pose)
             if self.smoothing:
                 pose = (self.filter(pose[0]).astype(np.float32), pose[1])
@@ -138,6 +140,7 @@ class DrivingStream:
         self.tracker.reset()
         self.filter.reset()
         self.last_pose = None
+        self.last_driving = None
 
 
 class Animator:

@@ -119,12 +119,14 @@ class StreamingClient:
         await self.close()
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        """(status, JSON body or text) of one API call."""
+        """(status, body) of one API call: JSON decoded, text as str, anything else bytes."""
         assert self.http is not None, "use `async with StreamingClient(...)`"
         async with self.http.request(method, self.url + path, **kwargs) as response:
             if response.content_type == "application/json":
                 return response.status, await response.json()
-            return response.status, await response.text()
+            if response.content_type.startswith("text/"):
+                return response.status, await response.text()
+            return response.status, await response.read()
 
     async def upload_avatar(self, photos: Sequence[str | Path]) -> str:
         form = aiohttp.FormData()

@@ -368,7 +368,8 @@ def serve(
     """Runs the server until Ctrl-C / SIGTERM. Prints the URL to open once it listens."""
     from iwarp.paths import DEFAULT_AVATAR
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # session start/stop lines; libraries stay at WARNING
     if max_sessions < 1:
         raise IwarpError("--max-sessions must be at least 1", "e.g. --max-sessions 4")
     ssl_context = _ssl_context(cert, key)

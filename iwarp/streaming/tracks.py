@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,7 +72,8 @@ class NewestFrameTrack(MediaStreamTrack):
         self._process = process
         self._executor = executor
         self._on_frame = on_frame
-        self._latest: tuple[VideoFrame, float] | None = None
+        self._latest: tuple[VideoFrame, float] | None = None  # (frame, arrival time)
+        self._slot_lock = threading.Lock()  # the slot is emptied by a worker thread
         self._ready = asyncio.Event()
         self._source_ended = False
         self._last_output: np.ndarray | None = None
@@ -83,9 +85,10 @@ class NewestFrameTrack(MediaStreamTrack):
             while True:
                 frame = await self.source.recv()
                 now = time.monotonic()
-                if self._latest is not None:
+                with self._slot_lock:
+                    replaced, self._latest = self._latest, (frame, now)
+                if replaced is not None:
                     self.stats.dropped += 1
-                self._latest = (frame, now)
                 self.stats.frames_in += 1
                 self.stats.last_input = now
                 self._ready.set()
@@ -102,10 +105,13 @@ class NewestFrameTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._ready.clear()
             await self._ready.wait()
-        frame, arrived = self._latest
-        self._latest = None
-        self._inflight = self._executor.submit(self._run, frame)
-        output, model_s = await asyncio.wrap_future(self._inflight)
+        # The worker takes the slot's frame when it starts, not now: with several sessions
+        # sharing the pool, a job may wait for a free worker, and newer frames keep coming.
+        self._inflight = self._executor.submit(self._run_newest)
+        done = await asyncio.wrap_future(self._inflight)
+        if done is None:  # the slot was emptied meanwhile (only after a cancelled recv)
+            return await self.recv()
+        frame, arrived, output, model_s = done
         output.pts = frame.pts
         output.time_base = frame.time_base
         now = time.monotonic()
@@ -116,8 +122,17 @@ class NewestFrameTrack(MediaStreamTrack):
             self._on_frame(now - arrived, model_s)
         return output
 
+    def _run_newest(self) -> tuple[VideoFrame, float, VideoFrame, float] | None:
+        """Worker thread: take the newest frame, animate it. -> (input, arrival, output, s)."""
+        with self._slot_lock:
+            taken, self._latest = self._latest, None
+        if taken is None:
+            return None
+        frame, arrived = taken
+        return (frame, arrived, *self._run(frame))
+
     def _run(self, frame: VideoFrame) -> tuple[VideoFrame, float]:
-        """Worker thread: decode to RGB, animate, wrap as a frame."""
+        """Decode to RGB, animate, wrap as a frame."""
         t0 = time.perf_counter()
         try:
             out = self._process(frame.to_ndarray(format="rgb24"))
