@@ -33,7 +33,7 @@ from iwarp.engine_build.rewrite import attention_reference  # noqa: E402
 class AttentionParams(ctypes.Structure):
     """Mirror of `iwarp_attention_params` (plugins/kernels/iwarp_attention.h)."""
 
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("batch", ctypes.c_int),
         ("num_queries", ctypes.c_int),
         ("num_keys", ctypes.c_int),
@@ -225,6 +225,15 @@ def test_emulated_kernel_no_keys_and_no_mask(emulated_lib, tmp_path):
     np.testing.assert_allclose(
         out, attention_reference(case["q"], case["k"], case["v"]), rtol=1e-5, atol=1e-6
     )
+
+
+def test_emulated_kernel_broadcast_mask(emulated_lib, tmp_path):
+    rng = np.random.default_rng(11)
+    case = _make_case(rng, 3, 12, 2, 24, 8, 16, 40, np.float32, True)
+    case["mask"] = case["mask"][:1]  # (1, Nk): one mask for the whole batch
+    out = _run_in_child(emulated_lib, tmp_path, case)
+    ref = attention_reference(case["q"], case["k"], case["v"], case["mask"])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_reference_matches_torch_attention():

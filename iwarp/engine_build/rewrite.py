@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from iwarp.engine_build.export import ATTENTION_NODE, ATTENTION_SCOPE
 from iwarp.errors import CheckpointError, IwarpError
 
 PLUGIN_NAME = "IWarpAttention"
@@ -38,8 +39,6 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 PLUGIN_DOMAIN = "trt.plugins"
 ORT_CUSTOM_DOMAIN = "ai.onnx.contrib"  # where onnxruntime-extensions' Python ops live
-ATTENTION_SCOPE = "iwarp/attention"  # = iwarp.engine_build.export.ATTENTION_SCOPE
-ATTENTION_NODE = f"{ATTENTION_SCOPE}/Attention"
 PLUGIN_NODE = f"{ATTENTION_SCOPE}/{PLUGIN_NAME}"
 
 _LAYOUT_OPS = ("Mul", "Div", "Transpose", "Reshape", "Cast", "Identity")
@@ -63,7 +62,7 @@ def attention_reference(
     q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     if scale is None or scale <= 0:
         scale = 1.0 / math.sqrt(q64.shape[-1])
-    out = np.zeros(q64.shape[:2] + (v64.shape[-1],), dtype=np.float64)
+    out = np.zeros((*q64.shape[:2], v64.shape[-1]), dtype=np.float64)
     if k64.shape[1] == 0:
         return out
     logits = np.einsum("bqd,bkd->bqk", q64, k64) * scale
@@ -212,9 +211,9 @@ def _decomposed_site(scoped: list[Any]) -> AttentionSite:
         if first.op in ("Add", "Where"):
             for t in first.inputs:
                 src = _walk_back(t, names)
-                if _producer(src) is None or id(_producer(src)) not in names:
-                    if _const_values(src) is None and first.op in ("Add", "Where"):
-                        mask_in = mask_in or src
+                outside = _producer(src) is None or id(_producer(src)) not in names
+                if outside and _const_values(src) is None:
+                    mask_in = mask_in or src
             first = next(
                 (_producer(t) for t in first.inputs if inside(t) and _reaches_matmul(t, names)),
                 None,

@@ -122,8 +122,15 @@ def attention(
     """softmax(Q K^T / sqrt(d), masked) V for (B, Nq, d), (B, Nk, d), (B, Nk, dv), (B, Nk) bool.
 
     The single place where the network attends: the ONNX export, the TensorRT plugin rewrite
-    and the fused CUDA kernel all replace exactly this computation.
+    and the fused CUDA kernel all replace exactly this computation. On CUDA at inference the
+    fused kernel (plugins/kernels) runs it, when it builds; it has no backward, so training
+    and the CPU use PyTorch's SDPA.
     """
+    if queries.is_cuda and not torch.is_grad_enabled():
+        from iwarp.model import fused_attention
+
+        if fused_attention.load():
+            return fused_attention.attention(queries, keys, values, mask)
     out = F.scaled_dot_product_attention(
         queries.unsqueeze(1),
         keys.unsqueeze(1),

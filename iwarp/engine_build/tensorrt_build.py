@@ -1,0 +1,613 @@
+"""TensorRT engines for the three graphs: `iwarp build --precision {fp32,fp16,int8}`.
+
+TensorRT 11 API only: strongly typed networks (`builder.create_network(0)`; there is no
+BuilderFlag.FP16/INT8 any more), so the precision lives in the ONNX graph:
+  fp32  the exported graphs as they are;
+  fp16  an FP16 graph from NVIDIA ModelOpt AutoCast
+        (`modelopt.onnx.autocast.convert_to_mixed_precision(low_precision_type="fp16")`) when
+        nvidia-modelopt is importable, else onnxconverter-common's `convert_float_to_float16`
+        (keep_io_types: inputs/outputs stay float32); either runs in ONNX Runtime on the CPU and
+        is checked there against the FP32 graph (tests: PSNR of the animator image >=
+        FP16_MIN_PSNR_DB = 50 dB; about 80 dB measured with both converters);
+  int8  Q/DQ nodes from `modelopt.onnx.quantization.quantize(quantize_mode="int8")` with
+        calibration data (needs nvidia-modelopt).
+With the plugin (default when its library is found), the animator's attention becomes one
+IWarpAttention node (iwarp.engine_build.rewrite) after the precision conversion.
+
+Layout of a build folder (default: $IWARP_CACHE/tensorrt/<checkpoint sha256[:16]>):
+    onnx/                      the exported fp32 graphs (iwarp.engine_build.export)
+    <precision>/<graph>.onnx   the graphs TensorRT parses (converted, rewritten)
+    engines/<graph>.<precision>[.plugin].engine  + .json sidecar (ENGINE_FORMAT metadata)
+    engines/timing.cache       TensorRT timing cache, next to the engines, reused by every build
+An engine whose sidecar does not match this TensorRT, GPU, precision, ONNX file (sha256),
+plugin library or profile is rebuilt (`rebuild=True`) or refused with a CheckpointError.
+Every `tensorrt` import is lazy: this module imports on machines without TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import iwarp
+from iwarp.errors import CheckpointError, IwarpError
+
+ENGINE_FORMAT = "iwarp-trt/1"
+PRECISIONS = ("fp32", "fp16", "int8")
+STAGES = ("keypoints", "source_encoder", "animator")
+FP16_MIN_PSNR_DB = 50.0  # animator image, FP16 vs FP32 graph in ONNX Runtime (CPU); measured ~80
+# Sidecar fields that must match for an engine to be reused.
+MATCH_FIELDS = (
+    "format",
+    "tensorrt_version",
+    "gpu_name",
+    "compute_capability",
+    "precision",
+    "plugin",
+    "plugin_sha256",
+    "onnx_sha256",
+    "profile",
+)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def engine_metadata(
+    *,
+    graph: str,
+    precision: str,
+    onnx_path: str | Path,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profile: dict[str, list[list[int]]],
+    plugin_library: str | Path | None = None,
+) -> dict[str, Any]:
+    """What an engine is (and must stay) built from; written next to it as JSON."""
+    return {
+        "format": ENGINE_FORMAT,
+        "graph": graph,
+        "precision": precision,
+        "plugin": plugin_library is not None,
+        "plugin_sha256": file_sha256(plugin_library) if plugin_library else None,
+        "onnx": str(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
+        "tensorrt_version": tensorrt_version,
+        "gpu_name": gpu_name,
+        "compute_capability": compute_capability,
+        "profile": profile,
+        "iwarp_version": iwarp.__version__,
+    }
+
+
+def check_engine(engine: str | Path, expected: dict[str, Any]) -> list[str]:
+    """Why the engine file cannot be used for `expected` (empty list: it can)."""
+    engine = Path(engine)
+    if not engine.is_file():
+        return [f"{engine.name} does not exist"]
+    side = sidecar_path(engine)
+    try:
+        meta = json.loads(side.read_text())
+    except FileNotFoundError:
+        return [f"{side.name} (its metadata) is missing"]
+    except (OSError, ValueError) as exc:
+        return [f"{side.name} is unreadable ({exc})"]
+    problems = []
+    for key in MATCH_FIELDS:
+        if key not in expected:
+            continue
+        have, want = meta.get(key), expected[key]
+        if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+            problems.append(f"{key}: engine has {_short(have)}, need {_short(want)}")
+    if meta.get("engine_bytes") is not None and engine.stat().st_size != meta["engine_bytes"]:
+        problems.append(f"{engine.name} changed size since it was built")
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def require_engine(engine: str | Path, expected: dict[str, Any]) -> None:
+    """CheckpointError when the engine does not match (what the runtime calls)."""
+    problems = check_engine(engine, expected)
+    if problems:
+        raise CheckpointError(
+            f"TensorRT engine {engine} does not match: {'; '.join(problems)}",
+            f"rebuild it: iwarp build --precision {expected.get('precision', 'fp16')} "
+            "(or delete the engines folder)",
+        )
+
+
+def write_sidecar(engine: Path, meta: dict[str, Any]) -> Path:
+    side = sidecar_path(engine)
+    meta = {**meta, "engine_bytes": engine.stat().st_size}
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, side)
+    return side
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def stage_profiles(config: Any, max_sources: int, max_batch: int, opt_sources: int = 1):
+    """(min, opt, max) shapes per stage input: batch 1..max_batch (opt 1), 1..N sources."""
+    m = config.model
+    s, k, t = m.image_size, m.num_keypoints, m.tokens_per_source
+    b0, b1 = 1, max(1, max_batch)
+    n0, n_opt, n1 = t, t * max(1, min(opt_sources, max_sources)), t * max(1, max_sources)
+
+    def batch(*rest: int) -> list[list[int]]:
+        return [[b0, *rest], [b0, *rest], [b1, *rest]]
+
+    def tokens(width: int | None) -> list[list[int]]:
+        tail = [] if width is None else [width]
+        return [[b0, n0, *tail], [b0, n_opt, *tail], [b1, n1, *tail]]
+
+    return {
+        "keypoints": {"image": batch(3, s, s)},
+        "source_encoder": {
+            "image": batch(3, s, s),
+            "keypoints": batch(k, 2),
+            "strength": batch(k),
+        },
+        "animator": {
+            "keypoints": batch(k, 2),
+            "strength": batch(k),
+            "keys": tokens(m.attn_dim),
+            "values": tokens(m.value_dim),
+            "pixels": tokens(3),
+            "key_mask": tokens(None),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@dataclass
+class Fp16Result:
+    path: Path
+    method: str  # "modelopt-autocast" or "onnxconverter-common"
+
+
+def modelopt_available() -> bool:
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision  # noqa: F401
+    except Exception:  # ImportError, or its optional dependencies missing
+        return False
+    return True
+
+
+def convert_fp16(src: str | Path, dst: str | Path, method: str = "auto") -> Fp16Result:
+    """An FP16 copy of an ONNX graph (inputs/outputs stay float32)."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if method == "auto":
+        method = "modelopt-autocast" if modelopt_available() else "onnxconverter-common"
+    if method == "modelopt-autocast":
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+
+        model = convert_to_mixed_precision(
+            str(src), low_precision_type="fp16", keep_io_types=True, providers=["cpu"]
+        )
+    elif method == "onnxconverter-common":
+        try:
+            from onnxconverter_common import float16
+        except ImportError as exc:
+            raise IwarpError(
+                "FP16 conversion needs nvidia-modelopt or onnxconverter-common",
+                "pip install onnxconverter-common (in iwarp[tensorrt])",
+            ) from exc
+        with warnings.catch_warnings():  # "number ... will be truncated": expected in FP16
+            warnings.simplefilter("ignore", UserWarning)
+            model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    else:
+        raise IwarpError(
+            f"unknown FP16 method {method!r}", "auto, modelopt-autocast or onnxconverter-common"
+        )
+    onnx.checker.check_model(model)
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, dst)
+    return Fp16Result(dst, method)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+
+
+def quantize_int8(src: str | Path, dst: str | Path, calibration: str | Path | None) -> Path:
+    """INT8 Q/DQ graph with ModelOpt (calibrated on the CPU with ONNX Runtime)."""
+    try:
+        from modelopt.onnx.quantization import quantize
+    except Exception as exc:
+        raise IwarpError(
+            "INT8 engines need NVIDIA ModelOpt's ONNX quantizer",
+            "pip install nvidia-modelopt (see docs: its [onnx] extra pins another onnxruntime)",
+        ) from exc
+    if calibration is None:
+        raise IwarpError(
+            "INT8 needs calibration data", "pass --calibration FILE.npz (input name -> array)"
+        )
+    with np.load(calibration) as data:
+        feeds = {name: data[name] for name in data.files}
+    quantize(
+        onnx_path=str(src),
+        quantize_mode="int8",
+        calibration_data=feeds,
+        calibration_eps=["cpu"],
+        output_path=str(dst),
+    )
+    return Path(dst)
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(GPU name, compute capability 'M.m') of the current CUDA device."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return torch.cuda.get_device_name(), f"{major}.{minor}"
+    except ImportError:
+        pass
+    raise IwarpError("no CUDA GPU visible", "TensorRT engines are built on the GPU they run on")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise IwarpError(
+            "TensorRT is not installed",
+            "pip install 'iwarp[tensorrt]' (TensorRT 11) on a machine with an NVIDIA GPU",
+        ) from exc
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 11:
+        raise IwarpError(
+            f"TensorRT {trt.__version__} is too old", "iwarp needs TensorRT 11 (strongly typed)"
+        )
+    return trt
+
+
+def _progress_monitor(trt, label: str):
+    """A trt.IProgressMonitor printing phases on one line per phase."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._steps: dict[str, int] = {}
+            self._t0 = time.perf_counter()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self._steps[phase_name] = num_steps
+            if parent_phase is None:
+                print(f"iwarp build: {label}: {phase_name} ...", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            self._steps.pop(phase_name, None)
+
+    return Monitor()
+
+
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    profile: dict[str, list[list[int]]],
+    timing_cache: str | Path,
+    plugin_library: str | Path | None = None,
+    show_progress: bool = True,
+    label: str = "",
+    workspace_bytes: int | None = None,
+) -> Path:
+    """Parses an ONNX graph into a strongly typed network and serializes one engine."""
+    trt = import_tensorrt()
+    if plugin_library is not None:
+        from iwarp.engine_build.plugin import load_plugin
+
+        load_plugin(plugin_library)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 11: always strongly typed
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise CheckpointError(
+            f"TensorRT could not parse {onnx_path}: {'; '.join(errors)[:2000]}",
+            "with the plugin: is the IWarpAttention library loaded (iwarp build-plugin)?",
+        )
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    monitor = _progress_monitor(trt, label or Path(engine_path).name) if show_progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor  # `monitor` outlives the build (TensorRT's rule)
+    timing_cache = Path(timing_cache)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    opt = builder.create_optimization_profile()
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    for name, (lo, mid, hi) in profile.items():
+        if name in inputs:
+            opt.set_shape(name, tuple(lo), tuple(mid), tuple(hi))
+    config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    del monitor
+    if serialized is None:
+        raise IwarpError(
+            f"TensorRT failed to build {engine_path}", "see the TensorRT messages above"
+        )
+    engine_path = Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(engine_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(serialized))
+    os.replace(tmp, engine_path)
+    updated = config.get_timing_cache()
+    if updated is not None:
+        tmp_cache = timing_cache.with_name(timing_cache.name + ".tmp")
+        with open(tmp_cache, "wb") as f:
+            f.write(memoryview(updated.serialize()))
+        os.replace(tmp_cache, timing_cache)
+    return engine_path
+
+
+# --------------------------------------------------------------------------- the whole build
+
+
+def default_build_dir(checkpoint_sha: str) -> Path:
+    from iwarp.paths import user_cache_dir
+
+    return user_cache_dir() / "tensorrt" / checkpoint_sha[:16]
+
+
+def engine_file(build_dir: Path, graph: str, precision: str, plugin: bool) -> Path:
+    suffix = ".plugin" if plugin and graph == "animator" else ""
+    return Path(build_dir) / "engines" / f"{graph}.{precision}{suffix}.engine"
+
+
+def ensure_onnx(checkpoint: Path, onnx_dir: Path, show_progress: bool) -> dict[str, Any]:
+    """The exported fp32 graphs for `checkpoint` in `onnx_dir` (exported when stale/missing)."""
+    from iwarp.checkpoint import Checkpoint
+    from iwarp.engine_build.export import METADATA, check_build, export_onnx, load_metadata
+
+    sha = file_sha256(checkpoint)
+    if (onnx_dir / METADATA).is_file():
+        problems = check_build(onnx_dir, sha, Checkpoint(checkpoint).config)
+        if not problems:
+            return load_metadata(onnx_dir)
+        if show_progress:
+            print(f"iwarp build: re-exporting ({'; '.join(problems)})", file=sys.stderr)
+    return export_onnx(checkpoint, onnx_dir, show_progress=show_progress)
+
+
+def prepare_graph(
+    src: Path,
+    dst_dir: Path,
+    graph: str,
+    precision: str,
+    plugin: bool,
+    calibration: str | Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file TensorRT parses for one stage, and notes on how it was made."""
+    from iwarp.engine_build import rewrite
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    notes: dict[str, Any] = {"source_onnx": str(src)}
+    current = src
+    if precision == "fp16":
+        result = convert_fp16(src, dst_dir / f"{graph}.onnx")
+        current, notes["fp16_method"] = result.path, result.method
+    elif precision == "int8":
+        current = quantize_int8(src, dst_dir / f"{graph}.onnx", calibration)
+    if plugin and graph == "animator":
+        current = rewrite.rewrite_file(current, dst_dir / f"{graph}.plugin.onnx")
+        notes["plugin_node"] = rewrite.PLUGIN_NODE
+    return current, notes
+
+
+def build_engines(
+    checkpoint: str | Path | None = None,
+    build_dir: str | Path | None = None,
+    precision: str = "fp16",
+    plugin: bool | None = None,
+    max_sources: int = 4,
+    max_batch: int = 1,
+    opt_sources: int = 1,
+    rebuild: bool = False,
+    calibration: str | Path | None = None,
+    plugin_library: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Builds (or reuses) one engine per stage; returns {stage: sidecar metadata}."""
+    from iwarp.checkpoint import Checkpoint
+    from iwarp.engine_build.plugin import find_plugin_library
+    from iwarp.paths import DEFAULT_CHECKPOINT
+
+    if precision not in PRECISIONS:
+        raise IwarpError(
+            f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}"
+        )
+    trt = import_tensorrt()
+    gpu_name, capability = gpu_identity()
+    ckpt_path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    ckpt = Checkpoint(ckpt_path)
+    out = Path(build_dir) if build_dir else default_build_dir(file_sha256(ckpt_path))
+    library = Path(plugin_library) if plugin_library else None
+    if plugin is None:  # auto: with the plugin when its library exists
+        library = library or find_plugin_library()
+        plugin = library is not None
+        if not plugin and show_progress:
+            print(
+                "iwarp build: plugin library not found (iwarp build-plugin): building the "
+                "animator with TensorRT's own attention",
+                file=sys.stderr,
+            )
+    elif plugin:
+        from iwarp.engine_build.plugin import load_plugin
+
+        library = load_plugin(library)
+    onnx_meta = ensure_onnx(ckpt_path, out / "onnx", show_progress)
+    profiles = stage_profiles(ckpt.config, max_sources, max_batch, opt_sources)
+    results: dict[str, Any] = {}
+    for i, graph in enumerate(STAGES, 1):
+        use_plugin = bool(plugin) and graph == "animator"
+        src = out / "onnx" / f"{graph}.onnx"
+        parsed, notes = prepare_graph(
+            src, out / precision, graph, precision, use_plugin, calibration
+        )
+        engine = engine_file(out, graph, precision, use_plugin)
+        expected = engine_metadata(
+            graph=graph,
+            precision=precision,
+            onnx_path=parsed,
+            tensorrt_version=str(trt.__version__),
+            gpu_name=gpu_name,
+            compute_capability=capability,
+            profile=profiles[graph],
+            plugin_library=library if use_plugin else None,
+        )
+        problems = check_engine(engine, expected)
+        label = f"[{i}/{len(STAGES)}] {engine.name}"
+        if not problems:
+            if show_progress:
+                print(f"iwarp build: {label} is up to date", file=sys.stderr)
+            results[graph] = {**json.loads(sidecar_path(engine).read_text()), "engine": str(engine)}
+            continue
+        if engine.is_file() and not rebuild:
+            require_engine(engine, expected)  # raises with the reasons
+        t0 = time.perf_counter()
+        build_engine(
+            parsed,
+            engine,
+            profiles[graph],
+            out / "engines" / "timing.cache",
+            library if use_plugin else None,
+            show_progress,
+            label,
+        )
+        meta = {
+            **expected,
+            **notes,
+            "engine": str(engine),
+            "checkpoint_sha256": onnx_meta.get("checkpoint_sha256"),
+            "max_sources": max_sources,
+            "max_batch": max_batch,
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_sidecar(engine, meta)
+        results[graph] = json.loads(sidecar_path(engine).read_text())
+        if show_progress:
+            print(f"iwarp build: {label} built in {meta['build_seconds']} s", file=sys.stderr)
+    return results
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(subparsers: Any) -> None:
+    """`iwarp build` and `iwarp build-plugin` (registered from iwarp.cli)."""
+    import argparse
+
+    p = subparsers.add_parser("build", help="TensorRT engines (GPU, TensorRT 11)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument(
+        "--plugin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused IWarpAttention plugin for the animator (default: when its library exists)",
+    )
+    p.add_argument("--max-sources", type=int, default=4, help="largest avatar (photos)")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch (streams per call)")
+    p.add_argument("--opt-sources", type=int, default=1, help="sources the build optimises for")
+    p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
+    p.add_argument("--build-dir", help="output folder (default: the user cache)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild engines that do not match")
+    p.add_argument("--calibration", help="int8: calibration inputs (.npz)")
+    p.add_argument("--plugin-path", help="the plugin library (default: search, see docs)")
+    p.add_argument("--json", action="store_true", help="print the engines' metadata as JSON")
+    p.set_defaults(handler=_cmd_build)
+
+    p = subparsers.add_parser("build-plugin", help="compile the attention kernel and plugin")
+    p.add_argument("--tensorrt-root", help="TensorRT folder with include/NvInferRuntime.h")
+    p.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES (default: this GPU or 80-90)")
+    p.add_argument("--kernels-only", action="store_true", help="only the CUDA kernel library")
+    p.add_argument("--build-dir", help="cmake build folder (default: the user cache)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--clean", action="store_true", help="start from an empty build folder")
+    p.add_argument("--install", action="store_true", help="copy the library into the package")
+    p.set_defaults(handler=_cmd_build_plugin)
+
+
+def _cmd_build(args: Any) -> int:
+    results = build_engines(
+        checkpoint=args.checkpoint,
+        build_dir=args.build_dir,
+        precision=args.precision,
+        plugin=args.plugin,
+        max_sources=args.max_sources,
+        max_batch=args.max_batch,
+        opt_sources=args.opt_sources,
+        rebuild=args.rebuild,
+        calibration=args.calibration,
+        plugin_library=args.plugin_path,
+        show_progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_build_plugin(args: Any) -> int:
+    from iwarp.engine_build.plugin import build_plugin
+
+    result = build_plugin(
+        tensorrt_root=args.tensorrt_root,
+        cuda_archs=args.cuda_arch,
+        kernels_only=args.kernels_only,
+        build_dir=args.build_dir,
+        jobs=args.jobs,
+        clean=args.clean,
+        install=args.install,
+    )
+    what = result.library or result.kernels
+    print(f"built {what} in {result.seconds:.0f} s (CUDA architectures {result.cuda_archs})")
+    return 0
