@@ -55,7 +55,7 @@ def test_frames_of_any_size_and_format(backend, portrait, driving):
     stream = animator.stream()
     frame = driving[0]
     gray = frame.mean(axis=2).astype(np.uint8)
-    rgba = np.concatenate([frame, np.full(frame.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    rgba = np.concatenate([frame, np.full((*frame.shape[:2], 1), 255, np.uint8)], axis=2)
     wide = np.zeros((300, 640, 3), np.uint8)
     wide[22:278, 192:448] = frame
     for f in (frame, gray, rgba, wide):
