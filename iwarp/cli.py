@@ -145,6 +145,58 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from iwarp.calibration import CalibrationConfig, GateThresholds, calibrate
+
+    gate = GateThresholds()
+    for name in ("min_animator_psnr_db", "max_keypoint_error_px", "min_source_psnr_db"):
+        if getattr(args, name) is not None:
+            setattr(gate, name, getattr(args, name))
+    if args.min_end_to_end_psnr_db is not None:
+        gate.min_end_to_end_psnr_db = args.min_end_to_end_psnr_db
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = calibrate(
+        CalibrationConfig(
+            data=args.data,
+            out=args.out,
+            mode=args.mode,
+            split=args.split or None,
+            frames=args.frames,
+            eval_frames=args.eval_frames,
+            sources_per_avatar=args.sources,
+            checkpoint=args.checkpoint,
+            onnx_dir=args.onnx,
+            quantizer=args.quantizer,
+            method=args.method,
+            exclusions=args.exclude,
+            search_frames=args.search_frames,
+            threads=args.threads,
+            timing_runs=args.timing_runs,
+            seed=args.seed,
+            cache=args.cache,
+            clip_cache=args.clip_cache,
+            fp16=not args.no_fp16,
+            gate=gate,
+            show_progress=not args.json,
+        )
+    )
+    summary = {
+        "out": report["outputs"]["graphs_dir"],
+        "mode": report["mode"],
+        "quantizer": report["quantizer"]["name"],
+        "exclusions": report["exclusions"]["chosen"],
+        "gate": report["gate"]["passed"],
+        "animator_psnr_db": report["accuracy"]["animator"]["psnr_db"],
+        "end_to_end_psnr_db": report["accuracy"]["end_to_end"]["psnr_db"],
+        "report": report["outputs"]["markdown"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -257,6 +309,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (23: one Attention node)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check vs PyTorch")
     p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("calibrate", help="INT8/FP8 quantization of the graphs from real frames")
+    p.add_argument("--data", required=True, help="folder of clips (manifest.csv optional)")
+    p.add_argument("--out", default="build", help="build folder: OUT/<mode>/, report, cache")
+    p.add_argument("--mode", choices=("int8", "fp8"), default="int8")
+    p.add_argument("--split", default="train", help="manifest split to calibrate on ('' = all)")
+    p.add_argument("--frames", type=int, default=512, help="calibration driving frames")
+    p.add_argument("--eval-frames", type=int, default=32, help="val frames for the gate")
+    p.add_argument("--sources", type=int, default=3, help="source frames per avatar")
+    p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
+    p.add_argument("--onnx", help="folder of the exported FP32 graphs (default: OUT/onnx)")
+    p.add_argument("--quantizer", choices=("auto", "modelopt", "ort"), default="auto")
+    p.add_argument("--method", help="calibration method (modelopt: entropy/max; ort: minmax...)")
+    p.add_argument(
+        "--exclude",
+        default="auto",
+        help="layers kept FP32: auto (measured), default, none, or graph:group,...",
+    )
+    p.add_argument("--search-frames", type=int, default=64, help="frames per exclusion trial")
+    p.add_argument("--threads", type=int, default=0, help="ORT/torch threads (0: all cores)")
+    p.add_argument("--timing-runs", type=int, default=20, help="latency: median of N runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", help="calibration cache (default OUT/calibration_cache.npz)")
+    p.add_argument("--clip-cache", help="decoded clips cache (default ~/.cache/iwarp/clips)")
+    p.add_argument("--no-fp16", action="store_true", help="skip the FP16 comparison")
+    p.add_argument("--min-animator-psnr", type=float, dest="min_animator_psnr_db")
+    p.add_argument("--max-keypoint-error", type=float, dest="max_keypoint_error_px")
+    p.add_argument("--min-source-psnr", type=float, dest="min_source_psnr_db")
+    p.add_argument("--min-end-to-end-psnr", type=float, dest="min_end_to_end_psnr_db")
+    p.add_argument("--json", action="store_true", help="no progress; print one JSON line")
+    p.set_defaults(handler=_cmd_calibrate)
 
     p = sub.add_parser("serve", help="WebRTC server: webcam in, animated avatar out")
     p.add_argument(

@@ -23,9 +23,10 @@ import numpy as np
 import onnxruntime as ort
 
 from iwarp.config import Config
-from iwarp.errors import CheckpointError
+from iwarp.errors import CheckpointError, IwarpError
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 
+PRECISIONS = ("fp32", "int8")  # int8: Q/DQ graphs from `iwarp calibrate`
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
@@ -112,20 +113,35 @@ class OrtBackend(Backend):
         device: str | None = None,
         threads: int = 0,
         show_progress: bool = True,
+        precision: str = "fp32",
     ) -> OrtBackend:
         """Graphs of `checkpoint` (None: the shipped weights), exported on first use.
 
         In the default cache folder stale graphs are re-exported; in a `build_dir` the user
         gave, graphs from another checkpoint or config raise CheckpointError.
+        `precision="int8"` loads the quantized graphs from `<build_dir>/int8/` instead, which
+        `iwarp calibrate --out <build_dir>` writes (never made here: they need calibration).
         """
         from iwarp.checkpoint import file_sha256
         from iwarp.engine_build.export import METADATA, check_build, export_onnx, load_metadata
         from iwarp.paths import DEFAULT_CHECKPOINT, user_cache_dir
 
+        if precision not in PRECISIONS:
+            raise IwarpError(f"unknown precision {precision!r}", f"choose one of {PRECISIONS}")
         path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
         config = _read_config(path)
         sha = file_sha256(path)
         out = Path(build_dir) if build_dir else user_cache_dir() / "onnx" / sha[:16]
+        if precision != "fp32":
+            folder = out / precision
+            problems = check_build(folder, sha, config)
+            if problems:
+                raise CheckpointError(
+                    f"no usable {precision} graphs for {path} in {folder}: {'; '.join(problems)}",
+                    f"make them with 'iwarp calibrate --data CLIPS --checkpoint {path} "
+                    f"--out {out}'",
+                )
+            return cls(folder, device, threads, load_metadata(folder))
         if (out / METADATA).is_file():
             problems = check_build(out, sha, config)
             if not problems:
@@ -179,7 +195,10 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         providers = self.sessions["animator"].get_providers()
-        return f"onnxruntime {ort.__version__} ({providers[0]}, {self.threads} threads)"
+        precision = self.metadata.get("precision", "fp32")
+        return (
+            f"onnxruntime {ort.__version__} ({providers[0]}, {self.threads} threads, {precision})"
+        )
 
 
 def _f32(array: np.ndarray) -> np.ndarray:
