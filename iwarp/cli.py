@@ -113,6 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 args.checkpoint,
                 args.threads,
                 show_progress=not args.json,
+                precision=args.precision,
             )
             if args.size is not None and r["size"] != args.size:
                 raise IwarpError(
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="driving clip (default: a val clip from ../shared/data/clips)")
     p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument(
+        "--precision", help="fp32, fp16 or int8 (default: the backend's; int8 after calibrate)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.add_argument("--plot", help="write a latency histogram PNG here")
     # WebRTC round trip against a running `iwarp serve` (same as bench/latency.py):

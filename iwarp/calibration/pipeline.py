@@ -32,6 +32,7 @@ from iwarp.calibration import evaluate as ev
 from iwarp.calibration import quantize as qz
 from iwarp.calibration import report as rep
 from iwarp.errors import CheckpointError, InputError, IwarpError
+from iwarp.system import cpu_name, physical_cores
 
 GRAPHS = ("keypoints", "source_encoder", "animator")
 REPORT_FORMAT = "iwarp-calibration-report/1"
@@ -133,7 +134,7 @@ class _Run:
         quantizer, why = qz.choose_quantizer(c.quantizer, c.mode)
         method = c.method or qz.DEFAULT_METHOD[quantizer][c.mode]
         self.say(f"{c.mode} with {quantizer} ({why}), calibration method {method}")
-        self.threads = c.threads or _physical_cores()
+        self.threads = c.threads or physical_cores()
 
         from iwarp.checkpoint import Checkpoint, file_sha256
         from iwarp.paths import DEFAULT_CHECKPOINT
@@ -556,7 +557,7 @@ class _Run:
             "threads": self.threads,
             "repeats": c.timing_runs,
             "warmup": c.timing_warmup,
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
         }
         if c.mode == "fp8":
             return {
@@ -752,24 +753,6 @@ def _onnxconverter_fp16(src: Path, dst: Path) -> str:
         model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.save_model(model, str(dst))
     return "onnxconverter-common"
-
-
-def _physical_cores() -> int:
-    from iwarp.runtime.backends.ort_backend import physical_cores
-
-    return physical_cores()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def _config_dict(c: CalibrationConfig) -> dict[str, Any]:

@@ -9,8 +9,8 @@ BuilderFlag.FP16/INT8 any more), so the precision lives in the ONNX graph:
         (keep_io_types: inputs/outputs stay float32); either runs in ONNX Runtime on the CPU and
         is checked there against the FP32 graph (tests: PSNR of the animator image >=
         FP16_MIN_PSNR_DB = 50 dB; about 80 dB measured with both converters);
-  int8  Q/DQ nodes from `modelopt.onnx.quantization.quantize(quantize_mode="int8")` with
-        calibration data (needs nvidia-modelopt).
+  int8  the Q/DQ graphs that `iwarp calibrate --out BUILD/onnx` made from real frames and
+        that passed its accuracy gate (BUILD/onnx/int8/); never quantized here without data.
 With the plugin (default when its library is found), the animator's attention becomes one
 IWarpAttention node (iwarp.engine_build.rewrite) after the precision conversion.
 
@@ -247,29 +247,24 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
 
 
-def quantize_int8(src: str | Path, dst: str | Path, calibration: str | Path | None) -> Path:
-    """INT8 Q/DQ graph with ModelOpt (calibrated on the CPU with ONNX Runtime)."""
-    try:
-        from modelopt.onnx.quantization import quantize
-    except Exception as exc:
+def calibrated_int8(src: Path, graph: str) -> Path:
+    """The gate-passed INT8 graph `iwarp calibrate` wrote next to the FP32 graph `src`."""
+    import json
+
+    folder = src.parent / "int8"
+    path, meta = folder / f"{graph}.onnx", folder / "metadata.json"
+    if not (path.is_file() and meta.is_file()):
         raise IwarpError(
-            "INT8 engines need NVIDIA ModelOpt's ONNX quantizer",
-            "pip install nvidia-modelopt (see docs: its [onnx] extra pins another onnxruntime)",
-        ) from exc
-    if calibration is None:
-        raise IwarpError(
-            "INT8 needs calibration data", "pass --calibration FILE.npz (input name -> array)"
+            f"no calibrated INT8 graphs in {folder}",
+            f"run 'iwarp calibrate --data CLIPS --mode int8 --out {src.parent}' first",
         )
-    with np.load(calibration) as data:
-        feeds = {name: data[name] for name in data.files}
-    quantize(
-        onnx_path=str(src),
-        quantize_mode="int8",
-        calibration_data=feeds,
-        calibration_eps=["cpu"],
-        output_path=str(dst),
-    )
-    return Path(dst)
+    gate = json.loads(meta.read_text()).get("gate", {})
+    if not gate.get("passed", False):
+        raise IwarpError(
+            f"the INT8 graphs in {folder} did not pass the accuracy gate",
+            "see calibration.md there; calibrate again with other exclusions",
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -424,7 +419,6 @@ def prepare_graph(
     graph: str,
     precision: str,
     plugin: bool,
-    calibration: str | Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The ONNX file TensorRT parses for one stage, and notes on how it was made."""
     from iwarp.engine_build import rewrite
@@ -436,7 +430,7 @@ def prepare_graph(
         result = convert_fp16(src, dst_dir / f"{graph}.onnx")
         current, notes["fp16_method"] = result.path, result.method
     elif precision == "int8":
-        current = quantize_int8(src, dst_dir / f"{graph}.onnx", calibration)
+        current = calibrated_int8(src, graph)
     if plugin and graph == "animator":
         current = rewrite.rewrite_file(current, dst_dir / f"{graph}.plugin.onnx")
         notes["plugin_node"] = rewrite.PLUGIN_NODE
@@ -452,7 +446,6 @@ def build_engines(
     max_batch: int = 1,
     opt_sources: int = 1,
     rebuild: bool = False,
-    calibration: str | Path | None = None,
     plugin_library: str | Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -490,9 +483,7 @@ def build_engines(
     for i, graph in enumerate(STAGES, 1):
         use_plugin = bool(plugin) and graph == "animator"
         src = out / "onnx" / f"{graph}.onnx"
-        parsed, notes = prepare_graph(
-            src, out / precision, graph, precision, use_plugin, calibration
-        )
+        parsed, notes = prepare_graph(src, out / precision, graph, precision, use_plugin)
         engine = engine_file(out, graph, precision, use_plugin)
         expected = engine_metadata(
             graph=graph,
@@ -561,7 +552,6 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
     p.add_argument("--build-dir", help="output folder (default: the user cache)")
     p.add_argument("--rebuild", action="store_true", help="rebuild engines that do not match")
-    p.add_argument("--calibration", help="int8: calibration inputs (.npz)")
     p.add_argument("--plugin-path", help="the plugin library (default: search, see docs)")
     p.add_argument("--json", action="store_true", help="print the engines' metadata as JSON")
     p.set_defaults(handler=_cmd_build)
@@ -587,7 +577,6 @@ def _cmd_build(args: Any) -> int:
         max_batch=args.max_batch,
         opt_sources=args.opt_sources,
         rebuild=args.rebuild,
-        calibration=args.calibration,
         plugin_library=args.plugin_path,
         show_progress=not args.json,
     )

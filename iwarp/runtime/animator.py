@@ -173,11 +173,12 @@ class Animator:
         threads: int = 0,
         smoothing: bool = True,
         show_progress: bool = True,
+        precision: str | None = None,
     ) -> Animator:
         """The shipped weights (or `checkpoint`) on the chosen backend; ONNX graphs are built
         on first use and reused after. `store_dir` keeps avatars across restarts."""
         engine = create_backend(
-            backend, checkpoint, device, build_dir, threads, show_progress=show_progress
+            backend, checkpoint, device, build_dir, threads, show_progress, precision
         )
         store = AvatarStore(store_dir) if store_dir else None
         return cls(engine, store, smoothing)

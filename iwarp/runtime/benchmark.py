@@ -7,7 +7,6 @@ keypoints, animator), after a warm-up, and reports p50/p95/p99 per stage and per
 from __future__ import annotations
 
 import itertools
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from iwarp.errors import InputError
 from iwarp.media import read_video
 from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
 from iwarp.runtime.animator import Animator
+from iwarp.system import machine_label
 
 STAGES = ("face_tracking", "keypoints", "animator")
 # A val-split clip (people never seen in training), 512x512, 30 fps, with head motion.
@@ -57,11 +57,12 @@ def run_benchmark(
     threads: int = 0,
     warmup: int = 20,
     show_progress: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     clip_path = Path(clip) if clip else default_clip()
     driving = read_video(clip_path, max_frames=frames + warmup)
     animator = Animator.from_pretrained(
-        backend, checkpoint, threads=threads, show_progress=show_progress
+        backend, checkpoint, threads=threads, show_progress=show_progress, precision=precision
     )
     photos = avatar_photos(sources, driving)
     t0 = time.perf_counter()
@@ -88,6 +89,7 @@ def run_benchmark(
     wall = time.perf_counter() - (wall_start or time.perf_counter())
     return {
         "backend": backend,
+        "precision": precision or "default",
         "backend_detail": animator.backend.describe(),
         "size": animator.backend.image_size,
         "sources": sources,
@@ -99,8 +101,7 @@ def run_benchmark(
         "frame_ms": percentiles(frame_ms),
         "fps": frames / wall if wall > 0 else 0.0,
         "avatar_ms": avatar_ms,
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-        f"{_cpu_name()} ({_cores()} cores)".strip(),
+        "machine": machine_label(),
         "_frame_samples": frame_ms,
     }
 
@@ -127,19 +128,3 @@ def plot_histogram(results: list[dict[str, Any]], out_png: str | Path) -> None:
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0

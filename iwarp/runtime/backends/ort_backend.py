@@ -13,7 +13,6 @@ concurrent streams can share the sessions.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,32 +24,11 @@ import onnxruntime as ort
 from iwarp.config import Config
 from iwarp.errors import CheckpointError, IwarpError
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
+from iwarp.system import physical_cores
 
 PRECISIONS = ("fp32", "int8")  # int8: Q/DQ graphs from `iwarp calibrate`
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's FMA units)."""
-    try:
-        import psutil
-
-        count = psutil.cpu_count(logical=False)
-        if count:
-            return count
-    except ImportError:
-        pass
-    try:
-        cores = set()
-        for cpu in os.sched_getaffinity(0):
-            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-            cores.add(((topo / "physical_package_id").read_text(), (topo / "core_id").read_text()))
-        if cores:
-            return len(cores)
-    except (AttributeError, OSError):
-        pass
-    return os.cpu_count() or 1
 
 
 def _read_config(checkpoint: Path) -> Config:
