@@ -44,22 +44,27 @@ class TorchBackend(Backend):
         joined["mask"] = torch.ones(joined["keys"].shape[:2], dtype=torch.bool, device=self.device)
         return joined
 
-    @torch.inference_mode()
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
-        rows = avatar.rows
-        source = SourceSet(
-            keypoints=Keypoints(self._t(avatar.points[None]), self._t(avatar.strength[None])),
+    def encode_avatar(self, images: np.ndarray) -> AvatarFeatures:
+        features = super().encode_avatar(images)
+        rows = features.rows
+        # Built once per avatar: the per-frame path only adds the driving keypoints.
+        rows["source_set"] = SourceSet(
+            keypoints=Keypoints(self._t(features.points[None]), self._t(features.strength[None])),
             keys=rows["keys"],
             values=rows["values"],
             pixels=rows["pixels"],
             mask=rows["mask"],
-            num_sources=avatar.num_sources,
+            num_sources=features.num_sources,
             image_size=self.image_size,
         )
-        image = self.net.animate(source, Keypoints(self._t(points), self._t(strength)))
-        return image.float().cpu().numpy()
+        return features
+
+    @torch.inference_mode()
+    def animate(
+        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
+    ) -> np.ndarray:
+        driving = Keypoints(self._t(points), self._t(strength))
+        return self.net.animate(avatar.rows["source_set"], driving).float().cpu().numpy()
 
     def describe(self) -> str:
         return f"torch ({self.device.type}, {torch.get_num_threads()} threads)"
