@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from iwarp.errors import InputError, NoFaceError
+from iwarp.runtime.animator import to_input  # the runtime's own preprocessing
 
 CACHE_FORMAT = "iwarp-calibration-cache/1"
 MIN_FRAMES = 16  # fewer frames than this cannot calibrate activation ranges
@@ -149,11 +150,6 @@ class FrameSet:
     def _need_annotations(self) -> None:
         if not self.annotated:
             raise RuntimeError("FrameSet.annotate() must run before the graph inputs are read")
-
-
-def to_input(image: np.ndarray) -> np.ndarray:
-    """(S, S, 3) uint8 -> (1, 3, S, S) float32 in [0, 1]."""
-    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
 
 
 def to_inputs(images: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from iwarp.calibration.data import FrameSet, to_input, to_inputs
+from iwarp.engine_build.tensorrt_build import psnr
 
 ROWS = ("keys", "values", "pixels")
 
@@ -136,12 +137,6 @@ def reference_outputs(sessions: dict[str, Any], fs: FrameSet) -> Outputs:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1] over the whole set (mean squared error of all pixels)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
 def frame_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
