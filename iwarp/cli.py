@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from iwarp.errors import IwarpError
 
@@ -134,6 +135,94 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 )
     if args.plot:
         plot_histogram(results, args.plot)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from iwarp.checkpoint import load_network
+    from iwarp.evaluation.protocol import EvalSettings, evaluate, load_eval_clips
+    from iwarp.evaluation.report import (
+        markdown_table,
+        plot_metrics_vs_sources,
+        save_cross_grid,
+        save_grids,
+    )
+
+    net, ckpt = load_network(args.checkpoint)
+    settings = EvalSettings(
+        sources=tuple(int(n) for n in args.sources.split(",")),
+        targets_per_clip=args.targets,
+        split=args.split or None,
+        image_size=args.size,
+        cross_identity=not args.no_cross_identity,
+    )
+    size = settings.image_size or net.config.image_size
+    clips = load_eval_clips(args.data, settings.split, size, show_progress=not args.quiet)
+    if args.max_clips:
+        clips = clips[: args.max_clips]
+    run = evaluate(net, clips, settings, show_progress=not args.quiet)
+    report = {
+        "checkpoint": str(ckpt.path),
+        "checkpoint_sha256": ckpt.sha256(),
+        "checkpoint_step": ckpt.step,
+        "config": ckpt.config.name,
+        "model": {
+            "residual_branch": net.config.residual_branch,
+            "extra_tokens": net.config.extra_tokens,
+            "pixel_skip": net.config.pixel_skip,
+        },
+        "data": str(args.data),
+        **run.report,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.grid:
+        for path in save_grids(args.grid, run.pictures):
+            print(f"wrote {path}", file=sys.stderr)
+        if run.cross_pictures:
+            cross = Path(args.grid).with_name(Path(args.grid).stem + "_cross_identity.png")
+            print(f"wrote {save_cross_grid(cross, run.cross_pictures)}", file=sys.stderr)
+    if args.plot:
+        title = f"{Path(ckpt.path).name}, {args.split or 'all'} split, {size}x{size}"
+        print(f"wrote {plot_metrics_vs_sources(report, args.plot, title)}", file=sys.stderr)
+    print(markdown_table(report))
+    for r in report["cross_identity"]["results"]:
+        print(
+            f"cross-identity {r['mode']:<13s} identity cos {r['identity']:.3f}, "
+            f"distance {r['identity_distance']:.3f}, same person {r['same_person_rate']:.2f}"
+        )
+    return 0
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    import os
+
+    from iwarp.cam.app import CamSettings, run_cam
+
+    settings = CamSettings(
+        avatars=[spec.split(",") for spec in args.avatar or []],
+        camera=args.camera,
+        server=args.server,
+        token=args.token or os.environ.get("IWARP_TOKEN"),
+        sink=args.sink,
+        size=args.size,
+        fps=args.fps,
+        backend=args.backend,
+        checkpoint=args.checkpoint,
+        threads=args.threads,
+        control_port=args.control_port,
+        stats=args.stats,
+        stats_json=args.stats_json,
+        loop=args.loop,
+        lossless=args.lossless,
+        steady_file=args.steady,
+        seconds=args.seconds,
+        connect_timeout=args.connect_timeout,
+    )
+    summary = run_cam(settings)
+    if args.stats:
+        print(json.dumps(summary))
     return 0
 
 
@@ -306,6 +395,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avatar", action="append", help="with --webrtc: avatar photo(s) to use")
     p.add_argument("--token", help="with --webrtc: the server's token (default $IWARP_TOKEN)")
     p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser("eval", help="quality metrics on real clips, with baselines")
+    p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
+    p.add_argument("--data", required=True, help="folder of clips (manifest.csv optional)")
+    p.add_argument("--split", default="val", help="manifest split ('' = every clip)")
+    p.add_argument("--sources", default="1,2,3", help="numbers of source frames, e.g. 1,2,3")
+    p.add_argument("--targets", type=int, default=24, help="driving/target frames per clip")
+    p.add_argument("--size", type=int, help="evaluation size (default: the checkpoint's)")
+    p.add_argument("--max-clips", type=int, dest="max_clips", help="only the first N clips")
+    p.add_argument("--no-cross-identity", action="store_true", dest="no_cross_identity")
+    p.add_argument("--json", help="write the full report (aggregates and per clip) here")
+    p.add_argument("--grid", help="write picture grids here (PATH and PATH_<clip>.png)")
+    p.add_argument("--plot", help="write metrics against the number of sources (PNG) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("cam", help="the avatar as a camera for call apps (virtual camera)")
+    p.add_argument(
+        "--avatar",
+        action="append",
+        metavar="PHOTO[,PHOTO...]",
+        help="one avatar (several photos of one face, comma-separated); repeat for avatars 1-9",
+    )
+    p.add_argument("--camera", default="0", help="camera index, /dev/videoN, or a video file")
+    p.add_argument("--server", help="animate on an `iwarp serve` at this URL (default: locally)")
+    p.add_argument("--token", help="the server's token (default $IWARP_TOKEN)")
+    p.add_argument("--sink", default="virtualcam", help="virtualcam, window, or FILE.mp4")
+    p.add_argument("--size", type=int, default=256, choices=(256, 512), help="output side")
+    p.add_argument("--fps", type=float, default=30.0, help="camera and virtual camera rate")
+    p.add_argument("--backend", default="auto", help="local: auto, torch, onnxruntime, tensorrt")
+    p.add_argument("--checkpoint", help="local: weights (default: the shipped ones)")
+    p.add_argument("--threads", type=int, default=0, help="local: CPU threads (0: all cores)")
+    p.add_argument("--control-port", type=int, default=8765, help="local control endpoint (0: off)")
+    p.add_argument("--stats", action="store_true", help="fps and latency on stderr every second")
+    p.add_argument("--stats-json", help="write a summary (frames, fps, latency) here at exit")
+    p.add_argument(
+        "--lossless",
+        action="store_true",
+        help="a file camera waits for each avatar frame (no frame skipped; for tests/renders)",
+    )
+    p.add_argument("--steady", action="store_true", help="a file sink recorded at --fps")
+    p.add_argument("--loop", action="store_true", help="a file camera starts over at its end")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds")
+    p.add_argument(
+        "--connect-timeout", type=float, default=15.0, help="remote: seconds to get a first call"
+    )
+    p.set_defaults(handler=_cmd_cam)
 
     p = sub.add_parser("export", help="export the ONNX graphs (keypoints, sources, animator)")
     p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")

@@ -39,6 +39,15 @@ class ModelConfig:
     extra_tokens: int = 32
     residual_branch: bool = True
     residual_hidden: int = 64
+    # Pixel skip (not in the paper): the same attention weights also warp each token's
+    # attn_stride x attn_stride patch of source pixels, and the generator blends that warped
+    # image with its own output through a predicted mask. Without it, every output pixel is
+    # decoded from an 8x-downsampled feature grid, which a short CPU training run leaves blurry.
+    pixel_skip: bool = False
+    # Multiplies the positional encoding added to query and key features. Large values make the
+    # untrained attention pick the same location in the source (with pixel_skip: the network
+    # starts as copy-the-source, and learns motion from there instead of from a blur).
+    position_scale: float = 1.0
     # Keys/values/pixels average-pooled by this factor before attention (1 = off).
     spatial_reduction: int = 1
     # "attention": one softmax over all sources (the paper). "average": warp each source
@@ -61,6 +70,11 @@ class ModelConfig:
     def tokens_per_source(self) -> int:
         side = self.grid_size // self.spatial_reduction
         return side * side
+
+    @property
+    def pixel_dim(self) -> int:
+        """Width of a source token's pixel row: its RGB patch, or its mean RGB."""
+        return 3 * self.attn_stride**2 if self.pixel_skip else 3
 
     def validate(self) -> None:
         if self.image_size % (self.attn_stride * self.spatial_reduction):
@@ -158,7 +172,7 @@ def _from_dict(kind: type, data: dict[str, Any]) -> Any:
 
 
 def _tiny() -> Config:
-    return Config(name="tiny")
+    return Config(name="tiny", model=ModelConfig(pixel_skip=True, position_scale=3.0))
 
 
 def _paper(size: int = 256) -> Config:

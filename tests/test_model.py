@@ -36,6 +36,7 @@ def small_config(**overrides) -> ModelConfig:
         generator_channels=16,
         generator_res_blocks=1,
         generator_up_channels=(16, 8, 8),
+        pixel_skip=True,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -97,7 +98,7 @@ def test_output_shapes(num_sources: int) -> None:
     tokens = num_sources * cfg.tokens_per_source
     assert source.keys.shape == (2, tokens, cfg.attn_dim)
     assert source.values.shape == (2, tokens, cfg.value_dim)
-    assert source.pixels.shape == (2, tokens, 3)
+    assert source.pixels.shape == (2, tokens, cfg.pixel_dim)
     assert source.mask.shape == (2, tokens) and bool(source.mask.all())
     assert source.keypoints.points.shape == (2, num_sources, cfg.num_keypoints, 2)
     assert source.tokens_per_source == cfg.grid_size**2
@@ -227,6 +228,31 @@ def test_source_dropout_with_gradients_is_finite() -> None:
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+def test_pixel_skip_reproduces_the_source_when_attention_is_the_identity() -> None:
+    """Patches go out (pixel_unshuffle) and come back (pixel_shuffle) in the same order."""
+    net = make_net().eval()
+    src, _ = images(1, 1)
+    with torch.no_grad():
+        s = net.encode_sources(src)
+        # Long, nearly orthogonal keys used as the queries too: token i attends to itself only.
+        g = torch.Generator().manual_seed(0)
+        keys = torch.randn(s.keys.shape, generator=g)
+        keys = 40 * keys / keys.norm(dim=-1, keepdim=True)
+        s = dataclasses.replace(s, keys=keys)
+        warped, warped_pixels = net.warp(keys, s)
+        torch.testing.assert_close(warped_pixels, s.pixels, rtol=0, atol=1e-5)
+        # A generator whose mask is saturated shows the warped patches as they are.
+        net.generator.out.weight[3].zero_()
+        net.generator.out.bias[3].fill_(100.0)
+        side = net.config.grid_size
+
+        def grid(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(1, -1, side, side)
+
+        out = net.generator(grid(warped), grid(warped_pixels))
+    torch.testing.assert_close(out, src[:, 0], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- gradients
 
 
@@ -323,7 +349,8 @@ def test_spatial_reduction_reduces_key_tokens() -> None:
     assert out.shape == (2, 3, SIZE, SIZE) and torch.isfinite(out).all()
     # Pooled pixels are the 2x2 means of the full-resolution pixel tokens.
     g = full.config.grid_size
-    pix = s_full.pixels[:, : g * g].reshape(2, g, g, 3).permute(0, 3, 1, 2)
+    p = full.config.pixel_dim
+    pix = s_full.pixels[:, : g * g].reshape(2, g, g, p).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(pix, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(s_red.pixels[:, : (g // 2) ** 2], pooled, rtol=1e-5, atol=1e-6)
 

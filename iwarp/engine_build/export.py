@@ -2,7 +2,7 @@
 
     keypoints.onnx       image (B, 3, S, S) in [0, 1]     -> keypoints (B, K, 2), strength (B, K)
     source_encoder.onnx  image, keypoints, strength       -> keys (B, T, d), values (B, T, dv),
-                                                             pixels (B, T, 3)
+                                                             pixels (B, T, p)
     animator.onnx        keypoints, strength (driving) +
                          keys, values, pixels (B, NT, .),
                          key_mask (B, NT) bool             -> image (B, 3, S, S) in [0, 1]
@@ -325,7 +325,7 @@ def example_inputs(
         **kp,
         "keys": f32(rng.standard_normal((batch, t, m.attn_dim))),
         "values": f32(rng.standard_normal((batch, t, m.value_dim))),
-        "pixels": f32(rng.uniform(0, 1, (batch, t, 3))),
+        "pixels": f32(rng.uniform(0, 1, (batch, t, m.pixel_dim))),
         "key_mask": mask,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from iwarp.config import ModelConfig
@@ -10,11 +11,19 @@ from iwarp.model.blocks import ConvBNReLU, ResBlock, UpBlock
 
 
 class Generator(nn.Module):
-    """Residual blocks at the grid resolution, then 2x upsampling steps to full size."""
+    """Residual blocks at the grid resolution, then 2x upsampling steps to full size.
+
+    With the pixel skip, the last layer also sees the warped source patches as an image and
+    predicts a mask that blends them with its own colours: where the warp is right the output
+    keeps the source's full-resolution detail, elsewhere (mouth interior, disocclusions) the
+    decoder paints.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config.generator_channels
+        self.pixel_skip = config.pixel_skip
+        self.patch = config.attn_stride
         self.stem = ConvBNReLU(config.value_dim, c)
         self.res = nn.Sequential(*(ResBlock(c) for _ in range(config.generator_res_blocks)))
         ups: list[nn.Module] = []
@@ -22,7 +31,23 @@ class Generator(nn.Module):
             ups.append(UpBlock(c, cout))
             c = cout
         self.up = nn.Sequential(*ups)
-        self.out = nn.Conv2d(c, 3, 3, padding=1)
+        if self.pixel_skip:
+            self.out = nn.Conv2d(c + 3, 4, 3, padding=1)
+            with torch.no_grad():
+                self.out.bias[3].fill_(4.0)  # start by showing the warped source (98%)
+        else:
+            self.out = nn.Conv2d(c, 3, 3, padding=1)
 
-    def forward(self, warped: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.out(self.up(self.res(self.stem(warped)))))
+    def forward(
+        self, warped: torch.Tensor, warped_pixels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, dv, g, g) features [+ (B, 3*s*s, g, g) warped patches] -> (B, 3, H, W) in [0, 1]."""
+        features = self.up(self.res(self.stem(warped)))
+        if not self.pixel_skip:
+            return torch.sigmoid(self.out(features))
+        if warped_pixels is None:
+            raise ValueError("this generator was built with pixel_skip: pass the warped pixels")
+        skip = F.pixel_shuffle(warped_pixels, self.patch)
+        out = self.out(torch.cat([features, skip], dim=1))
+        mask = torch.sigmoid(out[:, 3:4])
+        return mask * skip + (1 - mask) * torch.sigmoid(out[:, :3])

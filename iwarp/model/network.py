@@ -44,9 +44,13 @@ class ImplicitWarpingNetwork(nn.Module):
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
         query_features = self.query_encoder(maps)
         queries = self.warp.project_queries(query_features)
-        warped = self.warp(queries, source, source_dropout)
+        warped, warped_pixels = self.warp(queries, source, source_dropout)
         g = query_features.shape[-1]
-        return self.generator(warped.transpose(1, 2).reshape(warped.shape[0], -1, g, g))
+
+        def grid(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+
+        return self.generator(grid(warped), grid(warped_pixels) if self.config.pixel_skip else None)
 
     # -- per avatar ------------------------------------------------------------------------
     def encode_sources(self, images: torch.Tensor) -> SourceSet:
@@ -66,7 +70,12 @@ class ImplicitWarpingNetwork(nn.Module):
         maps = keypoint_maps(kp, kp_size, cfg.kp_variance)
         key_features = self.key_encoder(torch.cat([maps, downsample_to(flat, kp_size)], dim=1))
         value_features = self.value_encoder(flat)
-        pixels = downsample_to(flat, grid)
+        # Pixel rows: each grid cell's RGB patch (pixel skip) or its mean RGB.
+        pixels = (
+            nn.functional.pixel_unshuffle(flat, cfg.attn_stride)
+            if cfg.pixel_skip
+            else downsample_to(flat, grid)
+        )
         r = cfg.spatial_reduction
         if r > 1:
             pool = nn.functional.avg_pool2d

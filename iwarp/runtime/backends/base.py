@@ -20,7 +20,7 @@ from iwarp.config import ModelConfig
 class AvatarFeatures:
     """An avatar's cached source side, in the backend's own memory.
 
-    `rows` holds keys (1, N*T, d), values (1, N*T, dv), pixels (1, N*T, 3) and mask (1, N*T)
+    `rows` holds keys (1, N*T, d), values (1, N*T, dv), pixels (1, N*T, p) and mask (1, N*T)
     as backend-native arrays; `points` (N, K, 2) and `strength` (N, K) stay in numpy for
     relative motion.
     """

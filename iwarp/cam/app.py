@@ -1,0 +1,452 @@
+"""`iwarp cam`: camera in, avatar frames out to a virtual camera, a window or a file.
+
+    camera thread -> NewestFrame -> engine (local runtime | remote server) -> on_output
+        -> [pause / overlay] -> latest frame -> sink (each new frame, or a steady pump)
+
+Controls come from keys in the preview window and from a small HTTP endpoint on 127.0.0.1
+(`CamControls`), and both end in the same methods of `CamApp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from iwarp.cam.capture import Camera
+from iwarp.cam.frames import CameraFrame, NewestFrame, log
+from iwarp.cam.sinks import Sink, WindowSink, open_sink
+from iwarp.face import FaceTracker, crop_and_resize
+
+
+@dataclass
+class CamSettings:
+    avatars: list[list[str]] = field(default_factory=list)  # each: the photos of one avatar
+    camera: str = "0"
+    server: str | None = None
+    token: str | None = None
+    sink: str = "virtualcam"
+    size: int = 256
+    fps: float = 30.0
+    backend: str = "auto"
+    checkpoint: str | None = None
+    threads: int = 0
+    control_port: int = 8765  # 0: no control endpoint
+    stats: bool = False  # a line on stderr every second
+    stats_json: str | None = None  # summary written at exit
+    loop: bool = False  # a file camera starts over at its end
+    lossless: bool = False  # wait for each avatar frame before reading the next camera frame
+    steady_file: bool = False  # a file sink recorded at --fps like a virtual camera
+    seconds: float | None = None  # stop after this long
+    connect_timeout: float = 15.0
+
+
+class Stats:
+    """Frames in/out and camera-to-sink latency over a sliding window."""
+
+    def __init__(self, window: int = 120) -> None:
+        self.frames_in = 0
+        self.frames_out = 0
+        self.frames_written = 0
+        self.latency: deque[float] = deque(maxlen=window)
+        self.out_times: deque[float] = deque(maxlen=window)
+        self.all_latency: list[float] = []
+        self.started = time.monotonic()
+
+    def output(self, latency: float | None) -> None:
+        self.frames_out += 1
+        self.out_times.append(time.monotonic())
+        if latency is not None:
+            self.latency.append(latency)
+            self.all_latency.append(latency)
+
+    def fps(self) -> float:
+        t = self.out_times
+        if len(t) < 2 or time.monotonic() - t[-1] > 1.0:
+            return 0.0
+        return (len(t) - 1) / max(t[-1] - t[0], 1e-6)
+
+    def latency_ms(self, q: float = 50) -> float | None:
+        return float(np.percentile(self.latency, q)) * 1e3 if self.latency else None
+
+    def line(self) -> str:
+        p50 = self.latency_ms()
+        lat = f"{p50:.0f} ms" if p50 is not None else "-- ms"
+        return f"{self.fps():.1f} fps, latency {lat}"
+
+    def summary(self) -> dict[str, Any]:
+        def pct(q: float) -> float | None:
+            if not self.all_latency:
+                return None
+            return round(float(np.percentile(self.all_latency, q)) * 1e3, 1)
+
+        seconds = time.monotonic() - self.started
+        return {
+            "seconds": round(seconds, 2),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "frames_written": self.frames_written,
+            "fps_out": round(self.frames_out / max(seconds, 1e-6), 2),
+            "latency_ms": {
+                "p50": pct(50),
+                "p95": pct(95),
+                "p99": pct(99),
+                "mean": round(float(np.mean(self.all_latency)) * 1e3, 1)
+                if self.all_latency
+                else None,
+                "max": round(max(self.all_latency) * 1e3, 1) if self.all_latency else None,
+            },
+        }
+
+
+class CamApp:
+    def __init__(self, settings: CamSettings, engine: Any, camera: Camera, sink: Sink) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.camera = camera
+        self.sink = sink
+        self.stats = Stats()
+        self.slot = NewestFrame()
+        self.paused = False
+        self.overlay = False
+        self.neutral = False
+        self.latest: np.ndarray | None = None
+        self.latest_driving: np.ndarray | None = None
+        self._new_output = asyncio.Event()
+        self._done: dict[int, asyncio.Event] = {}
+        self._stop = asyncio.Event()
+        self._camera_done = asyncio.Event()
+        self._overlay_tracker: FaceTracker | None = None
+        self._key_tasks: set[asyncio.Future] = set()
+
+    # -- data path -------------------------------------------------------------------------------
+    async def capture(self) -> None:
+        """Camera frames into the newest-frame slot; a lost camera is retried every second."""
+        number = 0
+        while not self._stop.is_set():
+            image = await asyncio.to_thread(self.camera.read)
+            if image is None:
+                if self.camera.is_file:
+                    break
+                log(f"{self.camera.label} stopped delivering frames; retrying every second")
+                while not self._stop.is_set() and not await asyncio.to_thread(self.camera.reopen):
+                    await asyncio.sleep(1.0)
+                continue
+            frame = CameraFrame(number, time.monotonic(), image)
+            self.stats.frames_in += 1
+            if self.settings.lossless:
+                self._done[number] = asyncio.Event()
+            self.slot.put(frame)
+            if self.settings.lossless:
+                # A frame the server never answers (dropped on the way) must not stall the camera.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done[number].wait(), 5.0)
+                self._done.pop(number, None)
+            number += 1
+        self._camera_done.set()
+
+    def on_output(self, image: np.ndarray, source: CameraFrame | None) -> None:
+        """An avatar frame from the engine (in the event loop's thread)."""
+        if source is not None and source.number in self._done:
+            self._done[source.number].set()
+        if self.paused:
+            return  # frozen: the sink keeps showing the last frame
+        latency = time.monotonic() - source.captured if source is not None else None
+        frame = self._fit(image)
+        if self.overlay and source is not None:
+            frame = self._with_overlay(frame, source.image)
+        self.latest = frame
+        self.stats.output(latency)
+        if not self.sink.steady:
+            self._write(frame)
+        self._new_output.set()
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        size = self.settings.size
+        if image.shape[0] != size or image.shape[1] != size:
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+        return image
+
+    def _with_overlay(self, frame: np.ndarray, driving: np.ndarray) -> np.ndarray:
+        """The driving face, cropped like the avatar, blended over it (to match the pose)."""
+        if self._overlay_tracker is None:
+            self._overlay_tracker = FaceTracker()
+        box = self._overlay_tracker.update(driving)
+        if box is None:
+            return frame
+        face = crop_and_resize(driving, box, frame.shape[0])
+        return cv2.addWeighted(frame, 0.6, face, 0.4, 0.0)
+
+    def _write(self, frame: np.ndarray) -> None:
+        key = self.sink.write(frame)
+        self.stats.frames_written += 1
+        if key is not None:
+            self._key_tasks.add(task := asyncio.ensure_future(self.handle_key(key)))
+            task.add_done_callback(self._key_tasks.discard)
+
+    def _placeholder(self) -> np.ndarray:
+        still = self.engine.still()
+        if still is not None:
+            return self._fit(still)
+        frame = np.zeros((self.settings.size, self.settings.size, 3), np.uint8)
+        cv2.putText(frame, "iwarp: connecting", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255,) * 3)
+        return frame
+
+    async def pump(self) -> None:
+        """Steady sinks: a frame every 1/fps, the newest avatar frame or the last one again."""
+        period = 1.0 / self.settings.fps
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            self._write(self.latest if self.latest is not None else self._placeholder())
+            next_due += period
+            delay = next_due - time.monotonic()
+            if delay < -period:
+                next_due = time.monotonic()  # the machine stalled: do not burst
+            await asyncio.sleep(max(delay, 0.0))
+
+    async def report(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(1.0 if self.settings.stats else 0.5)
+            line = self.stats.line()
+            if isinstance(self.sink, WindowSink):
+                self.sink.set_status(line + (" (paused)" if self.paused else ""))
+            if self.settings.stats:
+                log(line)
+
+    # -- controls --------------------------------------------------------------------------------
+    async def set_avatar(self, index: int) -> bool:
+        if not 0 <= index < self.engine.avatar_count:
+            return False
+        await self.engine.set_avatar(index)
+        return True
+
+    async def set_neutral(self, on: bool = True) -> bool:
+        ok = await self.engine.set_neutral(on)
+        if ok:
+            self.neutral = on
+        return ok
+
+    def toggle_pause(self, on: bool | None = None) -> bool:
+        self.paused = (not self.paused) if on is None else on
+        return self.paused
+
+    def toggle_overlay(self, on: bool | None = None) -> bool:
+        self.overlay = (not self.overlay) if on is None else on
+        return self.overlay
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def handle_key(self, key: int) -> None:
+        """Window keys: n neutral pose, c clear it, 1-9 avatar, p or space pause, o overlay,
+        q or Esc quit."""
+        char = chr(key) if key < 128 else ""
+        if char == "n":
+            if not await self.set_neutral(True):
+                log("no face in view: look at the camera and press n again")
+        elif char == "c":
+            await self.set_neutral(False)
+        elif char.isdigit() and char != "0":
+            await self.set_avatar(int(char) - 1)
+        elif char in ("p", " "):
+            self.toggle_pause()
+        elif char == "o":
+            self.toggle_overlay()
+        elif char == "q" or key == 27:
+            self.stop()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.name,
+            "avatar": self.engine.avatar_index + 1,
+            "avatars": self.engine.avatar_count,
+            "paused": self.paused,
+            "overlay": self.overlay,
+            "neutral": self.neutral,
+            "reconnects": self.engine.reconnects,
+            "stats": {**self.stats.summary(), "fps_now": round(self.stats.fps(), 2)},
+        }
+
+    # -- the whole run ---------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        tasks = [
+            asyncio.ensure_future(self.capture()),
+            asyncio.ensure_future(self.engine.run(self.slot, self.on_output, lambda: self.paused)),
+            asyncio.ensure_future(self.report()),
+        ]
+        if self.sink.steady:
+            tasks.append(asyncio.ensure_future(self.pump()))
+        controls = await CamControls(self).start(self.settings.control_port)
+        engine_task = tasks[1]
+        waits = [asyncio.ensure_future(self._stop.wait()), engine_task]
+        waits.append(asyncio.ensure_future(self._camera_finished()))
+        if self.settings.seconds:
+            waits.append(asyncio.ensure_future(asyncio.sleep(self.settings.seconds)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if engine_task.done() and engine_task.exception() is not None:
+                raise engine_task.exception()  # type: ignore[misc]
+        finally:
+            self._stop.set()
+            for t in [*tasks, *waits]:
+                t.cancel()
+            await asyncio.gather(*tasks, *waits, return_exceptions=True)
+            await self.engine.close()
+            if controls is not None:
+                await controls.close()
+        summary = {
+            "engine": self.engine.name,
+            "sink": self.sink.name,
+            "reconnects": self.engine.reconnects,
+            "frames_per_call": self.engine.frames_per_call,
+            **self.stats.summary(),
+        }
+        if self.settings.stats_json:
+            Path(self.settings.stats_json).write_text(json.dumps(summary, indent=2))
+        return summary
+
+    async def _camera_finished(self) -> None:
+        """A file camera ended: wait briefly for its last avatar frames, then stop."""
+        await self._camera_done.wait()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            self._new_output.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_output.wait(), 1.0)
+                continue
+            break
+
+
+class CamControls:
+    """HTTP on 127.0.0.1: GET /state; POST /neutral {on}, /avatar/{n}, /pause {on},
+    /overlay {on}, /quit. `on` may be left out to toggle (neutral: set)."""
+
+    def __init__(self, app: CamApp) -> None:
+        self.app = app
+        self.runner: Any = None
+        self.port: int | None = None
+
+    async def start(self, port: int) -> CamControls | None:
+        if not port:
+            return None
+        from aiohttp import web
+
+        api = web.Application()
+        api.router.add_get("/state", self.state)
+        api.router.add_post("/neutral", self.neutral)
+        api.router.add_post("/avatar/{n}", self.avatar)
+        api.router.add_post("/pause", self.pause)
+        api.router.add_post("/overlay", self.overlay)
+        api.router.add_post("/quit", self.quit)
+        self.runner = web.AppRunner(api, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        try:
+            await site.start()
+        except OSError as exc:
+            log(f"control endpoint not started: port {port} is taken ({exc}); keys still work")
+            await self.runner.cleanup()
+            return None
+        self.port = port
+        log(f"controls: http://127.0.0.1:{port}/state (POST /neutral, /avatar/N, /pause, ...)")
+        return self
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+    @staticmethod
+    async def _on(request: Any) -> bool | None:
+        if not request.can_read_body:
+            return None
+        with contextlib.suppress(ValueError):
+            body = await request.json()
+            if isinstance(body, dict) and isinstance(body.get("on"), bool):
+                return body["on"]
+        return None
+
+    async def state(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.app.state())
+
+    async def neutral(self, request: Any) -> Any:
+        from aiohttp import web
+
+        on = await self._on(request)
+        if await self.app.set_neutral(True if on is None else on):
+            return web.json_response(self.app.state())
+        return web.json_response(
+            {"error": "no face in view", "hint": "look at the camera and try again"}, status=422
+        )
+
+    async def avatar(self, request: Any) -> Any:
+        from aiohttp import web
+
+        n = request.match_info["n"]
+        if not n.isdigit() or not await self.app.set_avatar(int(n) - 1):
+            return web.json_response(
+                {"error": f"no avatar {n}", "hint": f"1..{self.app.engine.avatar_count}"},
+                status=404,
+            )
+        return web.json_response(self.app.state())
+
+    async def pause(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.app.toggle_pause(await self._on(request))
+        return web.json_response(self.app.state())
+
+    async def overlay(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.app.toggle_overlay(await self._on(request))
+        return web.json_response(self.app.state())
+
+    async def quit(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.app.stop()
+        return web.json_response({"stopping": True})
+
+
+def build_engine(settings: CamSettings) -> Any:
+    if settings.server:
+        from iwarp.cam.remote import RemoteEngine
+
+        return RemoteEngine(
+            settings.server,
+            settings.avatars,
+            settings.token,
+            settings.fps,
+            connect_timeout=settings.connect_timeout,
+        )
+    from iwarp.cam.local import LocalEngine
+
+    return LocalEngine(settings.avatars, settings.backend, settings.checkpoint, settings.threads)
+
+
+async def run_cam_async(settings: CamSettings) -> dict[str, Any]:
+    """Opens sink, camera and engine (in that order: the cheapest failures first), runs."""
+    sink = open_sink(settings.sink, settings.size, settings.fps, settings.steady_file)
+    camera = None
+    try:
+        camera = Camera(settings.camera, device_fps=settings.fps, loop=settings.loop)
+        engine = build_engine(settings)
+        app = CamApp(settings, engine, camera, sink)
+        return await app.run()
+    finally:
+        if camera is not None:
+            camera.close()
+        sink.close()
+
+
+def run_cam(settings: CamSettings) -> dict[str, Any]:
+    return asyncio.run(run_cam_async(settings))

@@ -1,0 +1,294 @@
+"""The remote engine: an `iwarp serve` server animates; the camera travels over WebRTC.
+
+Each sent frame carries its number in a band along its bottom edge and the server copies it
+onto the avatar frame made from it (`echo_id`), so every returned frame is matched to its
+camera frame: that is how the latency is known. The band is painted over (the row above it
+repeated) before the frame reaches the sink. When the server goes away the engine reconnects
+by itself (re-uploading the avatars if the server forgot them) while the app keeps feeding
+the sink the last frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+from PIL import Image
+
+from iwarp.cam.frames import CameraFrame, EngineError, NewestFrame, OutputCallback, log
+from iwarp.streaming import frameid, rtc
+
+
+class ServerUnavailable(Exception):
+    """The server cannot take the call now (unreachable, full, gone): try again later."""
+
+
+class RemoteEngine:
+    """An `iwarp serve` server: the camera goes up as a WebRTC track, the avatar comes back."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        avatars: Sequence[Sequence[str | Path]],
+        token: str | None = None,
+        fps: float = 30.0,
+        connect_timeout: float = 15.0,
+        stall_timeout: float = 3.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.avatar_photos = [list(a) for a in avatars]
+        self.token = token
+        self.fps = fps
+        self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
+        self.headers = {"X-Iwarp-Client": uuid.uuid4().hex}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.avatar_ids: list[str] = []
+        self.avatar_index = 0
+        self.session_id: str | None = None
+        self.reconnects = 0
+        self._had_call = False
+        self.frames_per_call: list[int] = []  # avatar frames received in each call
+        self.connected = asyncio.Event()
+        self._http: Any = None
+        self._still: np.ndarray | None = None
+
+    @property
+    def avatar_count(self) -> int:
+        return max(1, len(self.avatar_photos))
+
+    def still(self) -> np.ndarray | None:
+        return self._still
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        async with self._http.request(method, self.url + path, **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.read()
+
+    async def _check_server(self) -> dict[str, Any]:
+        try:
+            status, body = await self._request("GET", "/healthz", timeout=aiohttp.ClientTimeout(5))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ServerUnavailable(
+                f"server {self.url} unreachable ({exc or type(exc).__name__})"
+            ) from exc
+        if status == 401:
+            raise EngineError(f"server {self.url} refused the token (401)", "pass --token T")
+        if status != 200:
+            raise ServerUnavailable(f"server {self.url} answered {status}")
+        if body["sessions"] >= body["max_sessions"]:
+            raise ServerUnavailable(
+                f"server full ({body['sessions']}/{body['max_sessions']} sessions)"
+            )
+        return body
+
+    async def _ensure_avatars(self, health: dict[str, Any]) -> None:
+        """Upload the avatars unless the server still has them (it forgets on restart)."""
+        if not self.avatar_photos:
+            self.avatar_ids = [health["default_avatar"]]
+            return
+        status, body = await self._request("GET", "/avatars")
+        known = {a["avatar_id"] for a in body.get("avatars", [])} if status == 200 else set()
+        if self.avatar_ids and all(a in known for a in self.avatar_ids):
+            return
+        ids = []
+        for photos in self.avatar_photos:
+            form = aiohttp.FormData()
+            for p in photos:
+                form.add_field("file", Path(p).read_bytes(), filename=Path(p).name)
+            status, body = await self._request("POST", "/avatars", data=form)
+            if status != 201:
+                message = body.get("error", body) if isinstance(body, dict) else body
+                hint = body.get("hint", "check the photos") if isinstance(body, dict) else ""
+                raise EngineError(f"avatar upload of {photos} failed ({status}): {message}", hint)
+            ids.append(body["avatar_id"])
+        self.avatar_ids = ids
+
+    async def _fetch_still(self) -> None:
+        """The avatar's first face crop, shown until the first avatar frame arrives."""
+        status, body = await self._request(
+            "GET", f"/avatars/{self.avatar_ids[self.avatar_index]}/preview"
+        )
+        if status == 200 and isinstance(body, bytes):
+            with contextlib.suppress(OSError):
+                image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+                self._still = image[:, : image.shape[0]]  # the preview tiles the crops
+
+    # -- the call --------------------------------------------------------------------------------
+    async def run(self, slot: NewestFrame, on_output: OutputCallback, paused: Callable[[], bool]):
+        """Connects, streams, and reconnects until cancelled. The first connection must succeed
+        within `connect_timeout` seconds, or the engine fails with the reason."""
+        first_deadline = time.monotonic() + self.connect_timeout
+        delay = 0.5
+        async with aiohttp.ClientSession(headers=self.headers) as http:
+            self._http = http
+            while True:
+                try:
+                    health = await self._check_server()
+                    await self._ensure_avatars(health)
+                    await self._fetch_still()
+                    await self._call(slot, on_output, paused)
+                    delay = 0.5
+                    reason = "connection lost"
+                except ServerUnavailable as exc:
+                    reason = str(exc)
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    reason = f"server {self.url} went away ({exc or type(exc).__name__})"
+                self.connected.clear()
+                if not self.reconnects and time.monotonic() > first_deadline:
+                    raise EngineError(
+                        f"could not start a call with {self.url}: {reason}",
+                        "check that `iwarp serve` runs there and has a free session",
+                    )
+                log(f"{reason}; reconnecting in {delay:.1f} s (the camera keeps the last frame)")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _call(self, slot: NewestFrame, on_output: OutputCallback, paused: Callable[[], bool]):
+        rtc.configure()
+        pc = RTCPeerConnection(rtc.rtc_configuration())
+        track = CameraTrack(slot, paused)
+        pc.addTrack(track)
+        last_output = time.monotonic()
+        ended = asyncio.Event()
+        consumer: asyncio.Task | None = None
+
+        async def consume(remote: Any) -> None:
+            nonlocal last_output
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await remote.recv()
+                    rgb = frame.to_ndarray(format="rgb24")
+                    wrapped = frameid.read_id(rgb)
+                    source = track.resolve(wrapped) if wrapped is not None else None
+                    band = frameid.band_height(rgb.shape[0])
+                    rgb[-band:] = rgb[-band - 1]  # hide the id band
+                    last_output = time.monotonic()
+                    if not self.connected.is_set():
+                        self.connected.set()
+                        self.frames_per_call.append(0)
+                        if self._had_call:
+                            self.reconnects += 1
+                            log(f"reconnected to {self.url}")
+                        self._had_call = True
+                    self.frames_per_call[-1] += 1
+                    on_output(rgb, source)
+            ended.set()
+
+        @pc.on("track")
+        def on_track(remote: Any) -> None:
+            nonlocal consumer
+            if remote.kind == "video" and consumer is None:
+                consumer = asyncio.ensure_future(consume(remote))
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                ended.set()
+
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            offer = {
+                "sdp": pc.localDescription.sdp,
+                "type": "offer",
+                "echo_id": True,
+                "avatar_id": self.avatar_ids[self.avatar_index],
+            }
+            try:
+                status, body = await self._request("POST", "/offer", json=offer)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise ServerUnavailable(f"offer failed ({exc})") from exc
+            if status == 503:
+                raise ServerUnavailable("server full (503)")
+            if status != 200:
+                raise EngineError(f"the server refused the call ({status}): {body}", "see its log")
+            self.session_id = body["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+            # Wait for the end: the peer closes, or no avatar frame for a while (a server that
+            # vanished without a word; ICE consent would take ~30 s to notice).
+            while not ended.is_set():
+                await asyncio.sleep(0.25)
+                limit = self.stall_timeout if self.connected.is_set() else 10.0
+                if not paused() and time.monotonic() - last_output > limit:
+                    break
+        finally:
+            self.session_id = None
+            track.stop()
+            if consumer is not None:
+                consumer.cancel()
+                await asyncio.gather(consumer, return_exceptions=True)
+            await pc.close()
+
+    async def _post_session(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.session_id is None:
+            return 409, {"error": "not connected"}
+        return await self._request("POST", f"/sessions/{self.session_id}", json=body)
+
+    async def set_avatar(self, index: int) -> None:
+        self.avatar_index = index
+        if index < len(self.avatar_ids):
+            await self._post_session({"avatar_id": self.avatar_ids[index]})
+            with contextlib.suppress(Exception):
+                await self._fetch_still()
+
+    async def set_neutral(self, on: bool = True) -> bool:
+        status, _ = await self._post_session({"neutral": on})
+        return status == 200
+
+    async def close(self) -> None:
+        if self.session_id is not None and self._http is not None:
+            with contextlib.suppress(Exception):
+                await self._request("DELETE", f"/sessions/{self.session_id}")
+
+
+class CameraTrack(MediaStreamTrack):
+    """The camera as an aiortc video track: the newest frame, stamped with its number."""
+
+    kind = "video"
+    remembered = 256  # sent frames kept for matching; older ones were dropped by the server
+
+    def __init__(self, slot: NewestFrame, paused: Callable[[], bool]) -> None:
+        super().__init__()
+        self.slot = slot
+        self.paused = paused
+        self.sent: dict[int, CameraFrame] = {}
+        self._t0: float | None = None
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self.slot.get()
+        while self.paused():
+            frame = await self.slot.get()
+        rgb = np.array(frame.image, copy=True)
+        wrapped = frame.number % frameid.ID_MODULO
+        frameid.stamp_id(rgb, wrapped)
+        self.sent[wrapped] = frame
+        while len(self.sent) > self.remembered:
+            del self.sent[next(iter(self.sent))]
+        if self._t0 is None:
+            self._t0 = frame.captured
+        video = VideoFrame.from_ndarray(rgb, format="rgb24")
+        video.pts = round((frame.captured - self._t0) * 90000)
+        video.time_base = Fraction(1, 90000)
+        return video
+
+    def resolve(self, wrapped: int) -> CameraFrame | None:
+        return self.sent.pop(wrapped, None)

