@@ -166,7 +166,7 @@ def test_metadata(build, ckpt):
     def io(graph: str, side: str) -> dict[str, tuple[str, list]]:
         return {v["name"]: (v["dtype"], v["shape"]) for v in graphs[graph][side]}
 
-    k, d, dv = 20, config.model.attn_dim, config.model.value_dim
+    k, d, dv, px = 20, config.model.attn_dim, config.model.value_dim, config.model.pixel_dim
     assert io("keypoints", "inputs") == {"image": ("float32", ["batch", 3, SIZE, SIZE])}
     assert io("keypoints", "outputs") == {
         "keypoints": ("float32", ["batch", k, 2]),
@@ -175,14 +175,14 @@ def test_metadata(build, ckpt):
     assert io("source_encoder", "outputs") == {
         "keys": ("float32", ["batch", t, d]),
         "values": ("float32", ["batch", t, dv]),
-        "pixels": ("float32", ["batch", t, 3]),
+        "pixels": ("float32", ["batch", t, px]),
     }
     assert io("animator", "inputs") == {
         "keypoints": ("float32", ["batch", k, 2]),
         "strength": ("float32", ["batch", k]),
         "keys": ("float32", ["batch", "tokens", d]),
         "values": ("float32", ["batch", "tokens", dv]),
-        "pixels": ("float32", ["batch", "tokens", 3]),
+        "pixels": ("float32", ["batch", "tokens", px]),
         "key_mask": ("bool", ["batch", "tokens"]),
     }
     assert io("animator", "outputs") == {"image": ("float32", ["batch", 3, SIZE, SIZE])}

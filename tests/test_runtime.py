@@ -74,7 +74,10 @@ def test_no_face_holds_last_pose(backend, portrait, driving):
     with_face = stream.animate(avatar, driving[3])
     stream.tracker.hold_frames = 0  # make the tracker give up on the face at once
     held = stream.animate(avatar, blank)
-    np.testing.assert_array_equal(held, with_face)
+    # The same pose again: equal up to rounding (the pixel skip puts outputs on exact 8-bit
+    # values, where float noise in the last bit can flip a pixel by one).
+    np.testing.assert_allclose(held.astype(int), with_face.astype(int), atol=1)
+    assert np.abs(held.astype(int) - first.astype(int)).mean() > 1  # not the photo again
 
 
 def test_multi_source_avatar_and_remove(backend, portrait, driving):

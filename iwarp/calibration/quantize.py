@@ -485,8 +485,8 @@ def _check_loads(path: Path, quantizer: str) -> None:
     """Builds the session the ONNX Runtime backend would (all optimisations on).
 
     ORT 1.31's QDQ propagation can make a QuantizeLinear whose output_dtype and zero point
-    disagree (microsoft/onnxruntime#25526, #27845) for some placements of the ort quantizer,
-    e.g. with the query projection left in FP32.
+    disagree (microsoft/onnxruntime#25526, #27845); `ort_session` then retries without that
+    optimisation, and what still fails to load is reported here.
     """
     import onnxruntime as ort
 
