@@ -62,14 +62,15 @@ def cam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 class Server:
     """A real `iwarp serve` process on a loopback port; `restart()` kills and starts it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *args: str) -> None:
         self.port = port
+        self.args = args
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iwarp.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "iwarp.cli", "serve", "--port", str(self.port), *self.args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=ENV,
@@ -219,6 +220,36 @@ def test_remote_survives_a_server_restart(clip: Path, tmp_path: Path, server: Se
     assert summary["frames_written"] >= 0.85 * seconds * fps, summary
     assert video_info(out).frames == summary["frames_written"]
     assert "reconnecting" in err
+
+
+def test_remote_server_full_is_explained(clip: Path, tmp_path: Path) -> None:
+    server = Server(free_port(), "--max-sessions", "1")
+    server.start()
+    try:
+        first = subprocess.Popen(
+            [
+                sys.executable, "-m", "iwarp.cli", "cam", "--control-port", "0",
+                "--server", server.url, "--camera", str(clip), "--loop", "--seconds", "40",
+                "--sink", str(tmp_path / "first.mp4"),
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the first call holds the only session
+            with urllib.request.urlopen(server.url + "/healthz", timeout=2) as r:
+                if json.loads(r.read())["sessions"] == 1:
+                    break
+            time.sleep(0.3)
+        proc = cam(
+            "--server", server.url, "--camera", str(clip), "--loop",
+            "--sink", str(tmp_path / "o.mp4"), "--connect-timeout", "2", timeout=120,
+        )  # fmt: skip
+        first.kill()
+        first.wait()
+    finally:
+        server.stop()
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "server full (1/1 sessions)" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -302,6 +302,8 @@ class CamApp:
             await self.engine.close()
             if controls is not None:
                 await controls.close()
+        if self.stats.frames_out == 0 and self._camera_done.is_set():
+            log(f"{self.camera.label} ended before the first avatar frame (use --loop?)")
         summary = {
             "engine": self.engine.name,
             "sink": self.sink.name,

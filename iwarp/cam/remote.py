@@ -157,7 +157,10 @@ class RemoteEngine:
                         f"could not start a call with {self.url}: {reason}",
                         "check that `iwarp serve` runs there and has a free session",
                     )
-                log(f"{reason}; reconnecting in {delay:.1f} s (the camera keeps the last frame)")
+                if self._had_call:
+                    log(f"{reason}; reconnecting in {delay:.1f} s (the sink keeps the last frame)")
+                else:
+                    log(f"{reason}; retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
