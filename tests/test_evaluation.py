@@ -142,8 +142,9 @@ def test_protocol_methods_and_baselines() -> None:
     # Attention over all sources and averaging differ once there is more than one source.
     by = {(r["method"], r["sources"]): r for r in report["results"]}
     assert by[("model", 3)]["l1"] != by[("average", 3)]["l1"]
-    # Cross-identity: both clips drive each other, three modes.
+    # Cross-identity: both clips drive each other; two references and the two modes.
     assert {r["mode"] for r in report["cross_identity"]["results"]} == {
+        "avatar_clip_frame",
         "driving_frame",
         "absolute",
         "relative",

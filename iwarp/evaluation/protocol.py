@@ -251,9 +251,14 @@ class Evaluator:
             ),
         }
         avatar_id = self.faces.descriptor(avatar_img)
+        # References for the scale of the score: other frames of the avatar's own clip (same
+        # person, other poses) and the driving frames themselves (another person).
+        own = _resize(avatar, self.size)
+        own_frames = _to_tensor(own[target_positions(len(own), (1,), s.targets_per_clip)])
         rows: list[dict[str, Any]] = []
         images = {"avatar": avatar_img}
-        for mode, out in [("driving_frame", driving), *outputs.items()]:
+        references = [("avatar_clip_frame", own_frames), ("driving_frame", driving)]
+        for mode, out in [*references, *outputs.items()]:
             for j, o in enumerate(out):
                 img = to_uint8(o)
                 cos, dist = identity_scores(self.faces.descriptor(img), avatar_id)
@@ -262,12 +267,13 @@ class Evaluator:
                         "avatar": avatar_name,
                         "driver": driver_name,
                         "mode": mode,
-                        "target": targets[j],
+                        "pair": j,
                         "identity": cos,
                         "identity_distance": dist,
                     }
                 )
-            images[mode] = to_uint8(out[len(targets) // 2])
+            if mode != "avatar_clip_frame":
+                images[mode] = to_uint8(out[len(targets) // 2])
         return rows, images
 
 
