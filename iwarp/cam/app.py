@@ -4,7 +4,7 @@
         -> [pause / overlay] -> latest frame -> sink (each new frame, or a steady pump)
 
 Controls come from keys in the preview window and from a small HTTP endpoint on 127.0.0.1
-(`CamControls`), and both end in the same methods of `CamApp`.
+(`controls.CamControls`), and both end in the same methods of `CamApp`.
 """
 
 from __future__ import annotations
@@ -284,7 +284,11 @@ class CamApp:
         ]
         if self.sink.steady:
             tasks.append(asyncio.ensure_future(self.pump()))
-        controls = await CamControls(self).start(self.settings.control_port)
+        controls = None
+        if self.settings.control_port:
+            from iwarp.cam.controls import CamControls
+
+            controls = await CamControls(self).start(self.settings.control_port)
         engine_task = tasks[1]
         waits = [asyncio.ensure_future(self._stop.wait()), engine_task]
         waits.append(asyncio.ensure_future(self._camera_finished()))
@@ -325,98 +329,6 @@ class CamApp:
                 await asyncio.wait_for(self._new_output.wait(), 1.0)
                 continue
             break
-
-
-class CamControls:
-    """HTTP on 127.0.0.1: GET /state; POST /neutral {on}, /avatar/{n}, /pause {on},
-    /overlay {on}, /quit. `on` may be left out to toggle (neutral: set)."""
-
-    def __init__(self, app: CamApp) -> None:
-        self.app = app
-        self.runner: Any = None
-        self.port: int | None = None
-
-    async def start(self, port: int) -> CamControls | None:
-        if not port:
-            return None
-        from aiohttp import web
-
-        api = web.Application()
-        api.router.add_get("/state", self.state)
-        api.router.add_post("/neutral", self.neutral)
-        api.router.add_post("/avatar/{n}", self.avatar)
-        api.router.add_post("/pause", self.pause)
-        api.router.add_post("/overlay", self.overlay)
-        api.router.add_post("/quit", self.quit)
-        self.runner = web.AppRunner(api, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port)
-        try:
-            await site.start()
-        except OSError as exc:
-            log(f"control endpoint not started: port {port} is taken ({exc}); keys still work")
-            await self.runner.cleanup()
-            return None
-        self.port = port
-        log(f"controls: http://127.0.0.1:{port}/state (POST /neutral, /avatar/N, /pause, ...)")
-        return self
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
-
-    @staticmethod
-    async def _on(request: Any) -> bool | None:
-        if not request.can_read_body:
-            return None
-        with contextlib.suppress(ValueError):
-            body = await request.json()
-            if isinstance(body, dict) and isinstance(body.get("on"), bool):
-                return body["on"]
-        return None
-
-    async def state(self, request: Any) -> Any:
-        from aiohttp import web
-
-        return web.json_response(self.app.state())
-
-    async def neutral(self, request: Any) -> Any:
-        from aiohttp import web
-
-        on = await self._on(request)
-        if await self.app.set_neutral(True if on is None else on):
-            return web.json_response(self.app.state())
-        return web.json_response(
-            {"error": "no face in view", "hint": "look at the camera and try again"}, status=422
-        )
-
-    async def avatar(self, request: Any) -> Any:
-        from aiohttp import web
-
-        n = request.match_info["n"]
-        if not n.isdigit() or not await self.app.set_avatar(int(n) - 1):
-            return web.json_response(
-                {"error": f"no avatar {n}", "hint": f"1..{self.app.engine.avatar_count}"},
-                status=404,
-            )
-        return web.json_response(self.app.state())
-
-    async def pause(self, request: Any) -> Any:
-        from aiohttp import web
-
-        self.app.toggle_pause(await self._on(request))
-        return web.json_response(self.app.state())
-
-    async def overlay(self, request: Any) -> Any:
-        from aiohttp import web
-
-        self.app.toggle_overlay(await self._on(request))
-        return web.json_response(self.app.state())
-
-    async def quit(self, request: Any) -> Any:
-        from aiohttp import web
-
-        self.app.stop()
-        return web.json_response({"stopping": True})
 
 
 def build_engine(settings: CamSettings) -> Any:
