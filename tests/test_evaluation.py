@@ -126,7 +126,8 @@ def test_protocol_methods_and_baselines() -> None:
     keys = {(r["method"], r["sources"]) for r in report["results"]}
     assert keys == {("model", n) for n in (1, 2, 3)} | {("average", 2), ("average", 3)} | {
         ("copy_source", n) for n in (1, 2, 3)
-    }
+    } | {("copy_nearest", 2), ("copy_nearest", 3)}
+    by = {(r["method"], r["sources"]): r for r in report["results"]}
     # copy_source with one source is frame 0 against every target, computed here by hand.
     frames = clips[0][2]
     targets = target_positions(len(frames), (1, 2, 3), 4)
@@ -139,8 +140,10 @@ def test_protocol_methods_and_baselines() -> None:
     )
     assert got["pairs"] == len(targets)
     assert got["psnr"] == pytest.approx(float(expected), abs=1e-4)
+    # copy_source ignores extra sources; the nearest-in-time oracle gets closer with them.
+    assert by[("copy_source", 3)]["psnr"] == by[("copy_source", 1)]["psnr"]
+    assert by[("copy_nearest", 3)]["psnr"] > by[("copy_source", 3)]["psnr"]
     # Attention over all sources and averaging differ once there is more than one source.
-    by = {(r["method"], r["sources"]): r for r in report["results"]}
     assert by[("model", 3)]["l1"] != by[("average", 3)]["l1"]
     # Cross-identity: both clips drive each other; two references and the two modes.
     assert {r["mode"] for r in report["cross_identity"]["results"]} == {

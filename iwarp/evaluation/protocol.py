@@ -4,9 +4,11 @@ Reconstruction (the paper's protocol): for every clip, N source frames spread ov
 a fixed set of other frames as driving frame and target at once. The targets are the same for
 every N, so the numbers across N differ only by the sources. Three methods on the same pairs:
 
-    model        the network, one attention over all sources (the paper's method)
-    average      the same weights warping each source alone, warped features averaged (N > 1)
-    copy_source  no network: the source frame nearest in time to the target
+    model         the network, one attention over all sources (the paper's method)
+    average       the same weights warping each source alone, warped features averaged (N > 1)
+    copy_source   no network: the output is the (first) source frame, for every N
+    copy_nearest  no network, an oracle (N > 1): the source frame nearest in time to the
+                  target, which uses timing the network is not given
 
 Cross-identity: the avatar is frame 0 of one clip, driven by another identity's clip with
 absolute keypoints and with relative motion (reference: the driving clip's first frame); the
@@ -44,7 +46,7 @@ from iwarp.model.network import relative_keypoints
 from iwarp.model.warp import SourceSet
 from iwarp.train.plots import to_uint8
 
-METHODS = ("model", "average", "copy_source")
+METHODS = ("model", "average", "copy_source", "copy_nearest")
 PIXEL_METRICS = ("psnr", "l1", "ssim", "perceptual")
 FACE_METRICS = ("akd", "mkr")
 
@@ -190,8 +192,10 @@ class Evaluator:
             if n > 1:
                 with multi_source_mode(self.net, "average"):
                     outputs["average"] = self._animate(source_set, driving)
-            nearest = [positions[int(np.argmin([abs(p - t) for p in positions]))] for t in targets]
-            outputs["copy_source"] = _to_tensor(frames[nearest])
+            outputs["copy_source"] = _to_tensor(frames[[positions[0]] * len(targets)])
+            if n > 1:
+                nearest = [min(positions, key=lambda p, t=t: abs(p - t)) for t in targets]
+                outputs["copy_nearest"] = _to_tensor(frames[nearest])
             if n == max(s.sources):
                 pictures.sources = [frames[p] for p in positions]
             for method, out in outputs.items():
@@ -211,7 +215,7 @@ class Evaluator:
                         if lm is not None:
                             row["akd"] = float(np.linalg.norm(lm - target_lm[j], axis=1).mean())
                     rows_out.append(row)
-                if method != "copy_source" or n == max(s.sources):
+                if not method.startswith("copy") or n == max(s.sources):
                     for k, j in enumerate(keep_idx):
                         if len(pictures.rows) <= k:
                             pictures.rows.append({"driving": target_u8[j]})
@@ -369,7 +373,8 @@ def evaluate(
             "image_size": evaluator.size,
             "targets": "frames spread over each clip, never a source for any N; the same for all N",
             "source_frames": "N=1: frame 0; N>1: evenly spread from the first to the last frame",
-            "copy_source": "the source frame nearest in time to the target",
+            "copy_source": "the first source frame (frame 0)",
+            "copy_nearest": "oracle: the source frame nearest in time to the target (N > 1)",
         },
         "metrics": {
             "psnr": PSNR_NAME,

@@ -87,7 +87,7 @@ def plot_metrics_vs_sources(report: dict[str, Any], path: str | Path, title: str
                 [r[metric] for r in rows],
                 marker="o",
                 label=method,
-                linestyle="--" if method == "copy_source" else "-",
+                linestyle="--" if method.startswith("copy") else "-",
             )
         arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
         ax.set_title(f"{metric} ({arrow})", fontsize=10)
