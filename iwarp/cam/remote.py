@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
@@ -165,7 +166,8 @@ class RemoteEngine:
                 delay = min(delay * 2, 5.0)
 
     async def _call(self, slot: NewestFrame, on_output: OutputCallback, paused: Callable[[], bool]):
-        rtc.configure()
+        # A server on this machine: offer only loopback candidates (ICE settles at once).
+        rtc.configure(loopback_only=rtc.is_loopback(urlparse(self.url).hostname or ""))
         pc = RTCPeerConnection(rtc.rtc_configuration())
         track = CameraTrack(slot, paused)
         pc.addTrack(track)
