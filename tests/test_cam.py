@@ -155,15 +155,18 @@ def _frame_diffs(a: Path, b: Path) -> np.ndarray:
     )
 
 
-def test_switching_avatar_and_neutral_pose_change_the_output(
+def test_switching_avatar_neutral_pose_and_overlay_change_the_output(
     clip: Path, second_avatar: Path, tmp_path: Path
 ) -> None:
     avatars = [[str(DEFAULT_AVATAR)], [str(second_avatar)]]
-    base, switched, neutral = (tmp_path / f"{n}.mp4" for n in ("base", "switch", "neutral"))
+    base, switched, neutral, overlay = (
+        tmp_path / f"{n}.mp4" for n in ("base", "switch", "neutral", "overlay")
+    )
     asyncio.run(_controlled_run(clip, base, avatars, None))
     at_switch = asyncio.run(_controlled_run(clip, switched, avatars, ("/avatar/2", 10)))
     at_neutral = asyncio.run(_controlled_run(clip, neutral, avatars, ("/neutral", 10)))
-    assert at_switch is not None and at_neutral is not None
+    at_overlay = asyncio.run(_controlled_run(clip, overlay, avatars, ("/overlay", 10)))
+    assert at_switch is not None and at_neutral is not None and at_overlay is not None
 
     diff = _frame_diffs(base, switched)
     assert diff[: at_switch - 1].max() < 2.0, diff  # same frames until the switch
@@ -173,6 +176,10 @@ def test_switching_avatar_and_neutral_pose_change_the_output(
     assert diff[: at_neutral - 1].max() < 2.0, diff
     # Relative motion from the pose at frame ~10 differs from absolute keypoints.
     assert diff[at_neutral + 2 :].mean() > 3 * max(diff[: at_neutral - 1].mean(), 0.3), diff
+
+    diff = _frame_diffs(base, overlay)  # the driving face blended over the avatar
+    assert diff[: at_overlay - 1].max() < 2.0, diff
+    assert diff[at_overlay + 2 :].min() > 3.0, diff
 
 
 # ----------------------------------------------------------------------------------- remote

@@ -119,7 +119,6 @@ class CamApp:
         self.overlay = False
         self.neutral = False
         self.latest: np.ndarray | None = None
-        self.latest_driving: np.ndarray | None = None
         self._new_output = asyncio.Event()
         self._done: dict[int, asyncio.Event] = {}
         self._stop = asyncio.Event()
