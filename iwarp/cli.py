@@ -316,6 +316,43 @@ def _bench_webrtc(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from iwarp.engine_build.tensorrt_build import build_engines
+
+    results = build_engines(
+        checkpoint=args.checkpoint,
+        build_dir=args.build_dir,
+        precision=args.precision,
+        plugin=args.plugin,
+        max_sources=args.max_sources,
+        max_batch=args.max_batch,
+        opt_sources=args.opt_sources,
+        rebuild=args.rebuild,
+        plugin_library=args.plugin_path,
+        show_progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_build_plugin(args: argparse.Namespace) -> int:
+    from iwarp.engine_build.plugin import build_plugin
+
+    result = build_plugin(
+        tensorrt_root=args.tensorrt_root,
+        cuda_archs=args.cuda_arch,
+        kernels_only=args.kernels_only,
+        build_dir=args.build_dir,
+        jobs=args.jobs,
+        clean=args.clean,
+        install=args.install,
+    )
+    what = result.library or result.kernels
+    print(f"built {what} in {result.seconds:.0f} s (CUDA architectures {result.cuda_archs})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iwarp", description="Real-time avatar animation with implicit warping."
@@ -502,9 +539,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_serve)
 
     # `iwarp build` (TensorRT engines) and `iwarp build-plugin` (CUDA kernel + plugin).
-    from iwarp.engine_build.tensorrt_build import add_cli as add_tensorrt_commands
+    from iwarp.engine_build.tensorrt_build import PRECISIONS
 
-    add_tensorrt_commands(sub)
+    p = sub.add_parser("build", help="TensorRT engines (GPU, TensorRT 11)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument(
+        "--plugin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused IWarpAttention plugin for the animator (default: when its library exists)",
+    )
+    p.add_argument("--max-sources", type=int, default=4, help="largest avatar (photos)")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch (streams per call)")
+    p.add_argument("--opt-sources", type=int, default=1, help="sources the build optimises for")
+    p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
+    p.add_argument("--build-dir", help="output folder (default: the user cache)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild engines that do not match")
+    p.add_argument("--plugin-path", help="the plugin library (default: search, see docs)")
+    p.add_argument("--json", action="store_true", help="print the engines' metadata as JSON")
+    p.set_defaults(handler=_cmd_build)
+
+    p = sub.add_parser("build-plugin", help="compile the attention kernel and plugin")
+    p.add_argument("--tensorrt-root", help="TensorRT folder with include/NvInferRuntime.h")
+    p.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES (default: this GPU or 80-90)")
+    p.add_argument("--kernels-only", action="store_true", help="only the CUDA kernel library")
+    p.add_argument("--build-dir", help="cmake build folder (default: the user cache)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--clean", action="store_true", help="start from an empty build folder")
+    p.add_argument("--install", action="store_true", help="copy the library into the package")
+    p.set_defaults(handler=_cmd_build_plugin)
     return parser
 
 

@@ -25,6 +25,7 @@ from iwarp.cam.capture import Camera
 from iwarp.cam.frames import CameraFrame, NewestFrame, log
 from iwarp.cam.sinks import Sink, WindowSink, open_sink
 from iwarp.face import FaceTracker, crop_and_resize
+from iwarp.streaming.latency import latency_summary_ms
 
 
 @dataclass
@@ -83,11 +84,6 @@ class Stats:
         return f"{self.fps():.1f} fps, latency {lat}"
 
     def summary(self) -> dict[str, Any]:
-        def pct(q: float) -> float | None:
-            if not self.all_latency:
-                return None
-            return round(float(np.percentile(self.all_latency, q)) * 1e3, 1)
-
         seconds = time.monotonic() - self.started
         return {
             "seconds": round(seconds, 2),
@@ -95,15 +91,7 @@ class Stats:
             "frames_out": self.frames_out,
             "frames_written": self.frames_written,
             "fps_out": round(self.frames_out / max(seconds, 1e-6), 2),
-            "latency_ms": {
-                "p50": pct(50),
-                "p95": pct(95),
-                "p99": pct(99),
-                "mean": round(float(np.mean(self.all_latency)) * 1e3, 1)
-                if self.all_latency
-                else None,
-                "max": round(max(self.all_latency) * 1e3, 1) if self.all_latency else None,
-            },
+            "latency_ms": latency_summary_ms(self.all_latency),
         }
 
 
@@ -335,11 +323,7 @@ def build_engine(settings: CamSettings) -> Any:
         from iwarp.cam.remote import RemoteEngine
 
         return RemoteEngine(
-            settings.server,
-            settings.avatars,
-            settings.token,
-            settings.fps,
-            connect_timeout=settings.connect_timeout,
+            settings.server, settings.avatars, settings.token, settings.connect_timeout
         )
     from iwarp.cam.local import LocalEngine
 

@@ -30,11 +30,8 @@ class NewestFrame:
     def __init__(self) -> None:
         self._frame: CameraFrame | None = None
         self._event = asyncio.Event()
-        self.replaced = 0
 
     def put(self, frame: CameraFrame) -> None:
-        if self._frame is not None:
-            self.replaced += 1
         self._frame = frame
         self._event.set()
 

@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import io
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,6 +28,7 @@ from PIL import Image
 
 from iwarp.cam.frames import CameraFrame, EngineError, NewestFrame, OutputCallback, log
 from iwarp.streaming import frameid, rtc
+from iwarp.streaming.client import ServerApi, video_frame
 
 
 class ServerUnavailable(Exception):
@@ -46,19 +45,14 @@ class RemoteEngine:
         url: str,
         avatars: Sequence[Sequence[str | Path]],
         token: str | None = None,
-        fps: float = 30.0,
         connect_timeout: float = 15.0,
         stall_timeout: float = 3.0,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.api = ServerApi(url, token)
+        self.url = self.api.url
         self.avatar_photos = [list(a) for a in avatars]
-        self.token = token
-        self.fps = fps
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
-        self.headers = {"X-Iwarp-Client": uuid.uuid4().hex}
-        if token:
-            self.headers["Authorization"] = f"Bearer {token}"
         self.avatar_ids: list[str] = []
         self.avatar_index = 0
         self.session_id: str | None = None
@@ -66,7 +60,6 @@ class RemoteEngine:
         self._had_call = False
         self.frames_per_call: list[int] = []  # avatar frames received in each call
         self.connected = asyncio.Event()
-        self._http: Any = None
         self._still: np.ndarray | None = None
 
     @property
@@ -77,15 +70,11 @@ class RemoteEngine:
         return self._still
 
     # -- HTTP ----------------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        async with self._http.request(method, self.url + path, **kwargs) as response:
-            if response.content_type == "application/json":
-                return response.status, await response.json()
-            return response.status, await response.read()
-
     async def _check_server(self) -> dict[str, Any]:
         try:
-            status, body = await self._request("GET", "/healthz", timeout=aiohttp.ClientTimeout(5))
+            status, body = await self.api.request(
+                "GET", "/healthz", timeout=aiohttp.ClientTimeout(5)
+            )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ServerUnavailable(
                 f"server {self.url} unreachable ({exc or type(exc).__name__})"
@@ -105,26 +94,15 @@ class RemoteEngine:
         if not self.avatar_photos:
             self.avatar_ids = [health["default_avatar"]]
             return
-        status, body = await self._request("GET", "/avatars")
+        status, body = await self.api.request("GET", "/avatars")
         known = {a["avatar_id"] for a in body.get("avatars", [])} if status == 200 else set()
         if self.avatar_ids and all(a in known for a in self.avatar_ids):
             return
-        ids = []
-        for photos in self.avatar_photos:
-            form = aiohttp.FormData()
-            for p in photos:
-                form.add_field("file", Path(p).read_bytes(), filename=Path(p).name)
-            status, body = await self._request("POST", "/avatars", data=form)
-            if status != 201:
-                message = body.get("error", body) if isinstance(body, dict) else body
-                hint = body.get("hint", "check the photos") if isinstance(body, dict) else ""
-                raise EngineError(f"avatar upload of {photos} failed ({status}): {message}", hint)
-            ids.append(body["avatar_id"])
-        self.avatar_ids = ids
+        self.avatar_ids = [await self.api.upload_avatar(photos) for photos in self.avatar_photos]
 
     async def _fetch_still(self) -> None:
         """The avatar's first face crop, shown until the first avatar frame arrives."""
-        status, body = await self._request(
+        status, body = await self.api.request(
             "GET", f"/avatars/{self.avatar_ids[self.avatar_index]}/preview"
         )
         if status == 200 and isinstance(body, bytes):
@@ -138,8 +116,7 @@ class RemoteEngine:
         within `connect_timeout` seconds, or the engine fails with the reason."""
         first_deadline = time.monotonic() + self.connect_timeout
         delay = 0.5
-        async with aiohttp.ClientSession(headers=self.headers) as http:
-            self._http = http
+        async with self.api:
             while True:
                 try:
                     health = await self._check_server()
@@ -183,8 +160,7 @@ class RemoteEngine:
                     rgb = frame.to_ndarray(format="rgb24")
                     wrapped = frameid.read_id(rgb)
                     source = track.resolve(wrapped) if wrapped is not None else None
-                    band = frameid.band_height(rgb.shape[0])
-                    rgb[-band:] = rgb[-band - 1]  # hide the id band
+                    frameid.hide_band(rgb)
                     last_output = time.monotonic()
                     if not self.connected.is_set():
                         self.connected.set()
@@ -217,7 +193,7 @@ class RemoteEngine:
                 "avatar_id": self.avatar_ids[self.avatar_index],
             }
             try:
-                status, body = await self._request("POST", "/offer", json=offer)
+                status, body = await self.api.request("POST", "/offer", json=offer)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise ServerUnavailable(f"offer failed ({exc})") from exc
             if status == 503:
@@ -244,7 +220,7 @@ class RemoteEngine:
     async def _post_session(self, body: dict[str, Any]) -> tuple[int, Any]:
         if self.session_id is None:
             return 409, {"error": "not connected"}
-        return await self._request("POST", f"/sessions/{self.session_id}", json=body)
+        return await self.api.request("POST", f"/sessions/{self.session_id}", json=body)
 
     async def set_avatar(self, index: int) -> None:
         self.avatar_index = index
@@ -258,9 +234,9 @@ class RemoteEngine:
         return status == 200
 
     async def close(self) -> None:
-        if self.session_id is not None and self._http is not None:
+        if self.session_id is not None and self.api.http is not None:
             with contextlib.suppress(Exception):
-                await self._request("DELETE", f"/sessions/{self.session_id}")
+                await self.api.request("DELETE", f"/sessions/{self.session_id}")
 
 
 class CameraTrack(MediaStreamTrack):
@@ -290,10 +266,7 @@ class CameraTrack(MediaStreamTrack):
             del self.sent[next(iter(self.sent))]
         if self._t0 is None:
             self._t0 = frame.captured
-        video = VideoFrame.from_ndarray(rgb, format="rgb24")
-        video.pts = round((frame.captured - self._t0) * 90000)
-        video.time_base = Fraction(1, 90000)
-        return video
+        return video_frame(rgb, frame.captured - self._t0)
 
     def resolve(self, wrapped: int) -> CameraFrame | None:
         return self.sent.pop(wrapped, None)

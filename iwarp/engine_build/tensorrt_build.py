@@ -26,7 +26,6 @@ Every `tensorrt` import is lazy: this module imports on machines without TensorR
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -62,14 +61,6 @@ MATCH_FIELDS = (
 # --------------------------------------------------------------------------- metadata
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sidecar_path(engine: str | Path) -> Path:
     engine = Path(engine)
     return engine.with_name(engine.name + ".json")
@@ -86,6 +77,8 @@ def engine_metadata(
     profile: dict[str, list[list[int]]],
     plugin_library: str | Path | None = None,
 ) -> dict[str, Any]:
+    from iwarp.checkpoint import file_sha256
+
     """What an engine is (and must stay) built from; written next to it as JSON."""
     return {
         "format": ENGINE_FORMAT,
@@ -400,7 +393,7 @@ def engine_file(build_dir: Path, graph: str, precision: str, plugin: bool) -> Pa
 
 def ensure_onnx(checkpoint: Path, onnx_dir: Path, show_progress: bool) -> dict[str, Any]:
     """The exported fp32 graphs for `checkpoint` in `onnx_dir` (exported when stale/missing)."""
-    from iwarp.checkpoint import Checkpoint
+    from iwarp.checkpoint import Checkpoint, file_sha256
     from iwarp.engine_build.export import METADATA, check_build, export_onnx, load_metadata
 
     sha = file_sha256(checkpoint)
@@ -450,7 +443,7 @@ def build_engines(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Builds (or reuses) one engine per stage; returns {stage: sidecar metadata}."""
-    from iwarp.checkpoint import Checkpoint
+    from iwarp.checkpoint import Checkpoint, file_sha256
     from iwarp.engine_build.plugin import find_plugin_library
     from iwarp.paths import DEFAULT_CHECKPOINT
 
@@ -529,74 +522,3 @@ def build_engines(
         if show_progress:
             print(f"iwarp build: {label} built in {meta['build_seconds']} s", file=sys.stderr)
     return results
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_cli(subparsers: Any) -> None:
-    """`iwarp build` and `iwarp build-plugin` (registered from iwarp.cli)."""
-    import argparse
-
-    p = subparsers.add_parser("build", help="TensorRT engines (GPU, TensorRT 11)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    p.add_argument(
-        "--plugin",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fused IWarpAttention plugin for the animator (default: when its library exists)",
-    )
-    p.add_argument("--max-sources", type=int, default=4, help="largest avatar (photos)")
-    p.add_argument("--max-batch", type=int, default=1, help="largest batch (streams per call)")
-    p.add_argument("--opt-sources", type=int, default=1, help="sources the build optimises for")
-    p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
-    p.add_argument("--build-dir", help="output folder (default: the user cache)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild engines that do not match")
-    p.add_argument("--plugin-path", help="the plugin library (default: search, see docs)")
-    p.add_argument("--json", action="store_true", help="print the engines' metadata as JSON")
-    p.set_defaults(handler=_cmd_build)
-
-    p = subparsers.add_parser("build-plugin", help="compile the attention kernel and plugin")
-    p.add_argument("--tensorrt-root", help="TensorRT folder with include/NvInferRuntime.h")
-    p.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES (default: this GPU or 80-90)")
-    p.add_argument("--kernels-only", action="store_true", help="only the CUDA kernel library")
-    p.add_argument("--build-dir", help="cmake build folder (default: the user cache)")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--clean", action="store_true", help="start from an empty build folder")
-    p.add_argument("--install", action="store_true", help="copy the library into the package")
-    p.set_defaults(handler=_cmd_build_plugin)
-
-
-def _cmd_build(args: Any) -> int:
-    results = build_engines(
-        checkpoint=args.checkpoint,
-        build_dir=args.build_dir,
-        precision=args.precision,
-        plugin=args.plugin,
-        max_sources=args.max_sources,
-        max_batch=args.max_batch,
-        opt_sources=args.opt_sources,
-        rebuild=args.rebuild,
-        plugin_library=args.plugin_path,
-        show_progress=not args.json,
-    )
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
-
-
-def _cmd_build_plugin(args: Any) -> int:
-    from iwarp.engine_build.plugin import build_plugin
-
-    result = build_plugin(
-        tensorrt_root=args.tensorrt_root,
-        cuda_archs=args.cuda_arch,
-        kernels_only=args.kernels_only,
-        build_dir=args.build_dir,
-        jobs=args.jobs,
-        clean=args.clean,
-        install=args.install,
-    )
-    what = result.library or result.kernels
-    print(f"built {what} in {result.seconds:.0f} s (CUDA architectures {result.cuda_archs})")
-    return 0

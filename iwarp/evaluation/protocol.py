@@ -183,44 +183,65 @@ class Evaluator:
         keep_idx = sorted({int(i) for i in keep})
         pictures = ClipPictures(name=name)
         rows_out: list[dict[str, Any]] = []
+        # No network, and the same first source for every N: scored once, listed for each N.
+        copy_rows, copy_images = self._score(
+            name, "copy_source", _to_tensor(frames[[0] * len(targets)]), driving, targets, target_lm
+        )
         for n in s.sources:
             positions = source_positions(len(frames), n)
-            src = _to_tensor(frames[positions])[None]
-            outputs: dict[str, torch.Tensor] = {}
-            source_set = self.net.encode_sources(src)
-            outputs["model"] = self._animate(source_set, driving)
+            source_set = self.net.encode_sources(_to_tensor(frames[positions])[None])
+            outputs = {"model": self._animate(source_set, driving)}
             if n > 1:
                 with multi_source_mode(self.net, "average"):
                     outputs["average"] = self._animate(source_set, driving)
-            outputs["copy_source"] = _to_tensor(frames[[positions[0]] * len(targets)])
-            if n > 1:
                 nearest = [min(positions, key=lambda p, t=t: abs(p - t)) for t in targets]
                 outputs["copy_nearest"] = _to_tensor(frames[nearest])
+            shown = {}
+            for method, out in outputs.items():
+                rows, images = self._score(name, method, out, driving, targets, target_lm)
+                for row in rows:
+                    row["sources"] = n
+                rows_out += rows
+                if method != "copy_nearest" or n == max(s.sources):
+                    shown[f"{method} N={n}"] = images
+            rows_out += [{**row, "sources": n} for row in copy_rows]
             if n == max(s.sources):
                 pictures.sources = [frames[p] for p in positions]
-            for method, out in outputs.items():
-                metrics = self._pixel_metrics(out, driving)
-                images = [to_uint8(o) for o in out]
-                for j, t in enumerate(targets):
-                    row: dict[str, Any] = {
-                        "clip": name,
-                        "method": method,
-                        "sources": n,
-                        "target": t,
-                        **{k: float(v[j]) for k, v in metrics.items()},
-                    }
-                    if target_lm[j] is not None:
-                        lm = self.faces.landmarks(images[j])
-                        row["missed"] = lm is None
-                        if lm is not None:
-                            row["akd"] = float(np.linalg.norm(lm - target_lm[j], axis=1).mean())
-                    rows_out.append(row)
-                if not method.startswith("copy") or n == max(s.sources):
-                    for k, j in enumerate(keep_idx):
-                        if len(pictures.rows) <= k:
-                            pictures.rows.append({"driving": target_u8[j]})
-                        pictures.rows[k][f"{method} N={n}"] = images[j]
+                shown[f"copy_source N={n}"] = copy_images
+            for k, j in enumerate(keep_idx):
+                if len(pictures.rows) <= k:
+                    pictures.rows.append({"driving": target_u8[j]})
+                pictures.rows[k].update({label: images[j] for label, images in shown.items()})
         return rows_out, pictures
+
+    def _score(
+        self,
+        clip: str,
+        method: str,
+        out: torch.Tensor,
+        driving: torch.Tensor,
+        targets: list[int],
+        target_lm: list[np.ndarray | None],
+    ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+        """One row per target (pixel metrics; AKD/MKR where the target shows a face), and the
+        outputs as images."""
+        metrics = self._pixel_metrics(out, driving)
+        images = [to_uint8(o) for o in out]
+        rows = []
+        for j, t in enumerate(targets):
+            row: dict[str, Any] = {
+                "clip": clip,
+                "method": method,
+                "target": t,
+                **{k: float(v[j]) for k, v in metrics.items()},
+            }
+            if target_lm[j] is not None:
+                lm = self.faces.landmarks(images[j])
+                row["missed"] = lm is None
+                if lm is not None:
+                    row["akd"] = float(np.linalg.norm(lm - target_lm[j], axis=1).mean())
+            rows.append(row)
+        return rows, images
 
     # -- cross identity ----------------------------------------------------------------------
     @torch.no_grad()

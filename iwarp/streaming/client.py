@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import numpy as np
@@ -28,6 +28,14 @@ from iwarp.streaming import frameid
 from iwarp.streaming.rtc import rtc_configuration
 
 VIDEO_TIME_BASE = Fraction(1, 90000)
+
+
+def video_frame(rgb: np.ndarray, seconds: float) -> VideoFrame:
+    """An RGB image as a frame to send, stamped `seconds` after the stream's start."""
+    frame = VideoFrame.from_ndarray(rgb, format="rgb24")
+    frame.pts = round(seconds * 90000)
+    frame.time_base = VIDEO_TIME_BASE
+    return frame
 
 
 class ClipTrack(MediaStreamTrack):
@@ -61,9 +69,7 @@ class ClipTrack(MediaStreamTrack):
         rgb = np.array(self.frames[n % len(self.frames)], copy=True)
         if self.stamp:
             frameid.stamp_id(rgb, n)
-        frame = VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = round(n * 90000 / self.fps)
-        frame.time_base = VIDEO_TIME_BASE
+        frame = video_frame(rgb, n / self.fps)
         self.sent[n] = time.monotonic()
         self.count += 1
         return frame
@@ -81,7 +87,57 @@ class Received:
     latency: float | None  # seconds from send to receive
 
 
-class StreamingClient:
+class ServerApi:
+    """The HTTP side of an `iwarp serve`: token, client id (the avatars' owner), answers.
+
+    `async with ServerApi(url) as api` opens the connection pool; `request` returns
+    (status, body) with JSON decoded, text as str and anything else as bytes.
+    """
+
+    def __init__(self, url: str, token: str | None = None, client_id: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"X-Iwarp-Client": client_id or uuid.uuid4().hex}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self.http = aiohttp.ClientSession(headers=self.headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        assert self.http is not None, f"use `async with {type(self).__name__}(...)`"
+        async with self.http.request(method, self.url + path, **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            if response.content_type.startswith("text/"):
+                return response.status, await response.text()
+            return response.status, await response.read()
+
+    async def upload_avatar(self, photos: Sequence[str | Path]) -> str:
+        """Uploads the photos of one avatar; returns its id."""
+        form = aiohttp.FormData()
+        for p in photos:
+            form.add_field("file", Path(p).read_bytes(), filename=Path(p).name)
+        status, body = await self.request("POST", "/avatars", data=form)
+        if status != 201:
+            error = body.get("error", body) if isinstance(body, dict) else body
+            hint = body.get("hint", "check the photos") if isinstance(body, dict) else ""
+            raise IwarpError(
+                f"avatar upload of {list(map(str, photos))} failed ({status}): {error}", hint
+            )
+        return body["avatar_id"]
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+
+class StreamingClient(ServerApi):
     """One session: upload (optional), offer/answer over HTTP, stream, collect results."""
 
     def __init__(
@@ -94,15 +150,11 @@ class StreamingClient:
         echo_id: bool = True,
         keep_every: int = 0,
     ) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, token, client_id)
         self.frames = frames
         self.fps = fps
         self.echo_id = echo_id
         self.keep_every = keep_every  # keep every n-th received image (0: none) for inspection
-        self.headers = {"X-Iwarp-Client": client_id or uuid.uuid4().hex}
-        if token:
-            self.headers["Authorization"] = f"Bearer {token}"
-        self.http: aiohttp.ClientSession | None = None
         self.pc: RTCPeerConnection | None = None
         self.track: ClipTrack | None = None
         self.session_id: str | None = None
@@ -110,32 +162,6 @@ class StreamingClient:
         self.kept: list[np.ndarray] = []
         self.first_frame = asyncio.Event()
         self._consumer: asyncio.Task | None = None
-
-    async def __aenter__(self) -> StreamingClient:
-        self.http = aiohttp.ClientSession(headers=self.headers)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        """(status, body) of one API call: JSON decoded, text as str, anything else bytes."""
-        assert self.http is not None, "use `async with StreamingClient(...)`"
-        async with self.http.request(method, self.url + path, **kwargs) as response:
-            if response.content_type == "application/json":
-                return response.status, await response.json()
-            if response.content_type.startswith("text/"):
-                return response.status, await response.text()
-            return response.status, await response.read()
-
-    async def upload_avatar(self, photos: Sequence[str | Path]) -> str:
-        form = aiohttp.FormData()
-        for p in photos:
-            form.add_field("file", Path(p).read_bytes(), filename=Path(p).name)
-        status, body = await self.request("POST", "/avatars", data=form)
-        if status != 201:
-            raise IwarpError(f"avatar upload failed ({status}): {body}", "check the photos")
-        return body["avatar_id"]
 
     async def connect(self, avatar_id: str | None = None, timeout: float = 20.0) -> None:
         """Offer/answer; returns once the answer is applied (frames may take a moment)."""
@@ -190,6 +216,4 @@ class StreamingClient:
         if self._consumer is not None:
             self._consumer.cancel()
             await asyncio.gather(self._consumer, return_exceptions=True)
-        if self.http is not None:
-            await self.http.close()
-            self.http = None
+        await super().close()

@@ -71,3 +71,10 @@ def copy_band(source: np.ndarray, target: np.ndarray) -> np.ndarray:
         band = cv2.resize(band, (target.shape[1], ht), interpolation=cv2.INTER_AREA)
     target[target.shape[0] - ht :] = band
     return target
+
+
+def hide_band(frame: np.ndarray) -> np.ndarray:
+    """Paints the band over with the row above it (for showing the frame); in place."""
+    hb = band_height(frame.shape[0])
+    frame[-hb:] = frame[-hb - 1]
+    return frame

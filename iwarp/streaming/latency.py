@@ -64,6 +64,17 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 1) if len(values) else None
 
 
+def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/mean/max of latencies given in seconds, in ms (None when there are none)."""
+    return {
+        "p50": _pct(seconds, 50),
+        "p95": _pct(seconds, 95),
+        "p99": _pct(seconds, 99),
+        "mean": round(float(np.mean(seconds)) * 1e3, 1) if len(seconds) else None,
+        "max": round(max(seconds) * 1e3, 1) if len(seconds) else None,
+    }
+
+
 def summarize(
     clients: Sequence[StreamingClient], t_start: float, t_stop: float, fps_in: float
 ) -> dict[str, Any]:
@@ -104,13 +115,7 @@ def summarize(
         "clients": len(clients),
         "seconds": round(window, 2),
         "fps_in": round(fps_in, 2),
-        "rtt_ms": {
-            "p50": _pct(all_latency, 50),
-            "p95": _pct(all_latency, 95),
-            "p99": _pct(all_latency, 99),
-            "mean": round(float(np.mean(all_latency)) * 1e3, 1) if all_latency else None,
-            "max": round(max(all_latency) * 1e3, 1) if all_latency else None,
-        },
+        "rtt_ms": latency_summary_ms(all_latency),
         # Latency drift under load: p50 of frames sent in the first vs the last quarter.
         "rtt_first_quarter_p50_ms": _pct(quarters[0], 50),
         "rtt_last_quarter_p50_ms": _pct(quarters[3], 50),
