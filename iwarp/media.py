@@ -55,12 +55,16 @@ def _check_file(path: str | Path, kind: str, hint: str) -> Path:
 # --------------------------------------------------------------------------- images
 
 
-def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> np.ndarray:
     """Read an image file as RGB uint8, upright per its EXIF orientation.
 
     Grayscale, palette, CMYK and 16-bit images are converted; transparent areas are composited
     over white (transparent pixels often hold garbage colours). Images over `max_pixels` are
-    refused before decoding.
+    refused before decoding. With `max_side`, the result is downscaled to fit it; JPEGs are
+    decoded at a reduced scale to begin with (libjpeg's DCT scaling), so a 25 MP photo never
+    exists in memory at full size.
     """
     p = _check_file(path, "image", _IMAGE_HINT)
     try:
@@ -71,8 +75,12 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                     f"image {p} is too large ({w}x{h} = {w * h / 1e6:.0f} MP)",
                     f"resize it below {max_pixels / 1e6:.0f} megapixels",
                 )
+            if max_side is not None and max(w, h) > max_side:
+                im.draft("RGB", (max_side, max_side))  # JPEG only; a no-op for other formats
             im.load()  # decode now so truncation errors surface here
             im = ImageOps.exif_transpose(im)
+            if max_side is not None and max(im.size) > max_side:
+                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             return _pil_to_rgb(im)
     except InputError:
         raise
