@@ -9,8 +9,11 @@ Search order for the library (`find_plugin_library`), never a hard-coded absolut
 exports getCreators()/setLoggerFinder(), TensorRT's plugin-library contract.
 
 Building needs cmake, nvcc and the TensorRT C++ headers (no pip wheel ships them: the TensorRT
-tar/deb packages do; point --tensorrt-root / $TensorRT_ROOT at them). Without headers,
-`--kernels-only` still compiles and checks the CUDA kernel.
+tar/deb packages do; point --tensorrt-root / $TensorRT_ROOT at them). The plugin calls no
+libnvinfer symbol, so headers alone build it: without an install, the TensorRT 11.1 headers of
+NVIDIA's open-source release kept beside the checkout (`../shared/third_party/tensorrt-11.1`, or
+$IWARP_TENSORRT_HEADERS) are used (CI, the GPU check). Without any headers, `--kernels-only`
+still compiles and checks the CUDA kernel.
 """
 
 from __future__ import annotations
@@ -168,14 +171,42 @@ def find_nvcc() -> Path | None:
     return default if default.is_file() else None
 
 
+BUNDLED_HEADERS_ENV = "IWARP_TENSORRT_HEADERS"
+
+
+def bundled_tensorrt_headers() -> Path | None:
+    """The TensorRT 11.1 headers kept for machines without TensorRT (NvInferRuntime.h's folder):
+    $IWARP_TENSORRT_HEADERS, else `../shared/third_party/tensorrt-11.1` beside the checkout."""
+    env = os.environ.get(BUNDLED_HEADERS_ENV)
+    if env:
+        root = Path(env)
+    else:
+        try:
+            root = source_root().parent / "shared" / "third_party" / "tensorrt-11.1"
+        except PluginError:
+            return None
+    for inc in (root, root / "include"):
+        if (inc / "NvInferRuntime.h").is_file():
+            return inc.resolve()
+    return None
+
+
 def find_tensorrt_headers(root: str | Path | None = None) -> Path | None:
-    """The folder holding NvInferRuntime.h: `root`, $TensorRT_ROOT, or a system install."""
-    roots = [
-        root,
-        os.environ.get("TensorRT_ROOT"),  # noqa: SIM112 (CMake's spelling)
-        os.environ.get("TENSORRT_ROOT"),
-        *_HEADER_HINTS,
-    ]
+    """The folder holding NvInferRuntime.h: `root`, $TensorRT_ROOT, a system install, then the
+    bundled TensorRT 11.1 headers (`bundled_tensorrt_headers`)."""
+    if root:  # what the user named, or nothing
+        roots: list[str | Path | None] = [root]
+    else:
+        roots = [
+            os.environ.get("TensorRT_ROOT"),  # noqa: SIM112 (CMake's spelling)
+            os.environ.get("TENSORRT_ROOT"),
+            *_HEADER_HINTS,
+        ]
+    found = _headers_in(roots)
+    return found if found is not None or root else bundled_tensorrt_headers()
+
+
+def _headers_in(roots: list[str | Path | None]) -> Path | None:
     for r in roots:
         if not r:
             continue
@@ -228,8 +259,8 @@ def build_plugin(
             raise PluginError(
                 f"TensorRT C++ headers (NvInferRuntime.h) not found{where}",
                 "the tensorrt pip wheels ship no headers: install the TensorRT tar/deb package "
-                "and pass --tensorrt-root DIR (or set TensorRT_ROOT); --kernels-only builds "
-                "the CUDA kernel alone",
+                "and pass --tensorrt-root DIR (or set TensorRT_ROOT, or IWARP_TENSORRT_HEADERS "
+                "to the TensorRT 11.1 headers); --kernels-only builds the CUDA kernel alone",
             )
     src = source_root()
     out = Path(build_dir) if build_dir else plugin_build_dir()

@@ -181,10 +181,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(T const* __restrict
         for (int j = warp; j < kTileKeys; j += kWarps)
         {
             int const key = k0 + j;
+            // A masked key is skipped, never read: its slot may hold NaN/Inf (unused cache rows),
+            // and 0 * NaN would poison the row.
+            bool const used = key_allowed(mask, s, b, key);
             T const* src = k_batch + static_cast<size_t>(key) * s.d;
             for (int c = lane; c < s.d4; c += 32)
             {
-                kv_s[j * s.kstride + c] = (key < s.nk && c < s.d) ? to_float(src[c]) : 0.0f;
+                kv_s[j * s.kstride + c] = (used && c < s.d) ? to_float(src[c]) : 0.0f;
             }
         }
         if (tid < kTileKeys)
@@ -249,10 +252,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(T const* __restrict
         for (int j = warp; j < kTileKeys; j += kWarps)
         {
             int const key = k0 + j;
+            bool const used = mask_s[j] != 0.0f; // masked: zeros instead of the slot's values
             T const* src = v_batch + static_cast<size_t>(key) * s.dv;
             for (int c = lane; c < kVStride; c += 32)
             {
-                kv_s[j * kVStride + c] = (key < s.nk && c < s.dv) ? to_float(src[c]) : 0.0f;
+                kv_s[j * kVStride + c] = (used && c < s.dv) ? to_float(src[c]) : 0.0f;
             }
         }
         __syncthreads();

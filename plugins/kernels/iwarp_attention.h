@@ -50,7 +50,8 @@ extern "C" {
 typedef enum iwarp_dtype
 {
     IWARP_DTYPE_FLOAT32 = 0,
-    IWARP_DTYPE_FLOAT16 = 1
+    IWARP_DTYPE_FLOAT16 = 1,
+    IWARP_DTYPE_BFLOAT16 = 2 /* tensor-core kernel only (sm_80 and newer) */
 } iwarp_dtype;
 
 typedef enum iwarp_mask_type

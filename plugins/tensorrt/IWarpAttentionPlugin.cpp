@@ -79,7 +79,17 @@ void logError(std::string const& message) noexcept
 
 bool isFloatType(DataType t) noexcept
 {
-    return t == DataType::kFLOAT || t == DataType::kHALF;
+    return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
+}
+
+iwarp_dtype kernelType(DataType t) noexcept
+{
+    switch (t)
+    {
+    case DataType::kHALF: return IWARP_DTYPE_FLOAT16;
+    case DataType::kBF16: return IWARP_DTYPE_BFLOAT16;
+    default: return IWARP_DTYPE_FLOAT32;
+    }
 }
 
 } // namespace
@@ -146,7 +156,7 @@ int32_t IWarpAttentionPlugin::getOutputDataTypes(
 {
     if (nbOutputs != kNbOutputs || nbInputs != kNbInputs || !isFloatType(inputTypes[0]))
     {
-        logError("expects 4 inputs (q, k, v, mask) of float32/float16 and 1 output");
+        logError("expects 4 inputs (q, k, v, mask) of float32/float16/bfloat16 and 1 output");
         return -1;
     }
     outputTypes[0] = inputTypes[0];
@@ -188,7 +198,7 @@ bool IWarpAttentionPlugin::supportsFormatCombination(
     }
     switch (pos)
     {
-    case 0: return isFloatType(desc.type);                // q: float32 or float16
+    case 0: return isFloatType(desc.type);                // q: float32, float16 or bfloat16
     case 3: return desc.type == DataType::kFLOAT;         // mask: always float32
     default: return desc.type == inOut[0].desc.type;     // k, v, out: as q
     }
@@ -275,7 +285,7 @@ int32_t IWarpAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
     p.num_keys = static_cast<int>(inputDesc[1].dims.d[1]);
     p.value_dim = static_cast<int>(inputDesc[2].dims.d[2]);
     p.scale = mScale;
-    p.dtype = inputDesc[0].type == DataType::kHALF ? IWARP_DTYPE_FLOAT16 : IWARP_DTYPE_FLOAT32;
+    p.dtype = kernelType(inputDesc[0].type);
     p.mask_type = IWARP_MASK_FLOAT32;
     p.mask_broadcast = (inputDesc[3].dims.d[0] == 1 && p.batch > 1) ? 1 : 0;
     p.q = inputs[0];
@@ -404,5 +414,10 @@ extern "C" IWARP_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCrea
 }
 
 #ifdef IWARP_STATIC_REGISTRATION
-REGISTER_TENSORRT_PLUGIN(iwarp::IWarpAttentionPluginCreator);
+// The macro pastes its argument into a variable name (pluginRegistrar##name), so it needs the
+// unqualified class name: used inside the namespace. It calls getPluginRegistry() (libnvinfer).
+namespace iwarp
+{
+REGISTER_TENSORRT_PLUGIN(IWarpAttentionPluginCreator);
+} // namespace iwarp
 #endif

@@ -3,7 +3,7 @@
  * warping as one layer, running plugins/kernels/iwarp_attention.cu.
  *
  * Inputs (linear format):
- *   0 q    (B, Nq, d)   float32 or float16
+ *   0 q    (B, Nq, d)   float32, float16 or bfloat16 (the last two run on tensor cores)
  *   1 k    (B, Nk, d)   same type as q
  *   2 v    (B, Nk, dv)  same type as q (dv = value width; [V | P | K] with the residual branch)
  *   3 mask (B, Nk)      float32, nonzero = attend; (1, Nk) broadcasts over the batch
@@ -16,7 +16,7 @@
  * The library exports getCreators() and setLoggerFinder(), which is what
  * IPluginRegistry::loadLibrary (Python: trt.get_plugin_registry().load_library(path)) looks for.
  * Building with -DIWARP_STATIC_REGISTRATION also registers the creator when the library is
- * dlopen'ed (REGISTER_TENSORRT_PLUGIN; needs linking libnvinfer).
+ * dlopen'ed (REGISTER_TENSORRT_PLUGIN inside namespace iwarp; needs linking libnvinfer).
  */
 #ifndef IWARP_ATTENTION_PLUGIN_H
 #define IWARP_ATTENTION_PLUGIN_H
