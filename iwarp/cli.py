@@ -306,6 +306,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         idle_timeout=args.idle_timeout,
+        max_sessions_per_client=args.max_sessions_per_client,
+        allow_origins=args.allow_origin or (),
+        allow_hosts=args.allow_host or (),
     )
 
 
@@ -528,6 +531,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or $IWARP_TOKEN)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent streams")
+    p.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=2,
+        help="concurrent streams one client (X-Iwarp-Client) may hold",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        help="also accept requests from pages of this origin (e.g. https://app.example.com; "
+        "repeatable; '*' allows any). Default: only the server's own page",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        help="also answer to this Host name (repeatable). Default: IP addresses, localhost "
+        "and this machine's name",
+    )
     p.add_argument("--cert", help="TLS certificate (PEM): serve HTTPS")
     p.add_argument("--key", help="TLS private key (PEM)")
     p.add_argument("--store", help="folder that keeps uploaded avatars across restarts")

@@ -143,7 +143,8 @@ def test_malformed_offers_get_400_with_a_message(small_animator):
                     assert r.status == 400, body
                     answer = await r.json()
                     assert answer["error"] and "hint" in answer
-            async with http.post(url + "/offer", data=b"{not json") as r:
+            json_type = {"Content-Type": "application/json"}
+            async with http.post(url + "/offer", data=b"{not json", headers=json_type) as r:
                 assert r.status == 400 and "JSON" in (await r.json())["error"]
             # An audio-only offer is well-formed SDP but has nothing to animate.
             pc = RTCPeerConnection(rtc.rtc_configuration())

@@ -8,6 +8,13 @@ sha256(token, X-Iwarp-Client header), so two people who share a token but not a 
 avatars; such an avatar answers 404 to anyone else, exactly like one that does not exist. The
 server's own avatars (the default, or `--avatar` photos) have no owner and are public, and
 cannot be deleted (403). Sessions belong to their owner key the same way.
+
+Browsers: a web page the user visits can send requests to this server (it is on their
+machine). Without a token nothing else would stop it, so requests with a foreign `Origin`
+(not this server's own, nor one given with `--allow-origin`) get 403, a `Host` that is not an
+IP address, localhost, this machine's name or an `--allow-host` gets 403 (DNS rebinding), and
+JSON endpoints take only `Content-Type: application/json` (415), which a page cannot send
+cross-origin without a CORS preflight this server never grants.
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ import asyncio
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import ssl
+import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +69,31 @@ class ServerConfig:
     limits: SessionLimits = field(default_factory=SessionLimits)
     uploads: UploadLimits = field(default_factory=UploadLimits)
     max_avatars_per_owner: int = 20
+    # Uploaded avatars in all (owners are client-chosen ids, so per-owner limits alone bound
+    # nothing); past either cap the least recently used one not in a session is evicted.
+    max_avatars: int = 100
+    max_avatar_bytes: int = 256 * 1024 * 1024  # their crops and cached features
     workers: int = 1
+    allow_origins: tuple[str, ...] = ()  # e.g. "https://app.example.com"; "*" allows any
+    allow_hosts: tuple[str, ...] = ()  # extra names the server answers to
+    host: str = "127.0.0.1"  # the address it listens on (a name there is allowed as Host)
+
+
+def avatar_bytes(avatar: Any) -> int:
+    """Memory an avatar holds: its face crops and the backend's cached features."""
+    arrays = [*avatar.crops, *avatar.features.rows.values()]
+    arrays += [avatar.features.points, avatar.features.strength]
+    return sum(_nbytes(a) for a in arrays)
+
+
+def _nbytes(array: Any) -> int:
+    if isinstance(getattr(array, "nbytes", None), int):  # numpy, CuPy, ...
+        return array.nbytes
+    if hasattr(array, "element_size") and hasattr(array, "numel"):  # torch
+        return int(array.element_size() * array.numel())
+    shape = getattr(array, "shape", None)  # ORT OrtValue: shape() is a method
+    shape = shape() if callable(shape) else shape
+    return 4 * int(np.prod(shape)) if shape is not None else 0
 
 
 def owner_key(token: str | None, client_id: str) -> str:
@@ -76,7 +111,8 @@ def _is_public_path(path: str) -> bool:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """iwarp errors -> 4xx JSON {error, hint}; aiohttp's own 4xx keep their status, as JSON."""
+    """iwarp errors -> 4xx JSON {error, hint}; aiohttp's own 4xx keep their status, as JSON;
+    anything else is our bug: 500 and one log line (the traceback only at DEBUG level)."""
     try:
         return await handler(request)
     except IwarpError as exc:
@@ -88,6 +124,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         return _error(exc.status, exc.reason, "")
+    except Exception as exc:
+        log.error(
+            "%s %s: internal error: %s: %s", request.method, request.path, type(exc).__name__, exc
+        )
+        log.debug("traceback", exc_info=True)
+        return _error(500, "internal server error", "see the server's log")
 
 
 def _auth_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -96,7 +138,8 @@ def _auth_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamRes
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and not _is_public_path(request.path):
-            given = request.headers.get("Authorization", "").encode()
+            # Raw header bytes come in as surrogate escapes: compare them as the bytes they were.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 response = _error(
                     401,
@@ -108,17 +151,82 @@ def _auth_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamRes
         client = request.headers.get(CLIENT_HEADER, "")
         if len(client) > 128:
             return _error(400, f"{CLIENT_HEADER} is too long", "use a short random id")
+        if not (client.isascii() and client.isprintable()):
+            return _error(
+                400, f"{CLIENT_HEADER} has non-ASCII or control characters", "use a random hex id"
+            )
         request[OWNER] = owner_key(token, client)
         return await handler(request)
 
     return auth
 
 
+def _host_name(host_header: str) -> str:
+    """'name:port', '[v6]:port' or 'name' -> the lower-case name or address alone."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin_middleware(config: ServerConfig) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """403 for a foreign Origin or an unknown Host name (see the module docstring)."""
+    origins = {o.rstrip("/").lower() for o in config.allow_origins}
+    names = {"localhost", socket.gethostname().lower(), config.host.lower()}
+    names |= {h.lower() for h in config.allow_hosts}
+    names |= {_host_name(o.split("://", 1)[-1]) for o in origins if o != "*"}
+
+    def known_host(name: str) -> bool:
+        # An IP literal cannot be rebound by DNS; names must be known to be ours.
+        return _is_ip(name) or name in names or name.endswith(".localhost")
+
+    @web.middleware
+    async def origin_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and not known_host(_host_name(host)):
+            return _error(
+                403,
+                "unknown Host name in the request",
+                "open the server by IP address or localhost, or start iwarp serve with "
+                "--allow-host NAME",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and "*" not in origins:
+            own = f"{request.scheme}://{host or ''}".lower()
+            if origin.rstrip("/").lower() not in (own, *origins):
+                return _error(
+                    403,
+                    "requests from other web sites are refused",
+                    "open the page from this server, or start iwarp serve with "
+                    "--allow-origin ORIGIN",
+                )
+        return await handler(request)
+
+    return origin_check
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    # A web page can send text/plain cross-origin without a preflight; JSON it cannot.
+    if request.content_type != "application/json":
+        raise ApiError(
+            f"expected Content-Type application/json, got {request.content_type or 'none'}",
+            "send a JSON object with Content-Type: application/json",
+            415,
+        )
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"request body is not JSON ({exc})", "send a JSON object", 400) from exc
+    except (ValueError, LookupError, RecursionError) as exc:
+        # ValueError: bad JSON or bytes; LookupError: unknown charset; RecursionError: nesting.
+        reason = type(exc).__name__ if isinstance(exc, RecursionError) else str(exc)
+        raise ApiError(f"request body is not JSON ({reason})", "send a JSON object", 400) from exc
     if not isinstance(body, dict):
         raise ApiError("request body must be a JSON object", "send a JSON object", 400)
     return body
@@ -132,8 +240,17 @@ class Api:
         self.default_avatar = default_avatar
         self.config = config
         self.registry = SessionRegistry(animator, default_avatar, config.limits, config.workers)
-        # Avatar encoding (face detection + source encoder) is seconds of CPU: one at a time.
+        # Avatar decoding and encoding (face detection + source encoder) are seconds of CPU and
+        # a full-size decode at a time: one upload at a time, the others wait their turn.
         self.upload_executor = ThreadPoolExecutor(1, thread_name_prefix="iwarp-upload")
+        self.uploads_in_flight = 0
+        self._pending_uploads: dict[str, int] = {}  # owner -> uploads not registered yet
+        self._last_used: dict[str, float] = {}  # avatar id -> time.monotonic() of last use
+        self._sizes: dict[str, int] = {}  # avatar id -> avatar_bytes, computed once
+        for record in animator.avatars():  # from --store: evictable, before any upload
+            if record.owner:
+                self._last_used[record.avatar_id] = 0.0
+        self._evict_avatars()  # a --store from a run with higher caps
 
     # -- helpers ----------------------------------------------------------------------------
     def _visible_record(self, avatar_id: str, owner: str) -> AvatarRecord:
@@ -143,7 +260,51 @@ class Api:
             record = None
         if record is None or record.owner not in ("", owner):
             raise ApiError(f"no avatar {avatar_id!r}", "list them with GET /avatars", 404)
+        self._last_used[avatar_id] = time.monotonic()
         return record
+
+    def _avatar_size(self, avatar_id: str) -> int:
+        if avatar_id not in self._sizes:
+            self._sizes[avatar_id] = avatar_bytes(self.animator.get(avatar_id))
+        return self._sizes[avatar_id]
+
+    def _evict_avatars(self, keep: str | None = None) -> None:
+        """Evicts the least recently used uploaded avatars that no session uses until the
+        uploaded ones fit `max_avatars` and `max_avatar_bytes`. If only `keep` (the upload
+        just made) could go, it is removed and the upload refused with 503.
+
+        Runs on the event loop with no await: uploads finishing together cannot overshoot."""
+        config = self.config
+        while True:
+            uploaded = [r for r in self.animator.avatars() if r.owner]
+            total = sum(self._avatar_size(r.avatar_id) for r in uploaded)
+            if len(uploaded) <= config.max_avatars and total <= config.max_avatar_bytes:
+                return
+            # Not evictable: in a session, the upload just made, or one still being registered
+            # by the upload thread (not in _last_used yet: its request would then find it gone).
+            spared = {s.avatar_id for s in self.registry.sessions.values()} | {keep}
+            candidates = [
+                r for r in uploaded if r.avatar_id in self._last_used and r.avatar_id not in spared
+            ]
+            if not candidates:
+                if keep is not None:
+                    self._remove_avatar(keep)
+                raise ApiError(
+                    f"the server holds the most avatars it allows ({len(uploaded)}, "
+                    f"{total / 2**20:.0f} MiB) and all are in use",
+                    "try again when a stream has ended",
+                    503,
+                )
+            victim = min(candidates, key=lambda r: self._last_used.get(r.avatar_id, 0.0))
+            self._remove_avatar(victim.avatar_id)
+            log.info(
+                "avatar %s evicted: least recently used, over the avatar caps", victim.avatar_id
+            )
+
+    def _remove_avatar(self, avatar_id: str) -> None:
+        self.animator.remove_avatar(avatar_id)
+        self._last_used.pop(avatar_id, None)
+        self._sizes.pop(avatar_id, None)
 
     def _describe(self, record: AvatarRecord) -> dict[str, Any]:
         return {
@@ -185,22 +346,14 @@ class Api:
             raise ApiError(f"expected type 'offer', got {kind!r}", "send the local offer", 400)
         if len(sdp) > MAX_SDP_BYTES:
             raise ApiError("SDP offer too long", "send the offer from createOffer()", 400)
-        # aiortc accepts free text as an SDP with no media; refuse it here with a reason.
-        if not sdp.lstrip().startswith("v=0") or "\nm=video " not in sdp.replace("\r", ""):
-            raise ApiError(
-                "malformed SDP offer: it needs a 'v=0' line and a video media section",
-                "send the offer from RTCPeerConnection.createOffer() with a camera track",
-                400,
-            )
         avatar_id = body.get("avatar_id") or self.default_avatar
         if not isinstance(avatar_id, str):
             raise ApiError("avatar_id must be a string", "see GET /avatars", 400)
+        echo_id = _bool_field(body, "echo_id", False)
         self._visible_record(avatar_id, request[OWNER])
+        # The registry parses the SDP before it takes a slot (400 with the parser's reason).
         session, answer = await self.registry.create(
-            RTCSessionDescription(sdp=sdp, type="offer"),
-            avatar_id,
-            request[OWNER],
-            echo_id=bool(body.get("echo_id", False)),
+            RTCSessionDescription(sdp=sdp, type="offer"), avatar_id, request[OWNER], echo_id
         )
         return web.json_response(
             {
@@ -219,23 +372,44 @@ class Api:
 
     async def upload_avatar(self, request: web.Request) -> web.Response:
         owner = request[OWNER]
+        limits = self.config.uploads
+        # Counted with the uploads still in progress, and checked and reserved with no await
+        # in between: concurrent uploads cannot overshoot the per-owner limit.
         owned = sum(1 for r in self.animator.avatars() if r.owner == owner)
+        owned += self._pending_uploads.get(owner, 0)
         if owned >= self.config.max_avatars_per_owner:
             raise ApiError(
                 f"you already have {owned} avatars, the most allowed",
                 "delete one with DELETE /avatars/{id}",
                 409,
             )
-        limits = self.config.uploads
-        photos = await read_photos(request, limits)
-        loop = asyncio.get_running_loop()
+        if self.uploads_in_flight >= limits.max_in_flight:
+            raise ApiError(
+                f"{self.uploads_in_flight} uploads are in progress, the most at once",
+                "try again in a few seconds",
+                503,
+            )
+        self.uploads_in_flight += 1
+        self._pending_uploads[owner] = self._pending_uploads.get(owner, 0) + 1
+        try:
+            with tempfile.TemporaryDirectory(prefix="iwarp-upload-") as folder:
+                photos = await read_photos(request, limits, Path(folder))
 
-        def register() -> str:
-            images = [decode_photo(p, limits) for p in photos]
-            name = ", ".join(Path(p.filename).name for p in photos)[:100]
-            return self.animator.add_avatar(images, owner=owner, name=name)
+                def register() -> str:
+                    # One photo decoded at a time, each downscaled as it is decoded.
+                    images = [decode_photo(p, limits) for p in photos]
+                    name = ", ".join(Path(p.filename).name for p in photos)[:100]
+                    return self.animator.add_avatar(images, owner=owner, name=name)
 
-        avatar_id = await loop.run_in_executor(self.upload_executor, register)
+                loop = asyncio.get_running_loop()
+                avatar_id = await loop.run_in_executor(self.upload_executor, register)
+        finally:
+            self.uploads_in_flight -= 1
+            self._pending_uploads[owner] -= 1
+            if not self._pending_uploads[owner]:
+                del self._pending_uploads[owner]
+        self._last_used[avatar_id] = time.monotonic()
+        self._evict_avatars(keep=avatar_id)
         record = self.animator.get(avatar_id).record
         log.info("avatar %s added (%d photos)", avatar_id, record.num_sources)
         return web.json_response(self._describe(record), status=201)
@@ -247,7 +421,7 @@ class Api:
             raise ApiError(
                 f"avatar {avatar_id!r} belongs to the server", "it cannot be deleted", 403
             )
-        self.animator.remove_avatar(avatar_id)
+        self._remove_avatar(avatar_id)
         return web.json_response({"deleted": avatar_id})
 
     async def avatar_preview(self, request: web.Request) -> web.Response:
@@ -274,7 +448,7 @@ class Api:
             self._visible_record(avatar_id, request[OWNER])
             session.switch_avatar(avatar_id)
         if "neutral" in body:
-            on = bool(body["neutral"])
+            on = _bool_field(body, "neutral", False)
             if not await session.set_neutral(on) and on:
                 raise ApiError(
                     "no face in view to take the neutral pose from",
@@ -297,6 +471,18 @@ class Api:
         self.upload_executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _bool_field(body: dict[str, Any], name: str, default: bool) -> bool:
+    """A JSON boolean field; a string like "false" is an error, not truthy."""
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(
+            f"{name} must be true or false, got {json.dumps(value)[:40]}",
+            f'send {{"{name}": true}} or {{"{name}": false}}',
+            400,
+        )
+    return value
+
+
 def _side_by_side(crops: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(list(crops), axis=1)
 
@@ -315,7 +501,9 @@ def create_app(
     config = config or ServerConfig()
     rtc.configure()
     api = Api(animator, default_avatar, config)
-    app = web.Application(middlewares=[_errors, _auth_middleware(config.token)])
+    app = web.Application(
+        middlewares=[_errors, _origin_middleware(config), _auth_middleware(config.token)]
+    )
     app[API_KEY] = api
     app.router.add_get("/", api.index)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
@@ -364,6 +552,9 @@ def serve(
     workers: int = 0,
     threads: int = 0,
     idle_timeout: float = 10.0,
+    max_sessions_per_client: int = 2,
+    allow_origins: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
 ) -> int:
     """Runs the server until Ctrl-C / SIGTERM. Prints the URL to open once it listens."""
     from iwarp.paths import DEFAULT_AVATAR
@@ -372,6 +563,10 @@ def serve(
     log.setLevel(logging.INFO)  # session start/stop lines; libraries stay at WARNING
     if max_sessions < 1:
         raise IwarpError("--max-sessions must be at least 1", "e.g. --max-sessions 4")
+    if max_sessions_per_client < 1:
+        raise IwarpError(
+            "--max-sessions-per-client must be at least 1", "e.g. --max-sessions-per-client 2"
+        )
     ssl_context = _ssl_context(cert, key)
     cores = os.cpu_count() or 1
     workers = workers or max(1, min(max_sessions, cores))
@@ -384,8 +579,15 @@ def serve(
     )
     config = ServerConfig(
         token=token,
-        limits=SessionLimits(max_sessions=max_sessions, idle_timeout=idle_timeout),
+        limits=SessionLimits(
+            max_sessions=max_sessions,
+            max_per_client=max_sessions_per_client,
+            idle_timeout=idle_timeout,
+        ),
         workers=workers,
+        allow_origins=tuple(allow_origins),
+        allow_hosts=tuple(allow_hosts),
+        host=host,
     )
     app = create_app(animator, default_id, config)
     asyncio.run(_run(app, host, port, ssl_context, token is not None))
@@ -407,9 +609,15 @@ async def _run(
             "choose another --port, or stop the program using it",
         ) from exc
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     bound_port = runner.addresses[0][1] if runner.addresses else port
     scheme = "https" if ssl_context else "http"
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -426,4 +634,8 @@ async def _run(
     try:
         await stop.wait()
     finally:
+        if received:
+            api = app.get(API_KEY)
+            sessions = f", closing {api.registry.count} sessions" if api is not None else ""
+            print(f"iwarp serve: {received[0].name} received, stopping{sessions}", flush=True)
         await runner.cleanup()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import threading
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, sdp
 from aiortc.mediastreams import MediaStreamError
 
 from iwarp.errors import InputError
@@ -42,8 +43,47 @@ log = logging.getLogger("iwarp.streaming")
 @dataclass
 class SessionLimits:
     max_sessions: int = 4
+    # One client (owner key) may not hold every slot; 2 lets a reloaded page start its new
+    # session while the old one is still being noticed as gone.
+    max_per_client: int = 2
     idle_timeout: float = 10.0  # seconds without a video frame, once video has flowed
     connect_timeout: float = 30.0  # seconds from the offer to the first video frame
+
+
+_OFFER_HINT = "send the offer from RTCPeerConnection.createOffer() unchanged"
+# aiortc's parser asserts on a bad m= line without saying which: check their shape first.
+_MEDIA_LINE = re.compile(r"m=\S+ \d+(/\d+)? \S+( \S+)+")
+
+
+def parse_offer(text: str) -> sdp.SessionDescription:
+    """The offer parsed and checked as aiortc will (ICE credentials, a video section), or
+    ApiError 400 saying what is wrong. Runs before a session slot is taken, so malformed
+    offers never hold one."""
+    if not text.lstrip().startswith("v=0"):
+        raise ApiError("malformed SDP offer: it does not start with 'v=0'", _OFFER_HINT, 400)
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.startswith("m=") and not _MEDIA_LINE.fullmatch(line.strip()):
+            raise ApiError(f"malformed SDP offer: bad media line {line[:80]!r}", _OFFER_HINT, 400)
+    try:
+        description = sdp.SessionDescription.parse(text)
+    except Exception as exc:  # the parser raises assorted types (ValueError, AssertionError...)
+        reason = str(exc) or f"{type(exc).__name__} in the SDP parser"
+        raise ApiError(f"malformed SDP offer: {reason}", _OFFER_HINT, 400) from exc
+    if not any(m.kind == "video" for m in description.media):
+        raise ApiError(
+            "the offer has no video track",
+            "add the camera track (sendrecv) to the peer connection before createOffer()",
+            400,
+        )
+    for media in description.media:
+        if not media.ice.usernameFragment or not media.ice.password:
+            raise ApiError(
+                f"malformed SDP offer: the {media.kind} section has no ICE username fragment "
+                "or password",
+                _OFFER_HINT,
+                400,
+            )
+    return description
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -77,11 +117,8 @@ class Session:
         try:
             await pc.setRemoteDescription(offer)
         except Exception as exc:  # aiortc's SDP parser raises assorted types on bad input
-            raise ApiError(
-                f"malformed SDP offer: {exc or type(exc).__name__}",
-                "send the offer from RTCPeerConnection.createOffer() unchanged",
-                400,
-            ) from exc
+            reason = str(exc) or type(exc).__name__
+            raise ApiError(f"malformed SDP offer: {reason}", _OFFER_HINT, 400) from exc
         if self.track is None:
             raise ApiError(
                 "the offer has no video track",
@@ -313,7 +350,17 @@ class SessionRegistry:
     async def create(
         self, offer: RTCSessionDescription, avatar_id: str, owner: str, echo_id: bool = False
     ) -> tuple[Session, RTCSessionDescription]:
-        """A new session answering `offer`; ApiError 503 when all slots are taken."""
+        """A new session answering `offer`; ApiError 400 for a malformed offer (checked
+        before a slot is taken), 429 when this owner holds `max_per_client` sessions, 503 when
+        all slots are taken."""
+        parse_offer(offer.sdp)
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+        if mine >= self.limits.max_per_client:
+            raise ApiError(
+                f"you already have {mine} sessions, the most one client may hold",
+                "close one (DELETE /sessions/{id}, or the other tab) and try again",
+                429,
+            )
         if self.count >= self.limits.max_sessions:
             self.rejected.inc()
             raise ApiError(

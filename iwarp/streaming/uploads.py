@@ -1,15 +1,17 @@
 """Avatar photo uploads: read a multipart body within limits, check types and pixel counts.
 
 Every check happens before a photo is decoded: bytes are counted while streaming (413 past the
-limit, nothing more is read), the type is sniffed from magic bytes (415 for anything that is
-not JPEG/PNG/WebP/BMP/GIF), and the pixel count comes from the header (413 for decompression
-bombs: a small file that would decode to gigabytes). Decoding then goes through
-`iwarp.media.read_image`, which applies EXIF orientation and its own pixel guard.
+limit, nothing more is read), the type is sniffed from the first bytes of each part (415 for
+anything that is not JPEG/PNG/WebP/BMP/GIF, before the rest is read), and the pixel count comes
+from the header, per photo and for the whole upload (413 for decompression bombs: a small file
+that would decode to gigabytes). Parts are streamed to files in a temporary folder, never held
+in memory, so concurrent uploads cost disk, not RAM. Decoding then goes through
+`iwarp.media.read_image`, which applies EXIF orientation and downscales to `max_side` as it
+decodes (JPEGs at a reduced DCT scale), so what the encoder and `--store` get is bounded.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +31,19 @@ _MAGIC = {
     b"BM": "bmp",
 }
 _PHOTO_HINT = "upload JPEG or PNG photos of a face"
+_CHUNK = 64 * 1024
 
 
 @dataclass
 class UploadLimits:
     max_bytes: int = 10 * 1024 * 1024  # per photo
     max_photos: int = 8
-    max_pixels: int = 25_000_000  # per photo; a 24 MP camera still fits
+    max_pixels: int = 25_000_000  # per photo, from its header; a 24 MP camera still fits
+    max_request_pixels: int = 64_000_000  # all photos of one upload, from their headers
+    # Photos are downscaled to this longest side while decoding: plenty for a face crop at the
+    # model's 256 px, and it bounds what is decoded, encoded and written to --store.
+    max_side: int = 1536
+    max_in_flight: int = 4  # uploads being received or waiting for the encoder at once
 
 
 class UploadError(ApiError):
@@ -55,11 +63,23 @@ def sniff_type(head: bytes) -> str | None:
 @dataclass
 class Photo:
     filename: str
-    data: bytes
+    path: Path  # the part's bytes, in the request's temporary folder
+    width: int
+    height: int
 
 
-async def read_photos(request: web.Request, limits: UploadLimits) -> list[Photo]:
-    """The `file` parts of a multipart/form-data request, each within `limits.max_bytes`."""
+def _malformed(exc: Exception) -> UploadError:
+    reason = str(exc) or type(exc).__name__
+    return UploadError(
+        f"malformed multipart body ({reason})",
+        "send multipart/form-data with a boundary, one field 'file' per photo",
+        400,
+    )
+
+
+async def read_photos(request: web.Request, limits: UploadLimits, folder: Path) -> list[Photo]:
+    """The `file` parts of a multipart/form-data request, each written to a file in `folder`
+    and checked (bytes, type, header pixels) before the next one is read."""
     if not request.content_type.startswith("multipart/"):
         raise UploadError(
             f"expected multipart/form-data, got {request.content_type or 'no content type'}",
@@ -73,63 +93,93 @@ async def read_photos(request: web.Request, limits: UploadLimits) -> list[Photo]
             f"send at most {limits.max_photos} photos of {limits.max_bytes // 1024} KiB each",
             413,
         )
-    reader = await request.multipart()
     photos: list[Photo] = []
-    while True:
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader) or part.name != "file":
-            continue  # unknown fields are ignored, not an error
-        if len(photos) >= limits.max_photos:
-            raise UploadError(
-                f"more than {limits.max_photos} photos in one avatar",
-                f"send 1 to {limits.max_photos} photos",
-                413,
-            )
-        chunks = []
-        size = 0
-        while chunk := await part.read_chunk(64 * 1024):
-            size += len(chunk)
-            if size > limits.max_bytes:
+    try:
+        reader = await request.multipart()
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader) or part.name != "file":
+                continue  # unknown fields are ignored, not an error
+            if len(photos) >= limits.max_photos:
                 raise UploadError(
-                    f"photo {part.filename or len(photos) + 1} is larger than "
-                    f"{limits.max_bytes // 1024} KiB",
-                    "resize or recompress it",
+                    f"more than {limits.max_photos} photos in one avatar",
+                    f"send 1 to {limits.max_photos} photos",
                     413,
                 )
-            chunks.append(chunk)
-        photos.append(Photo(part.filename or f"photo {len(photos) + 1}", b"".join(chunks)))
+            photo = await _save_part(part, len(photos), limits, folder)
+            photos.append(photo)
+            pixels = sum(p.width * p.height for p in photos)
+            if pixels > limits.max_request_pixels:
+                raise UploadError(
+                    f"the photos add up to {pixels / 1e6:.0f} megapixels, more than "
+                    f"{limits.max_request_pixels / 1e6:.0f} in one upload",
+                    "send fewer or smaller photos",
+                    413,
+                )
+    except (ValueError, AssertionError, LookupError) as exc:
+        # aiohttp's multipart parser reports a bad boundary or part headers this way.
+        raise _malformed(exc) from exc
     if not photos:
         raise UploadError("no photos in the upload", "send one or more fields named 'file'", 400)
     return photos
 
 
+async def _save_part(part: BodyPartReader, index: int, limits: UploadLimits, folder: Path) -> Photo:
+    name = part.filename or f"photo {index + 1}"
+    path = folder / f"part{index}"
+    size = 0
+    head = b""  # the first bytes, to sniff the type before reading the rest
+    with path.open("wb") as out:
+        while chunk := await part.read_chunk(_CHUNK):
+            if len(head) < 16:
+                head += chunk[: 16 - len(head)]
+                if len(head) == 16 and sniff_type(head) is None:
+                    raise UploadError(f"{name} is not an image", _PHOTO_HINT, 415)
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise UploadError(
+                    f"photo {name} is larger than {limits.max_bytes // 1024} KiB",
+                    "resize or recompress it",
+                    413,
+                )
+            out.write(chunk)
+    if sniff_type(head) is None:
+        raise UploadError(f"{name} is not an image", _PHOTO_HINT, 415)
+    width, height = _header_size(path, name, limits)
+    return Photo(name, path, width, height)
+
+
+def _header_size(path: Path, name: str, limits: UploadLimits) -> tuple[int, int]:
+    """Width and height from the header alone (Image.open decodes nothing)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        # Pillow refuses over ~179 MP by itself: the same answer as our own, lower limit.
+        raise UploadError(
+            f"{name} has too many pixels to decode safely",
+            f"resize it below {limits.max_pixels / 1e6:.0f} megapixels",
+            413,
+        ) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise UploadError(f"{name} is not a readable image", _PHOTO_HINT, 415) from e
+    if w * h > limits.max_pixels:
+        raise UploadError(
+            f"{name} is {w}x{h} pixels, more than {limits.max_pixels / 1e6:.0f} megapixels",
+            "resize it; very large images are refused before decoding",
+            413,
+        )
+    return w, h
+
+
 def decode_photo(photo: Photo, limits: UploadLimits) -> np.ndarray:
-    """Type and pixel checks, then decode (blocking: run it in an executor)."""
-    kind = sniff_type(photo.data[:16])
-    if kind is None:
-        raise UploadError(f"{photo.filename} is not an image", _PHOTO_HINT, 415)
-    with tempfile.NamedTemporaryFile(suffix=f".{kind}") as tmp:
-        tmp.write(photo.data)
-        tmp.flush()
-        try:
-            with Image.open(tmp.name) as im:  # reads the header only
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UploadError(f"{photo.filename} is not a readable image", _PHOTO_HINT, 415) from e
-        if w * h > limits.max_pixels:
-            raise UploadError(
-                f"{photo.filename} is {w}x{h} pixels, more than "
-                f"{limits.max_pixels / 1e6:.0f} megapixels",
-                "resize it; very large images are refused before decoding",
-                413,
-            )
-        try:
-            image = read_image(Path(tmp.name), max_pixels=limits.max_pixels)
-        except InputError as e:
-            # read_image's message names the temporary file: say the user's file name instead.
-            raise UploadError(
-                f"{photo.filename} is corrupt or truncated", f"re-export it; {_PHOTO_HINT}", 415
-            ) from e
-    return image
+    """Decode (blocking: run it in the upload executor), downscaled to `limits.max_side`."""
+    try:
+        return read_image(photo.path, max_pixels=limits.max_pixels, max_side=limits.max_side)
+    except InputError as e:
+        # read_image's message names the temporary file: say the user's file name instead.
+        raise UploadError(
+            f"{photo.filename} is corrupt or truncated", f"re-export it; {_PHOTO_HINT}", 415
+        ) from e
