@@ -7,9 +7,13 @@ below the centre. The defaults were fitted on FOMM/LIA Vox-style images and clip
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,6 +106,46 @@ class CropBox:
 # --------------------------------------------------------------------------- detection
 
 
+# What MediaPipe's C++ side (TFLite, absl) prints straight to file descriptor 2 each time a graph
+# starts. No setting in mediapipe 0.10.21 turns it off (GLOG_minloglevel, TF_CPP_MIN_LOG_LEVEL and
+# absl's Python logging do not reach it), so it is filtered where it is made.
+_NATIVE_NOISE = (
+    b"Created TensorFlow Lite XNNPACK delegate",
+    b"All log messages before absl::InitializeLog()",
+    b"inference_feedback_manager.cc",
+)
+_STDERR_LOCK = threading.Lock()  # fd 2 is process-wide: one redirection at a time
+
+
+@contextlib.contextmanager
+def _native_noise_filtered() -> Iterator[None]:
+    """Points fd 2 at a temporary file for the block, then writes back every line that is
+    not MediaPipe's start-up noise (other threads' output is delayed, never lost)."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 (a daemon) or a closed sys.stderr: nothing to do
+            yield
+            return
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().splitlines(keepends=True)
+                if not any(noise in line for noise in _NATIVE_NOISE)
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 class FaceDetector:
     """MediaPipe face detection, created on first use; `detect` returns the largest face.
 
@@ -130,14 +174,16 @@ class FaceDetector:
     def _graph(self, model: str) -> Any:
         graph = self._graphs.get(model)
         if graph is None:
-            # Imported here: mediapipe takes ~0.7 s to import. Its C++ side prints 2-3 log lines
-            # per graph to stderr; no setting in 0.10.21 silences them short of redirecting fd 2.
+            # Imported here: mediapipe takes ~0.7 s to import.
             from mediapipe.python.solutions import face_detection
 
-            graph = face_detection.FaceDetection(
-                model_selection=1 if model == "full" else 0,
-                min_detection_confidence=self.min_confidence,
-            )
+            with _native_noise_filtered():
+                graph = face_detection.FaceDetection(
+                    model_selection=1 if model == "full" else 0,
+                    min_detection_confidence=self.min_confidence,
+                )
+                # The graph's threads log as it starts; one frame through it waits for that.
+                graph.process(np.zeros((16, 16, 3), np.uint8))
             self._graphs[model] = graph
         return graph
 

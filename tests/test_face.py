@@ -255,3 +255,29 @@ def test_tracker_boxes_are_steadier_than_raw_detections(
     raw_arr = np.array(raw)
     jitter = lambda a: np.abs(np.diff(a, n=2, axis=0)).mean()  # noqa: E731
     assert jitter(smooth) < 0.7 * jitter(raw_arr)
+
+
+def test_mediapipe_start_up_noise_is_filtered_and_other_output_kept() -> None:
+    """TFLite/absl print 2-3 lines per graph straight to fd 2; the detector filters them where
+    they are made, and anything else written to stderr meanwhile still comes out."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        from iwarp.face import FaceDetector
+        from iwarp.media import read_image
+        from iwarp.paths import DEFAULT_AVATAR
+        detector = FaceDetector(fallback=True)
+        assert detector.detect(read_image(DEFAULT_AVATAR)) is not None
+        print("other output", file=sys.stderr)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "TensorFlow Lite" not in proc.stderr and "W0000" not in proc.stderr, proc.stderr
+    assert "other output" in proc.stderr
