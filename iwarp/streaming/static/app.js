@@ -180,8 +180,15 @@ async function uploadAvatar(event) {
   showMessage(`Uploading ${files.length} photo${files.length > 1 ? "s" : ""}…`);
   try {
     const avatar = await api("/avatars", { method: "POST", body: form });
-    showMessage(`Avatar ready (${avatar.num_sources} photo${avatar.num_sources > 1 ? "s" : ""}).`);
+    // Done with these files: clear the picker so the next upload starts empty.
+    $("upload-input").value = "";
+    $("upload-preview").replaceChildren();
     await selectAvatar(avatar.avatar_id);
+    // After selectAvatar, which clears old messages: the confirmation stays up.
+    showMessage(
+      `Avatar ready (${avatar.num_sources} photo${avatar.num_sources > 1 ? "s" : ""}) ` +
+        `and selected${state.sessionId ? "" : ": press Start camera to animate it"}.`,
+    );
   } catch (err) {
     const why = {
       413: "The photos are too large",
@@ -190,7 +197,7 @@ async function uploadAvatar(event) {
     }[err.status];
     showMessage(`${why ? why + ": " : "Upload failed: "}${err.message}`, true);
   } finally {
-    $("upload-button").disabled = false;
+    $("upload-button").disabled = $("upload-input").files.length === 0;
   }
 }
 
@@ -232,6 +239,8 @@ async function startCamera() {
     stop();
   });
   $("camera").srcObject = state.camera;
+  $("camera-placeholder").hidden = true;
+  $("avatar-placeholder").textContent = "Connecting to the server…";
   state.wanted = true;
   $("start").disabled = true;
   $("stop").disabled = false;
@@ -267,6 +276,7 @@ async function connect() {
   pc.addEventListener("track", (event) => {
     const video = $("avatar");
     video.srcObject = event.streams[0] || new MediaStream([event.track]);
+    $("avatar-placeholder").hidden = true;
     countFrames(video);
   });
   pc.addEventListener("connectionstatechange", () => onConnectionState(pc));
@@ -285,6 +295,9 @@ async function connect() {
     closePeer();
     if (err.status === 503) {
       scheduleReconnect("The server is full: every session slot is in use.");
+    } else if (err.status === 429) {
+      // This browser's other tabs (or a reloaded page's old session) hold its slots.
+      scheduleReconnect(`${err.message}.`);
     } else if (err.status === 401) {
       showMessage("Enter the access token above, then press Start.", true);
       stop();
@@ -363,6 +376,10 @@ function stop() {
   }
   $("camera").srcObject = null;
   $("avatar").srcObject = null;
+  $("camera-placeholder").hidden = false;
+  $("avatar-placeholder").hidden = false;
+  $("avatar-placeholder").textContent =
+    "The avatar, moving as you do, shows here once the camera is on.";
   $("start").disabled = false;
   $("stop").disabled = true;
   setStatus("stopped");
