@@ -51,6 +51,7 @@ class AttentionParams(ctypes.Structure):
         ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_size_t),
         ("num_splits", ctypes.c_int),
+        ("kernel", ctypes.c_int),  # iwarp_kernel: 0 auto (the emulation has SIMT only)
     ]
 
 
@@ -202,6 +203,25 @@ def test_emulated_kernel_matches_reference(
     assert err < tol, f"relative error {err:.2e} (tolerance {tol})"
 
 
+@pytest.mark.parametrize("mask_dtype", [np.bool_, np.float32])
+def test_emulated_kernel_masked_slots_with_nan_and_inf(emulated_lib, tmp_path, mask_dtype):
+    """Masked keys contribute exactly nothing, even when their k/v slots hold NaN/Inf (unused
+    cache rows): the kernel skips them instead of multiplying their values by 0."""
+    rng = np.random.default_rng(5)
+    case = _make_case(rng, 2, 20, 2, 24, 8, 16, 37, np.float32, True)
+    clean = {n: case[n].copy() for n in ("q", "k", "v")}
+    masked = ~case["mask"]
+    assert masked.any()
+    case["k"][masked] = np.where(np.arange(16) % 2, np.nan, np.inf)
+    case["v"][masked] = np.where(np.arange(37) % 3 == 0, -np.inf, np.nan)
+    case["mask"] = case["mask"].astype(mask_dtype)
+    case.update(num_splits=2)
+    out = _run_in_child(emulated_lib, tmp_path, case)
+    assert np.isfinite(out).all(), "NaN/Inf of a masked slot reached the output"
+    ref = attention_reference(clean["q"], clean["k"], clean["v"], case["mask"])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_emulated_kernel_fully_masked_rows_and_float_mask(emulated_lib, tmp_path):
     rng = np.random.default_rng(7)
     case = _make_case(rng, 3, 20, 2, 24, 8, 16, 19, np.float32, True, fully_masked_row=True)
@@ -263,6 +283,41 @@ def test_split_heuristic_and_workspace_bound(emulated_lib):
             b, nq, dv, lib.iwarp_attention_choose_splits(b, nq, nk, dv, 132)
         )
         assert need <= lib.iwarp_attention_workspace_bound(8, 4096, dv, 132)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (no CUDA toolkit)")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_tensor_core_kernel_compiles_for_ampere_and_hopper(tmp_path, arch):
+    """The whole kernel file (SIMT and tensor-core kernels, fp32/fp16/bf16) compiles with nvcc
+    for sm_80 and sm_90 with real tensor-core code (mma.sync, cp.async) and no register spills."""
+    obj = tmp_path / f"k{arch}.o"
+    cmd = ["nvcc", "-std=c++17", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-Xptxas", "-v"]
+    cmd += [f"-I{KERNEL_DIR}", "-c", str(KERNEL_SRC), "-o", str(obj)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # ptxas -v: "Compiling entry function 'NAME'", then its stack/spill line.
+    spill_of: dict[str, str] = {}
+    entry = None
+    for line in result.stderr.splitlines():
+        if "Compiling entry function" in line:
+            entry = line.split("'")[1]
+        elif "spill stores" in line and entry is not None:
+            spill_of[entry] = line.strip()
+    tc = {name: line for name, line in spill_of.items() if "attention_tc_kernel" in name}
+    assert len(tc) == 16, f"expected 8 column widths x (fp16, bf16) tensor-core kernels: {len(tc)}"
+    spills = [line for line in tc.values() if not line.startswith("0 bytes stack frame, 0 bytes")]
+    assert not spills, spills[:3]
+    ptx = subprocess.run(
+        [*cmd[:5], f"-I{KERNEL_DIR}", "-ptx", str(KERNEL_SRC), "-o", str(tmp_path / "k.ptx")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ptx.returncode == 0, ptx.stderr[-2000:]
+    text = (tmp_path / "k.ptx").read_text()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in text
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text
+    assert "cp.async.cg.shared.global" in text
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (no CUDA toolkit)")

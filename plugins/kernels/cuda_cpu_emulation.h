@@ -43,6 +43,7 @@ typedef struct CUstream_st* cudaStream_t;
 enum cudaDeviceAttr
 {
     cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrComputeCapabilityMajor = 75,
     cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
 };
 enum cudaFuncAttribute
@@ -178,7 +179,10 @@ inline cudaError_t cudaGetDevice(int* device)
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/)
 {
-    *value = attr == cudaDevAttrMultiProcessorCount ? iwarp_emu::g_sm_count : iwarp_emu::g_smem_optin;
+    // Compute capability 0: no tensor cores, so the emulation always runs the SIMT kernel.
+    *value = attr == cudaDevAttrMultiProcessorCount ? iwarp_emu::g_sm_count
+        : attr == cudaDevAttrComputeCapabilityMajor ? 0
+                                                    : iwarp_emu::g_smem_optin;
     return cudaSuccess;
 }
 template <typename F>

@@ -10,13 +10,15 @@
  * (plugins/torch) both call iwarp_attention_forward().
  *
  * Tensors (all contiguous, row-major):
- *   q     (B, Nq, d)    float32 or float16
+ *   q     (B, Nq, d)    float32, float16 or bfloat16
  *   k     (B, Nk, d)    same type as q
  *   v     (B, Nk, dv)   same type as q; dv is any width 1..IWARP_ATTENTION_MAX_VALUE_DIM
  *   mask  (B, Nk)       or (1, Nk) with mask_broadcast = 1; float32 (nonzero = attend) or
  *                       bool/uint8 (nonzero = attend); or none (every key attends)
  *   out   (B, Nq, dv)   same type as q
- * Accumulation is always float32 (float16 inputs are converted on load).
+ * Accumulation is always float32. float16/bfloat16 run on tensor cores (mma.sync, sm_80+);
+ * float32 (and float16 before sm_80) on CUDA cores. Masked keys are skipped, never read: NaN/Inf
+ * in their slots of k and v does not reach the output.
  * A query row whose keys are all masked (or Nk = 0) gets zeros, as the exported ONNX graph does
  * (its IsNaN -> Where after the softmax); every element of `out` is written.
  *
@@ -61,6 +63,13 @@ typedef enum iwarp_mask_type
     IWARP_MASK_BOOL = 2     /* bool / uint8 (B, Nk): nonzero = attend (the PyTorch op's form) */
 } iwarp_mask_type;
 
+typedef enum iwarp_kernel
+{
+    IWARP_KERNEL_AUTO = 0,        /* tensor cores for float16/bfloat16 on sm_80+, else SIMT */
+    IWARP_KERNEL_SIMT = 1,        /* CUDA cores, float32 accumulate (float32, float16) */
+    IWARP_KERNEL_TENSOR_CORES = 2 /* mma.sync m16n8k16, float32 accumulate (float16, bfloat16) */
+} iwarp_kernel;
+
 typedef struct iwarp_attention_params
 {
     int batch;       /* B */
@@ -84,6 +93,8 @@ typedef struct iwarp_attention_params
     /* 0: choose the split count with the heuristic; 1: never split; n > 1: use n (clamped to
      * IWARP_ATTENTION_MAX_SPLITS, the number of key tiles and the workspace). */
     int num_splits;
+    /* iwarp_kernel: which kernel runs it (AUTO: the faster one the device allows). */
+    int kernel;
 } iwarp_attention_params;
 
 /* Launches the attention (and, when the key axis is split, the combine kernel) on `stream`.
@@ -101,7 +112,11 @@ size_t iwarp_attention_workspace_size(int batch, int num_queries, int value_dim,
  * getWorkspaceSize). */
 size_t iwarp_attention_workspace_bound(int max_batch, int max_queries, int value_dim, int sm_count);
 
-/* Dynamic shared memory the kernel needs for (d, dv), in bytes. */
+/* The kernel (iwarp_kernel) that iwarp_attention_forward runs for these params on the current
+ * device; -1 when none can (e.g. bfloat16 before sm_80). Reads only the shape/dtype fields. */
+int iwarp_attention_selected_kernel(iwarp_attention_params const* params);
+
+/* Dynamic shared memory the SIMT kernel needs for (d, dv), in bytes. */
 size_t iwarp_attention_smem_bytes(int head_dim, int value_dim);
 
 #ifdef __cplusplus

@@ -1,12 +1,15 @@
 /*
  * The fused attention kernel as a PyTorch op:
  *
- *   torch.ops.iwarp.attention(q, k, v, mask=None, scale=0.0) -> Tensor
- *     q (B, Nq, d), k (B, Nk, d), v (B, Nk, dv): CUDA, float32 or float16 (one dtype)
+ *   torch.ops.iwarp.attention(q, k, v, mask=None, scale=0.0, kernel=0) -> Tensor
+ *     q (B, Nq, d), k (B, Nk, d), v (B, Nk, dv): CUDA, float32, float16 or bfloat16 (one dtype)
  *     mask (B, Nk) or (1, Nk): bool (True = attend) or float (nonzero = attend), or None
- *     scale <= 0: 1/sqrt(d)
+ *     scale <= 0: 1/sqrt(d); kernel: 0 auto (tensor cores for fp16/bf16 on sm_80+), 1 SIMT,
+ *     2 tensor cores (iwarp_kernel)
  *     -> (B, Nq, dv), same dtype as q; rows with every key masked are zeros
- *   torch.ops.iwarp.attention_out(q, k, v, mask, scale, out) -> out   (writes into `out`)
+ *   torch.ops.iwarp.attention_out(q, k, v, mask, scale, out, kernel=0) -> out  (writes into `out`)
+ *   torch.ops.iwarp.selected_kernel(q, v, kernel=0) -> int   which kernel runs q/v's shape here
+ *                                                            (1 SIMT, 2 tensor cores, -1 none)
  *
  * Same semantics as iwarp.model.warp.attention (F.scaled_dot_product_attention with a bool
  * mask), one kernel, no (Nq x Nk) matrix in memory. Runs on the current CUDA stream, so it can
@@ -29,8 +32,8 @@ namespace
 void check_inputs(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, std::optional<at::Tensor> const& mask)
 {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "iwarp::attention: q, k, v must be 3-D");
-    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf,
-        "iwarp::attention: float32 or float16 inputs, got ", q.scalar_type());
+    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+        "iwarp::attention: float32, float16 or bfloat16 inputs, got ", q.scalar_type());
     TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
         "iwarp::attention: q, k, v must have one dtype");
     TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "iwarp::attention: batch sizes differ");
@@ -46,8 +49,13 @@ void check_inputs(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
     }
 }
 
+iwarp_dtype kernel_dtype(at::ScalarType t)
+{
+    return t == at::kHalf ? IWARP_DTYPE_FLOAT16 : t == at::kBFloat16 ? IWARP_DTYPE_BFLOAT16 : IWARP_DTYPE_FLOAT32;
+}
+
 at::Tensor& attention_out_cuda(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
-    std::optional<at::Tensor> const& mask, double scale, at::Tensor& out)
+    std::optional<at::Tensor> const& mask, double scale, at::Tensor& out, int64_t kernel)
 {
     check_inputs(q, k, v, mask);
     TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "iwarp::attention: CUDA tensors expected");
@@ -84,10 +92,9 @@ at::Tensor& attention_out_cuda(at::Tensor const& q, at::Tensor const& k, at::Ten
     int sm_count = 0;
     cudaError_t attr_err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device());
     TORCH_CHECK(attr_err == cudaSuccess, "iwarp::attention: ", cudaGetErrorString(attr_err));
-    int const splits = iwarp_attention_choose_splits(
-        static_cast<int>(batch), static_cast<int>(nq), static_cast<int>(nk), static_cast<int>(dv), sm_count);
-    size_t const ws_bytes
-        = iwarp_attention_workspace_size(static_cast<int>(batch), static_cast<int>(nq), static_cast<int>(dv), splits);
+    // Enough for the split count either kernel's heuristic picks (it clamps to what it gets).
+    size_t const ws_bytes = iwarp_attention_workspace_bound(
+        static_cast<int>(batch), static_cast<int>(nq), static_cast<int>(dv), sm_count);
     at::Tensor workspace;
     if (ws_bytes > 0)
     {
@@ -101,7 +108,7 @@ at::Tensor& attention_out_cuda(at::Tensor const& q, at::Tensor const& k, at::Ten
     p.head_dim = static_cast<int>(q.size(2));
     p.value_dim = static_cast<int>(dv);
     p.scale = static_cast<float>(scale);
-    p.dtype = q.scalar_type() == at::kHalf ? IWARP_DTYPE_FLOAT16 : IWARP_DTYPE_FLOAT32;
+    p.dtype = kernel_dtype(q.scalar_type());
     p.mask_type = mask_type;
     p.mask_broadcast = (mask.has_value() && mask->size(0) == 1 && batch > 1) ? 1 : 0;
     p.q = qc.data_ptr();
@@ -111,7 +118,8 @@ at::Tensor& attention_out_cuda(at::Tensor const& q, at::Tensor const& k, at::Ten
     p.out = out.data_ptr();
     p.workspace = workspace.defined() ? workspace.data_ptr() : nullptr;
     p.workspace_bytes = ws_bytes;
-    p.num_splits = splits;
+    p.num_splits = 0;
+    p.kernel = static_cast<int>(kernel);
     cudaError_t const err = iwarp_attention_forward(&p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "iwarp::attention: ", cudaGetErrorString(err), " (B=", batch, ", Nq=", nq,
         ", Nk=", nk, ", d=", q.size(2), ", dv=", dv, ")");
@@ -119,17 +127,31 @@ at::Tensor& attention_out_cuda(at::Tensor const& q, at::Tensor const& k, at::Ten
 }
 
 at::Tensor attention_cuda(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
-    std::optional<at::Tensor> const& mask, double scale)
+    std::optional<at::Tensor> const& mask, double scale, int64_t kernel)
 {
     check_inputs(q, k, v, mask);
     at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-    attention_out_cuda(q, k, v, mask, scale, out);
+    attention_out_cuda(q, k, v, mask, scale, out, kernel);
     return out;
+}
+
+int64_t selected_kernel(at::Tensor const& q, at::Tensor const& v, int64_t kernel)
+{
+    TORCH_CHECK(q.dim() == 3 && v.dim() == 3 && q.is_cuda(), "iwarp::selected_kernel: 3-D CUDA q and v");
+    c10::cuda::CUDAGuard guard(q.device());
+    iwarp_attention_params p{};
+    p.batch = static_cast<int>(q.size(0));
+    p.num_queries = static_cast<int>(q.size(1));
+    p.head_dim = static_cast<int>(q.size(2));
+    p.value_dim = static_cast<int>(v.size(2));
+    p.dtype = kernel_dtype(q.scalar_type());
+    p.kernel = static_cast<int>(kernel);
+    return iwarp_attention_selected_kernel(&p);
 }
 
 // Shapes only, for torch.compile / fake tensors.
 at::Tensor attention_meta(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
-    std::optional<at::Tensor> const& mask, double /*scale*/)
+    std::optional<at::Tensor> const& mask, double /*scale*/, int64_t /*kernel*/)
 {
     check_inputs(q, k, v, mask);
     return at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
@@ -139,14 +161,17 @@ at::Tensor attention_meta(at::Tensor const& q, at::Tensor const& k, at::Tensor c
 
 TORCH_LIBRARY(iwarp, m)
 {
-    m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float scale=0.0) -> Tensor");
-    m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out) -> Tensor(a!)");
+    m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float scale=0.0, int kernel=0) -> Tensor");
+    m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, int kernel=0) "
+          "-> Tensor(a!)");
+    m.def("selected_kernel(Tensor q, Tensor v, int kernel=0) -> int");
 }
 
 TORCH_LIBRARY_IMPL(iwarp, CUDA, m)
 {
     m.impl("attention", &attention_cuda);
     m.impl("attention_out", &attention_out_cuda);
+    m.impl("selected_kernel", &selected_kernel);
 }
 
 TORCH_LIBRARY_IMPL(iwarp, Meta, m)
