@@ -132,9 +132,10 @@ async def _inner(out: Path) -> None:
     from PIL import Image
     from playwright.async_api import async_playwright
 
+    from iwarp.graphs import tensor_to_image
     from iwarp.media import read_image, synthetic_driving_frames, write_y4m
     from iwarp.paths import DEFAULT_AVATAR
-    from iwarp.runtime.animator import Animator, to_frame
+    from iwarp.runtime.animator import Animator
     from iwarp.runtime.backends.torch_backend import TorchBackend
     from iwarp.streaming.client import StreamingClient
     from iwarp.streaming.server import API_KEY, ServerConfig, create_app
@@ -237,7 +238,7 @@ async def _inner(out: Path) -> None:
             for _ in range(5):
                 grab = await page.evaluate(GRAB_JS, 32)
                 shown = np.array(grab["data"], np.float32).reshape(32, 32, 4)[:, :, :3]
-                produced = [_small(to_frame(o)) for o in list(backend.outputs)]
+                produced = [_small(tensor_to_image(o[0])) for o in list(backend.outputs)]
                 to_avatar = min(float(np.abs(shown - p).mean()) for p in produced)
                 to_camera = min(float(np.abs(shown - c).mean()) for c in cams)
                 distances.append((round(to_avatar, 1), round(to_camera, 1)))

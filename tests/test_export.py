@@ -24,6 +24,7 @@ from iwarp.config import get_config
 from iwarp.engine_build import ATTENTION_NODE, ATTENTION_SCOPE, check_build, load_metadata
 from iwarp.engine_build.export import INPUTS, example_inputs, graph_path, ort_session
 from iwarp.errors import CheckpointError
+from iwarp.graphs import graph_specs
 from iwarp.media import make_test_clip, read_image, read_video
 from iwarp.model import ImplicitWarpingNetwork, Keypoints, SourceSet
 from iwarp.paths import DEFAULT_AVATAR
@@ -186,6 +187,10 @@ def test_metadata(build, ckpt):
         "key_mask": ("bool", ["batch", "tokens"]),
     }
     assert io("animator", "outputs") == {"image": ("float32", ["batch", 3, SIZE, SIZE])}
+    # The exported graphs are exactly the contract that every consumer reads (iwarp.graphs).
+    for name, spec in graph_specs(config.model).items():
+        assert graphs[name]["inputs"] == [t.as_dict() for t in spec.inputs], name
+        assert graphs[name]["outputs"] == [t.as_dict() for t in spec.outputs], name
     for info in graphs.values():
         assert set(info["max_abs_error"]) == {"random", "real"}
         assert max(info["max_abs_error"].values()) < 1e-3

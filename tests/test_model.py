@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from iwarp.config import Config, ModelConfig, get_config
 from iwarp.errors import CheckpointError
-from iwarp.model import ImplicitWarpingNetwork, Keypoints, SourceSet, relative_keypoints
+from iwarp.model import ImplicitWarpingNetwork, SourceSet
 from iwarp.model.keypoints import keypoint_maps
 from iwarp.model.warp import attention
 from iwarp.train.losses import equivariance_loss
@@ -353,23 +353,6 @@ def test_spatial_reduction_reduces_key_tokens() -> None:
     pix = s_full.pixels[:, : g * g].reshape(2, g, g, p).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(pix, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(s_red.pixels[:, : (g // 2) ** 2], pooled, rtol=1e-5, atol=1e-6)
-
-
-# ------------------------------------------------------------------------ relative keypoints
-
-
-def test_relative_keypoints_arithmetic() -> None:
-    source = Keypoints(torch.tensor([[[0.1, 0.2], [-0.5, 0.5]]]), torch.tensor([[0.5, 0.9]]))
-    reference = Keypoints(torch.tensor([[[0.0, 0.0], [0.3, 0.3]]]), torch.tensor([[0.4, 0.4]]))
-    driving = Keypoints(torch.tensor([[[0.2, -0.1], [0.3, 0.4]]]), torch.tensor([[0.1, 0.8]]))
-    rel = relative_keypoints(source, driving, reference)
-    torch.testing.assert_close(rel.points, torch.tensor([[[0.3, 0.1], [-0.5, 0.6]]]))
-    # 0.5 + (0.1 - 0.4) = 0.2; 0.9 + (0.8 - 0.4) = 1.3 -> clamped to 1.
-    torch.testing.assert_close(rel.strength, torch.tensor([[0.2, 1.0]]))
-    # Driving == reference: the source keypoints come back unchanged.
-    same = relative_keypoints(source, reference, reference)
-    torch.testing.assert_close(same.points, source.points)
-    torch.testing.assert_close(same.strength, source.strength)
 
 
 # ---------------------------------------------------------------------------------- configs

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from iwarp import graphs
 from iwarp.errors import InputError, NoFaceError
-from iwarp.runtime.animator import to_input  # the runtime's own preprocessing
+from iwarp.graphs import image_to_tensor
 
 CACHE_FORMAT = "iwarp-calibration-cache/1"
 MIN_FRAMES = 16  # fewer frames than this cannot calibrate activation ranges
@@ -73,7 +74,7 @@ class FrameSet:
     source_strength: np.ndarray | None = None  # (A, M, K)
     keys: np.ndarray | None = None  # (A, M * T, d)
     values: np.ndarray | None = None  # (A, M * T, dv)
-    pixels: np.ndarray | None = None  # (A, M * T, 3)
+    pixels: np.ndarray | None = None  # (A, M * T, p)
 
     def __len__(self) -> int:
         return len(self.driving)
@@ -104,7 +105,7 @@ class FrameSet:
     # -- graph inputs (batch 1, float32, as the runtime feeds them) ----------------------------
     def keypoint_feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for image in self.all_images():
-            yield {"image": to_input(image)}
+            yield graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(image))
 
     def source_feeds(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Avatar frames first, then driving frames (any face crop is a valid source)."""
@@ -117,7 +118,9 @@ class FrameSet:
         ]
         items += list(zip(self.driving, self.points, self.strength, strict=True))
         for image, points, strength in items[:limit]:
-            yield {"image": to_input(image), "keypoints": points[None], "strength": strength[None]}
+            yield graphs.feeds(
+                graphs.SOURCE_ENCODER_GRAPH, image_to_tensor(image), points[None], strength[None]
+            )
 
     def animator_feeds(self) -> Iterator[dict[str, np.ndarray]]:
         self._need_annotations()
@@ -133,16 +136,21 @@ class FrameSet:
     ) -> dict[str, np.ndarray]:
         """Animator inputs of driving frame i; `rows` replaces the stored key/value rows."""
         self._need_annotations()
-        rows = rows or {"keys": self.keys, "values": self.values, "pixels": self.pixels}
+        rows = rows or self.rows()
         a = int(self.avatar[i])
-        tokens = self.num_sources(i) * (rows["keys"].shape[1] // self.sources_per_avatar)
-        feed = {k: np.ascontiguousarray(rows[k][a : a + 1, :tokens]) for k in rows}
-        return {
-            "keypoints": np.ascontiguousarray(points[None], np.float32),
-            "strength": np.ascontiguousarray(strength[None], np.float32),
-            **feed,
-            "key_mask": np.ones((1, tokens), dtype=bool),
-        }
+        tokens = self.num_sources(i) * (rows[graphs.KEYS].shape[1] // self.sources_per_avatar)
+        return graphs.feeds(
+            graphs.ANIMATOR_GRAPH,
+            np.ascontiguousarray(points[None], np.float32),
+            np.ascontiguousarray(strength[None], np.float32),
+            *(np.ascontiguousarray(rows[k][a : a + 1, :tokens]) for k in graphs.AVATAR_ROWS),
+            np.ones((1, tokens), dtype=bool),
+        )
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The FP32 source encoder's rows of every avatar, {keys, values, pixels}: (A, M*T, .)."""
+        self._need_annotations()
+        return {k: getattr(self, k) for k in graphs.AVATAR_ROWS}
 
     def all_images(self) -> list[np.ndarray]:
         return list(self.driving) + list(self.sources.reshape(-1, *self.sources.shape[2:]))
@@ -150,11 +158,6 @@ class FrameSet:
     def _need_annotations(self) -> None:
         if not self.annotated:
             raise RuntimeError("FrameSet.annotate() must run before the graph inputs are read")
-
-
-def to_inputs(images: np.ndarray) -> np.ndarray:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1]."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 
 # --------------------------------------------------------------------------- collection
@@ -321,7 +324,8 @@ def annotate(
     steps = range(0, len(images), batch)
     points, strength = [], []
     for start in tqdm(steps, desc=f"keypoints {label}".strip(), disable=not show_progress):
-        p, s = sessions["keypoints"].run(None, {"image": to_inputs(images[start : start + batch])})
+        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(images[start : start + batch]))
+        p, s = sessions[graphs.KEYPOINTS_GRAPH].run(None, feeds)
         points.append(p)
         strength.append(s)
     p_all, s_all = np.concatenate(points), np.concatenate(strength)
@@ -329,19 +333,18 @@ def annotate(
     fs.points, fs.strength = p_all[:n], s_all[:n]
     fs.source_points = p_all[n:].reshape(a, m, *p_all.shape[1:])
     fs.source_strength = s_all[n:].reshape(a, m, *s_all.shape[1:])
-    rows: dict[str, list[np.ndarray]] = {"keys": [], "values": [], "pixels": []}
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in graphs.AVATAR_ROWS}
     for i in tqdm(range(a), desc=f"avatars {label}".strip(), disable=not show_progress):
-        out = sessions["source_encoder"].run(
-            None,
-            {
-                "image": to_inputs(fs.sources[i]),
-                "keypoints": fs.source_points[i],
-                "strength": fs.source_strength[i],
-            },
+        feeds = graphs.feeds(
+            graphs.SOURCE_ENCODER_GRAPH,
+            image_to_tensor(fs.sources[i]),
+            fs.source_points[i],
+            fs.source_strength[i],
         )
-        for name, value in zip(("keys", "values", "pixels"), out, strict=True):
+        out = sessions[graphs.SOURCE_ENCODER_GRAPH].run(None, feeds)
+        for name, value in zip(graphs.AVATAR_ROWS, out, strict=True):
             rows[name].append(value.reshape(1, -1, value.shape[-1]))  # M sources -> one avatar
-    fs.keys, fs.values, fs.pixels = (np.concatenate(rows[k]) for k in ("keys", "values", "pixels"))
+    fs.keys, fs.values, fs.pixels = (np.concatenate(rows[k]) for k in graphs.AVATAR_ROWS)
     return fs
 
 

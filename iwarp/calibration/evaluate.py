@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from iwarp.calibration.data import FrameSet, to_input, to_inputs
+from iwarp import graphs
+from iwarp.calibration.data import FrameSet
 from iwarp.engine_build.tensorrt_build import psnr
-
-ROWS = ("keys", "values", "pixels")
+from iwarp.graphs import AVATAR_ROWS as ROWS
+from iwarp.graphs import image_to_tensor
 
 
 def session(path: str | Path, threads: int, emulate: bool = False) -> Any:
@@ -52,7 +53,8 @@ def detect(sess: Any, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, n
     """Keypoints of (B, S, S, 3) uint8 images."""
     points, strength = [], []
     for start in range(0, len(images), batch):
-        p, s = sess.run(None, {"image": to_inputs(images[start : start + batch])})
+        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(images[start : start + batch]))
+        p, s = sess.run(None, feeds)
         points.append(p)
         strength.append(s)
     return np.concatenate(points), np.concatenate(strength)
@@ -64,7 +66,8 @@ def encode(
     """Key/value/pixel rows (A, M*T, .) of every avatar, from the given source keypoints."""
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ROWS}
     for a in range(fs.sources.shape[0]):
-        feeds = {"image": to_inputs(fs.sources[a]), "keypoints": points[a], "strength": strength[a]}
+        image = image_to_tensor(fs.sources[a])
+        feeds = graphs.feeds(graphs.SOURCE_ENCODER_GRAPH, image, points[a], strength[a])
         for name, value in zip(ROWS, sess.run(None, feeds), strict=True):
             rows[name].append(value.reshape(1, -1, value.shape[-1]))
     return {k: np.concatenate(v) for k, v in rows.items()}
@@ -132,8 +135,7 @@ def run_variant(sessions: dict[str, Any], fs: FrameSet, reference: dict[str, Any
 def reference_outputs(sessions: dict[str, Any], fs: FrameSet) -> Outputs:
     """The FP32 graphs: their inputs are the cache's, so only the animator needs running."""
     image = animate(sessions["animator"], fs, fs.points, fs.strength)
-    rows = {k: getattr(fs, k) for k in ROWS}
-    return Outputs(fs.points, fs.strength, rows, image, image, image)
+    return Outputs(fs.points, fs.strength, fs.rows(), image, image, image)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -192,7 +194,7 @@ def end_to_end_metrics(
     perceptual: PerceptualDistance | None,
 ) -> dict[str, float | None]:
     assert out.image_e2e is not None and ref.image_e2e is not None
-    truth = to_inputs(fs.driving)
+    truth = image_to_tensor(fs.driving)
     per = frame_psnr(out.image_e2e, ref.image_e2e)
     return {
         "psnr_db": psnr(out.image_e2e, ref.image_e2e),
@@ -258,13 +260,16 @@ def latency_feeds(fs: FrameSet) -> dict[str, dict[str, np.ndarray]]:
     """Batch-1 inputs of each graph from a real evaluation frame (a 1-source avatar)."""
     feed = fs.animator_feed(0, fs.points[0], fs.strength[0])  # frame 0: one source
     return {
-        "keypoints": {"image": to_input(fs.driving[0])},
-        "source_encoder": {
-            "image": to_input(fs.sources[0, 0]),
-            "keypoints": fs.source_points[0, :1],
-            "strength": fs.source_strength[0, :1],
-        },
-        "animator": feed,
+        graphs.KEYPOINTS_GRAPH: graphs.feeds(
+            graphs.KEYPOINTS_GRAPH, image_to_tensor(fs.driving[0])
+        ),
+        graphs.SOURCE_ENCODER_GRAPH: graphs.feeds(
+            graphs.SOURCE_ENCODER_GRAPH,
+            image_to_tensor(fs.sources[0, 0]),
+            fs.source_points[0, :1],
+            fs.source_strength[0, :1],
+        ),
+        graphs.ANIMATOR_GRAPH: feed,
     }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-GRAPHS = ("keypoints", "source_encoder", "animator")
+from iwarp.graphs import GRAPHS, tensor_to_image
 
 
 def write_json(path: Path, report: dict[str, Any]) -> Path:
@@ -72,9 +72,7 @@ def write_grid(
     return path
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, 3, S, S) float in [0, 1] -> (N, S, S, 3) uint8."""
-    return (np.clip(images.transpose(0, 2, 3, 1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+to_uint8 = tensor_to_image  # (N, 3, S, S) float in [0, 1] -> (N, S, S, 3) uint8
 
 
 # --------------------------------------------------------------------------- markdown

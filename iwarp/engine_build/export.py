@@ -1,12 +1,8 @@
 """ONNX export: the network as three graphs plus `metadata.json`.
 
-    keypoints.onnx       image (B, 3, S, S) in [0, 1]     -> keypoints (B, K, 2), strength (B, K)
-    source_encoder.onnx  image, keypoints, strength       -> keys (B, T, d), values (B, T, dv),
-                                                             pixels (B, T, p)
-    animator.onnx        keypoints, strength (driving) +
-                         keys, values, pixels (B, NT, .),
-                         key_mask (B, NT) bool             -> image (B, 3, S, S) in [0, 1]
+    keypoints.onnx, source_encoder.onnx, animator.onnx
 
+Their inputs and outputs (names, shapes, dtypes) are the contract in `iwarp.graphs`.
 An avatar of N photos runs `source_encoder` once per photo and concatenates the rows along the
 token axis (NT = N * T); `key_mask` is bool, True where a token may be attended to. Batch B is
 dynamic in all three graphs and NT in the animator.
@@ -43,11 +39,29 @@ import numpy as np
 import iwarp
 from iwarp.config import Config
 from iwarp.errors import CheckpointError, IwarpError
+from iwarp.graphs import (
+    ANIMATOR_GRAPH,
+    BATCH,
+    GRAPHS,
+    IMAGE,
+    INPUTS,
+    KEY_MASK,
+    KEYPOINTS,
+    KEYPOINTS_GRAPH,
+    KEYS,
+    PIXELS,
+    SOURCE_ENCODER_GRAPH,
+    STRENGTH,
+    TOKENS,
+    VALUES,
+    graph_specs,
+    image_to_tensor,
+)
+from iwarp.graphs import feeds as graph_feeds
 
 FORMAT = "iwarp-onnx/1"
 DEFAULT_OPSET = 23
 MIN_OPSET = 18  # the dynamo exporter's floor
-GRAPHS = ("keypoints", "source_encoder", "animator")
 METADATA = "metadata.json"
 ATTENTION_SCOPE = "iwarp/attention"
 ATTENTION_NODE = f"{ATTENTION_SCOPE}/Attention"
@@ -55,17 +69,6 @@ FP32_TOLERANCE = 1e-3
 # Example sizes traced by torch.export: dims of size 0/1 would be specialised, so use 2.
 _EXAMPLE_BATCH = 2
 _EXAMPLE_SOURCES = 2
-
-INPUTS = {
-    "keypoints": ("image",),
-    "source_encoder": ("image", "keypoints", "strength"),
-    "animator": ("keypoints", "strength", "keys", "values", "pixels", "key_mask"),
-}
-OUTPUTS = {
-    "keypoints": ("keypoints", "strength"),
-    "source_encoder": ("keys", "values", "pixels"),
-    "animator": ("image",),
-}
 
 
 def graph_path(build_dir: str | Path, graph: str) -> Path:
@@ -304,30 +307,37 @@ def example_inputs(
     config: Config, graph: str, batch: int, sources: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Random inputs of the right shapes and ranges for one graph (numpy, float32/bool)."""
-    m = config.model
     rng = np.random.default_rng(seed)
-    s, k, t = m.image_size, m.num_keypoints, m.tokens_per_source * sources
-
-    def f32(x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float32)
-
-    kp = {
-        "keypoints": f32(rng.uniform(-0.8, 0.8, (batch, k, 2))),
-        "strength": f32(rng.uniform(0.05, 1.0, (batch, k))),
+    spec = graph_specs(config.model)[graph]
+    dims = {BATCH: batch, TOKENS: config.model.tokens_per_source * sources}
+    # Ranges as the runtime sees them: images and pixel rows in [0, 1], keypoints inside the
+    # frame, strengths away from 0, keys and values roughly unit-scaled.
+    ranges = {
+        IMAGE: (rng.uniform, 0.0, 1.0),
+        KEYPOINTS: (rng.uniform, -0.8, 0.8),
+        STRENGTH: (rng.uniform, 0.05, 1.0),
+        PIXELS: (rng.uniform, 0.0, 1.0),
+        KEYS: (rng.normal, 0.0, 1.0),  # the same draws as standard_normal
+        VALUES: (rng.normal, 0.0, 1.0),
     }
-    if graph == "keypoints":
-        return {"image": f32(rng.uniform(0, 1, (batch, 3, s, s)))}
-    if graph == "source_encoder":
-        return {"image": f32(rng.uniform(0, 1, (batch, 3, s, s))), **kp}
-    mask = rng.uniform(size=(batch, t)) > 0.1
-    mask[:, 0] = True
-    return {
-        **kp,
-        "keys": f32(rng.standard_normal((batch, t, m.attn_dim))),
-        "values": f32(rng.standard_normal((batch, t, m.value_dim))),
-        "pixels": f32(rng.uniform(0, 1, (batch, t, m.pixel_dim))),
-        "key_mask": mask,
-    }
+    # Drawn in one fixed order (the driving keypoints always first), so that the inputs of a
+    # seed stay the same whichever graph asks.
+    order = (KEYPOINTS, STRENGTH, IMAGE, KEY_MASK, KEYS, VALUES, PIXELS)
+    kp_specs = graph_specs(config.model)[KEYPOINTS_GRAPH].outputs
+    specs = {t.name: t for t in (*kp_specs, *spec.inputs)}
+    drawn: dict[str, np.ndarray] = {}
+    for name in order:
+        if name not in specs:
+            continue
+        shape = specs[name].concrete(**dims)
+        if name == KEY_MASK:
+            mask = rng.uniform(size=shape) > 0.1
+            mask[:, 0] = True  # every row attends to something
+            drawn[name] = mask
+        else:
+            draw, low, high = ranges[name]
+            drawn[name] = draw(low, high, shape).astype(specs[name].dtype)
+    return {n: drawn[n] for n in spec.input_names}
 
 
 @contextlib.contextmanager
@@ -350,14 +360,13 @@ def _export_graph(module: Any, graph: str, config: Config, opset: int) -> Any:
     import torch
     from torch.export import Dim
 
-    batch = Dim("batch")
-    tokens = Dim("tokens")
-    sources = _EXAMPLE_SOURCES if graph == "animator" else 1
+    spec = graph_specs(config.model)[graph]
+    dims = {BATCH: Dim(BATCH), TOKENS: Dim(TOKENS)}  # one Dim object per symbolic name
+    sources = _EXAMPLE_SOURCES if graph == ANIMATOR_GRAPH else 1
     feeds = example_inputs(config, graph, _EXAMPLE_BATCH, sources)
-    args = tuple(torch.from_numpy(feeds[n]) for n in INPUTS[graph])
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     dynamic = {
-        n: ({0: batch, 1: tokens} if n in ("keys", "values", "pixels", "key_mask") else {0: batch})
-        for n in INPUTS[graph]
+        t.name: {axis: dims[name] for axis, name in t.dynamic_axes.items()} for t in spec.inputs
     }
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -365,8 +374,8 @@ def _export_graph(module: Any, graph: str, config: Config, opset: int) -> Any:
             args,
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUTS[graph]),
-            output_names=list(OUTPUTS[graph]),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
             dynamic_shapes=dynamic,
             optimize=True,
             verbose=False,
@@ -376,7 +385,7 @@ def _export_graph(module: Any, graph: str, config: Config, opset: int) -> Any:
     model.doc_string = (
         f"iwarp {iwarp.__version__} {graph}: {config.name} {config.model.image_size}px"
     )
-    if graph == "animator":
+    if graph == ANIMATOR_GRAPH:
         _tag_attention(model, config.model.grid_size**2)
     import onnx
 
@@ -466,6 +475,10 @@ def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None 
     # 256 px, 2 threads, keypoints + animator: 40.9 ms spinning, 20.8 ms without.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Subnormal floats (the peaked attention softmax makes them) are flushed to zero on the
+    # pool threads: Intel cores are several times slower on them (iwarp.runtime.backends.
+    # denormals; the backends also flush the calling thread).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     providers = providers or ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), so, providers=providers)
@@ -494,11 +507,7 @@ def _real_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     else:  # cannot happen with the packaged photo; keep the check usable anyway
         crop = synthetic_driving_frames(photo, 1, size)[0]
     moved = synthetic_driving_frames(crop, 8, size)
-
-    def chw(images: list[np.ndarray]) -> np.ndarray:
-        return np.stack([i.astype(np.float32) / 255.0 for i in images]).transpose(0, 3, 1, 2)
-
-    return chw([crop]), chw([moved[1], moved[3], moved[6]])
+    return image_to_tensor(crop), image_to_tensor(np.stack([moved[1], moved[3], moved[6]]))
 
 
 def check_parity(
@@ -521,36 +530,29 @@ def check_parity(
 
     errors: dict[str, dict[str, float]] = {g: {} for g in GRAPHS}
     for graph in GRAPHS:
-        sources = 3 if graph == "animator" else 1
+        sources = 3 if graph == ANIMATOR_GRAPH else 1
         errors[graph]["random"] = compare(graph, example_inputs(config, graph, 2, sources))[0]
 
     # Real inputs: the packaged face, detected, encoded as an avatar of 3 sources, animated.
     crop, avatar = _real_images(net.config.image_size)
-    err, (points, strength) = compare("keypoints", {"image": crop})
-    errors["keypoints"]["real"] = err
+    err, (points, strength) = compare(KEYPOINTS_GRAPH, {IMAGE: crop})
+    errors[KEYPOINTS_GRAPH]["real"] = err
     worst, rows = 0.0, []
     with torch.no_grad():
         kp = net.detect(torch.from_numpy(avatar))
     for i in range(avatar.shape[0]):
-        feeds = {
-            "image": avatar[i : i + 1],
-            "keypoints": kp.points[i : i + 1].numpy(),
-            "strength": kp.strength[i : i + 1].numpy(),
-        }
-        err, ref = compare("source_encoder", feeds)
+        one = slice(i, i + 1)
+        feeds = graph_feeds(
+            SOURCE_ENCODER_GRAPH, avatar[one], kp.points[one].numpy(), kp.strength[one].numpy()
+        )
+        err, ref = compare(SOURCE_ENCODER_GRAPH, feeds)
         worst = max(worst, err)
         rows.append(ref)
-    errors["source_encoder"]["real"] = worst
+    errors[SOURCE_ENCODER_GRAPH]["real"] = worst
     keys, values, pixels = (np.concatenate([r[j] for r in rows], axis=1) for j in range(3))
-    feeds = {
-        "keypoints": points,
-        "strength": strength,
-        "keys": keys,
-        "values": values,
-        "pixels": pixels,
-        "key_mask": np.ones(keys.shape[:2], dtype=bool),
-    }
-    errors["animator"]["real"] = compare("animator", feeds)[0]
+    mask = np.ones(keys.shape[:2], dtype=bool)
+    feeds = graph_feeds(ANIMATOR_GRAPH, points, strength, keys, values, pixels, mask)
+    errors[ANIMATOR_GRAPH]["real"] = compare(ANIMATOR_GRAPH, feeds)[0]
     if show_progress:
         for graph in GRAPHS:
             e = errors[graph]

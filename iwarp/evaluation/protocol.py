@@ -40,10 +40,11 @@ from iwarp.evaluation.metrics import (
     psnr,
     ssim,
 )
+from iwarp.graphs import image_to_tensor
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
-from iwarp.model.network import relative_keypoints
 from iwarp.model.warp import SourceSet
+from iwarp.motion import relative_motion
 from iwarp.train.plots import to_uint8
 
 METHODS = ("model", "average", "copy_source", "copy_nearest")
@@ -116,7 +117,7 @@ def expand_source(source: SourceSet, batch: int) -> SourceSet:
 
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.from_numpy(image_to_tensor(frames))
 
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
@@ -269,11 +270,20 @@ class Evaluator:
             reference.points.expand(len(targets), -1, -1),
             reference.strength.expand(len(targets), -1),
         )
+        # The product's rule (iwarp.motion), with the driving clip's first frame as neutral.
+        rel_kp = Keypoints(
+            *relative_motion(
+                src_kp.points,
+                src_kp.strength,
+                drv_kp.points,
+                drv_kp.strength,
+                ref_kp.points,
+                ref_kp.strength,
+            )
+        )
         outputs = {
             "absolute": self._animate(source_set, driving, drv_kp),
-            "relative": self._animate(
-                source_set, driving, relative_keypoints(src_kp, drv_kp, ref_kp)
-            ),
+            "relative": self._animate(source_set, driving, rel_kp),
         }
         avatar_id = self.faces.descriptor(avatar_img)
         # References for the scale of the score: other frames of the avatar's own clip (same

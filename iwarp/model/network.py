@@ -111,14 +111,3 @@ class ImplicitWarpingNetwork(nn.Module):
         source = self.encode_sources(sources)
         kp = self.detect(driving)
         return self.animate(source, kp, source_dropout), kp, source
-
-
-def relative_keypoints(source: Keypoints, driving: Keypoints, reference: Keypoints) -> Keypoints:
-    """Moves the source keypoints by the driving keypoints' displacement from a reference.
-
-    All three are (B, K, 2) / (B, K). Strength follows the driving frame (it carries
-    expression: an open mouth), scaled by how it changed relative to the reference.
-    """
-    points = source.points + (driving.points - reference.points)
-    strength = (source.strength + (driving.strength - reference.strength)).clamp(0.0, 1.0)
-    return Keypoints(points, strength)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,19 +29,11 @@ from iwarp.face import (
     detect_face_or_raise,
     face_crop_box,
 )
+from iwarp.graphs import image_to_tensor, tensor_to_image
 from iwarp.media import read_image, to_rgb
+from iwarp.motion import relative_motion
 from iwarp.runtime.avatar_store import AvatarRecord, AvatarStore
 from iwarp.runtime.backends import AvatarFeatures, Backend, create_backend
-
-
-def to_input(image: np.ndarray) -> np.ndarray:
-    """(S, S, 3) uint8 -> (1, 3, S, S) float32 in [0, 1]."""
-    return (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
-
-
-def to_frame(image: np.ndarray) -> np.ndarray:
-    """(1, 3, S, S) float in [0, 1] -> (S, S, 3) uint8."""
-    return (np.clip(image[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 @dataclass
@@ -71,26 +64,49 @@ class DrivingStream:
     last_pose: tuple[np.ndarray, np.ndarray] | None = None  # what was animated last
     last_driving: tuple[np.ndarray, np.ndarray] | None = None  # raw pose of the last face seen
     times: StageTimes = field(default_factory=StageTimes)
+    # Fields that stay with the process that made them (not part of `motion_state`).
+    local_fields: ClassVar[tuple[str, ...]] = ("animator", "tracker", "times")
 
     def __post_init__(self) -> None:
         # Keypoints move in [-1, 1]; a low cutoff removes detector jitter, beta keeps fast
         # motion (a quick turn, a mouth opening) from lagging.
         self.filter = OneEuroFilter(min_cutoff=1.5, beta=8.0)
 
-    def driving_pose(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Face-tracked keypoints of a driving frame, or None when no face is in view."""
+    # The frame path in three steps: face_crop (face tracking, no network) -> crop_pose
+    # (keypoints) -> animate_pose (relative motion, smoothing, the animator network). A remote
+    # engine (iwarp.cluster) runs the first step where the camera is and the other two where
+    # the model is, carrying `motion_state()` along so that nothing lives on the model side.
+    def face_crop(self, frame: np.ndarray) -> np.ndarray | None:
+        """The S x S face crop of a driving frame, or None when no face is in view."""
         t0 = time.perf_counter()
         frame = to_rgb(frame)
         box = self.tracker.update(frame)
-        t1 = time.perf_counter()
-        self.times.face_tracking = (t1 - t0) * 1e3
+        self.times.face_tracking = (time.perf_counter() - t0) * 1e3
         if box is None:
+            return None
+        return crop_and_resize(frame, box, self.animator.backend.image_size)
+
+    def crop_pose(self, crop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Keypoints and strength of a face crop (None stays None: no face in view)."""
+        if crop is None:
             self.times.keypoints = 0.0
             return None
-        crop = crop_and_resize(frame, box, self.animator.backend.image_size)
-        points, strength = self.animator.backend.detect(to_input(crop))
-        self.times.keypoints = (time.perf_counter() - t1) * 1e3
+        t0 = time.perf_counter()
+        points, strength = self.animator.backend.detect(image_to_tensor(crop))
+        self.times.keypoints = (time.perf_counter() - t0) * 1e3
         return points, strength
+
+    def driving_pose(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Face-tracked keypoints of a driving frame, or None when no face is in view."""
+        return self.crop_pose(self.face_crop(frame))
+
+    def motion_state(self) -> dict[str, Any]:
+        """What carries over from one frame to the next (neutral pose, smoothing, last pose):
+        every field but the model, the face tracker and the stage times."""
+        return {k: v for k, v in vars(self).items() if k not in self.local_fields}
+
+    def restore_motion(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
 
     def set_reference(self, frame: np.ndarray | None = None) -> bool:
         """Sets the neutral pose for relative motion from `frame` (or the last pose seen);
@@ -107,7 +123,18 @@ class DrivingStream:
         it holds the last good pose, or shows the avatar's photo before any face was seen."""
         t0 = time.perf_counter()
         avatar = self.animator.get(avatar_id)
-        pose = self.driving_pose(frame)
+        out = self.animate_crop(avatar, self.face_crop(frame))
+        self.times.total = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def animate_crop(self, avatar: Avatar, crop: np.ndarray | None) -> np.ndarray:
+        """`animate` from the face crop on (None: no face in view)."""
+        return self.animate_pose(avatar, self.crop_pose(crop))
+
+    def animate_pose(
+        self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """`animate` from the driver's raw keypoints on (None: no face in view)."""
         if pose is not None:
             self.last_driving = pose
             pose = self._relative(avatar, pose)
@@ -118,22 +145,20 @@ class DrivingStream:
             pose = self.last_pose
         else:
             self.times.animator = 0.0
-            self.times.total = (time.perf_counter() - t0) * 1e3
             return avatar.crops[0].copy()
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
         out = self.animator.backend.animate(avatar.features, *pose)
-        self.times.animator = (time.perf_counter() - t1) * 1e3
-        self.times.total = (time.perf_counter() - t0) * 1e3
-        return to_frame(out)
+        self.times.animator = (time.perf_counter() - t0) * 1e3
+        return tensor_to_image(out[0])
 
-    def _relative(self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray]):
+    def _relative(
+        self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.reference is None:
             return pose
-        points, strength = pose
-        ref_points, ref_strength = self.reference
         # The first source is the avatar's canonical face: move it as the driver moves.
-        points = avatar.features.points[:1] + (points - ref_points)
-        strength = np.clip(avatar.features.strength[:1] + (strength - ref_strength), 0.0, 1.0)
+        f = avatar.features
+        points, strength = relative_motion(f.points[:1], f.strength[:1], *pose, *self.reference)
         return points.astype(np.float32), strength.astype(np.float32)
 
     def reset(self) -> None:
@@ -141,6 +166,10 @@ class DrivingStream:
         self.filter.reset()
         self.last_pose = None
         self.last_driving = None
+
+    def close(self) -> None:
+        """Frees the face tracker's MediaPipe graphs (native memory) now, not at GC."""
+        self.tracker.detector.close()
 
 
 class Animator:
@@ -213,11 +242,16 @@ class Animator:
             label = labels[i] if labels else f"photo {i + 1} of avatar {record.avatar_id}"
             face = detect_face_or_raise(photo, self._detector, label)
             crops.append(crop_and_resize(photo, face_crop_box(face), size))
-        features = self.backend.encode_avatar(np.concatenate([to_input(c) for c in crops]))
-        avatar = Avatar(record, crops, features)
+        avatar = self.avatar_from_crops(record, crops)
         with self._lock:
             self._avatars[record.avatar_id] = avatar
         return avatar
+
+    def avatar_from_crops(self, record: AvatarRecord, crops: list[np.ndarray]) -> Avatar:
+        """An avatar from its face crops (model size), not registered here: what a remote
+        engine's replica builds from the crops the edge made."""
+        features = self.backend.encode_avatar(image_to_tensor(np.stack(crops)))
+        return Avatar(record, crops, features)
 
     def remove_avatar(self, avatar_id: str) -> None:
         with self._lock:

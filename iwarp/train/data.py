@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from iwarp.errors import InputError
 from iwarp.face import FaceDetector, clip_crop_box, crop_and_resize
+from iwarp.graphs import image_to_tensor
 from iwarp.media import iter_video_frames, read_image
 from iwarp.paths import user_cache_dir
 
@@ -158,7 +159,7 @@ class ClipDataset:
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
         frames = np.asarray(clip[[*np.sort(idx[:num_sources]).tolist(), idx[-1]]])
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(image_to_tensor(frames))
         if augment:
             x = _augment(x, rng)
         return x[:num_sources], x[num_sources]

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from iwarp.graphs import tensor_to_image
+
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(
-        np.uint8
-    )
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 (`iwarp.graphs.tensor_to_image`)."""
+    return tensor_to_image(image.detach().float().cpu().numpy())
 
 
 def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:

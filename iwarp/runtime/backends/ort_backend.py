@@ -2,8 +2,8 @@
 
 Graphs are exported on first use into the user's cache (one folder per checkpoint sha256) and
 reused after. An avatar's rows are made into OrtValues once, on the session's device, in
-`join_sources` (rows "keys", "values", "pixels", "mask"; "mask" feeds the graph's bool
-`key_mask`); per frame only the driving keypoints (K x 3 floats) go in.
+`join_sources` (one per animator input of `iwarp.graphs`: keys, values, pixels, key_mask);
+per frame only the driving keypoints (K x 3 floats) go in.
 
 IOBinding with a pre-allocated output was measured against `run()` on the CPU (256 px, 1 and
 3 sources, 1 and 2 threads): paired median differences of -1 to +4 ms on a 25-110 ms frame,
@@ -13,7 +13,6 @@ concurrent streams can share the sessions.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from iwarp import graphs
 from iwarp.config import Config
-from iwarp.errors import CheckpointError, IwarpError
+from iwarp.errors import IwarpError
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
+from iwarp.runtime.backends.onnx_build import prepared_graphs
 from iwarp.system import physical_cores
 
 PRECISIONS = ("fp32", "int8")  # int8: Q/DQ graphs from `iwarp calibrate`
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-
-
-def _read_config(checkpoint: Path) -> Config:
-    """The checkpoint's config from its header only (the weights are not needed here)."""
-    from safetensors import safe_open
-
-    from iwarp.checkpoint import Checkpoint
-
-    try:
-        with safe_open(str(checkpoint), framework="np") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        meta = {}
-    if "config" not in meta:
-        return Checkpoint(checkpoint).config  # raises the right CheckpointError
-    return Config.from_json(meta["config"])
 
 
 class OrtBackend(Backend):
@@ -57,7 +42,7 @@ class OrtBackend(Backend):
         threads: int = 0,
         metadata: dict | None = None,
     ) -> None:
-        from iwarp.engine_build.export import GRAPHS, graph_path, load_metadata, ort_session
+        from iwarp.engine_build.export import graph_path, load_metadata, ort_session
 
         self.build_dir = Path(build_dir)
         self.metadata = metadata or load_metadata(self.build_dir)
@@ -80,7 +65,8 @@ class OrtBackend(Backend):
             self.device, self._device_id = "cpu", 0
         self.threads = threads or physical_cores()
         self.sessions = {
-            g: ort_session(graph_path(self.build_dir, g), self.threads, providers) for g in GRAPHS
+            g: ort_session(graph_path(self.build_dir, g), self.threads, providers)
+            for g in graphs.GRAPHS
         }
 
     @classmethod
@@ -100,79 +86,42 @@ class OrtBackend(Backend):
         `precision="int8"` loads the quantized graphs from `<build_dir>/int8/` instead, which
         `iwarp calibrate --out <build_dir>` writes (never made here: they need calibration).
         """
-        from iwarp.checkpoint import file_sha256
-        from iwarp.engine_build.export import METADATA, check_build, export_onnx, load_metadata
-        from iwarp.paths import DEFAULT_CHECKPOINT, user_cache_dir
-
         if precision not in PRECISIONS:
             raise IwarpError(f"unknown precision {precision!r}", f"choose one of {PRECISIONS}")
-        path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-        config = _read_config(path)
-        sha = file_sha256(path)
-        out = Path(build_dir) if build_dir else user_cache_dir() / "onnx" / sha[:16]
-        if precision != "fp32":
-            folder = out / precision
-            problems = check_build(folder, sha, config)
-            if problems:
-                raise CheckpointError(
-                    f"no usable {precision} graphs for {path} in {folder}: {'; '.join(problems)}",
-                    f"make them with 'iwarp calibrate --data CLIPS --checkpoint {path} "
-                    f"--out {out}'",
-                )
-            return cls(folder, device, threads, load_metadata(folder))
-        if (out / METADATA).is_file():
-            problems = check_build(out, sha, config)
-            if not problems:
-                return cls(out, device, threads, load_metadata(out))
-            if build_dir is not None:
-                raise CheckpointError(
-                    f"ONNX graphs in {out} do not match {path}: {'; '.join(problems)}",
-                    f"re-run 'iwarp export --checkpoint {path} --out {out}', "
-                    "or use another build folder",
-                )
-            if show_progress:
-                print(f"iwarp: re-exporting {out} ({'; '.join(problems)})", file=sys.stderr)
-        return cls(out, device, threads, export_onnx(path, out, show_progress=show_progress))
+        folder, metadata = prepared_graphs(checkpoint, build_dir, precision, show_progress)
+        return cls(folder, device, threads, metadata)
 
     # -- stages -------------------------------------------------------------------------------
     def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        points, strength = self.sessions["keypoints"].run(None, {"image": _f32(images)})
+        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, _f32(images))
+        points, strength = self.sessions[graphs.KEYPOINTS_GRAPH].run(None, feeds)
         return points, strength
 
     def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
-        feeds = {"image": _f32(image), "keypoints": _f32(points), "strength": _f32(strength)}
-        keys, values, pixels = self.sessions["source_encoder"].run(None, feeds)
-        return {"keys": keys, "values": values, "pixels": pixels}
+        graph = graphs.SOURCE_ENCODER_GRAPH
+        feeds = graphs.feeds(graph, _f32(image), _f32(points), _f32(strength))
+        return dict(zip(graphs.OUTPUTS[graph], self.sessions[graph].run(None, feeds), strict=True))
 
     def join_sources(self, rows: list[dict]) -> dict[str, Any]:
-        """One contiguous array per input, made into an OrtValue on the session's device once;
-        `animate` feeds these OrtValues as they are, every frame."""
-        joined = {
-            k: np.concatenate([r[k] for r in rows], axis=1) for k in ("keys", "values", "pixels")
-        }
-        joined["mask"] = np.ones(joined["keys"].shape[:2], dtype=bool)
+        """One contiguous array per animator input, made into an OrtValue on the session's
+        device once; `animate` feeds these OrtValues as they are, every frame."""
+        joined = {k: np.concatenate([r[k] for r in rows], axis=1) for k in graphs.AVATAR_ROWS}
+        joined[graphs.KEY_MASK] = np.ones(joined[graphs.KEYS].shape[:2], dtype=bool)
         return {k: self._ort_value(v) for k, v in joined.items()}
 
     def animate(
         self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
     ) -> np.ndarray:
-        rows = avatar.rows
-        feeds = {
-            "keypoints": _f32(points),
-            "strength": _f32(strength),
-            "keys": rows["keys"],
-            "values": rows["values"],
-            "pixels": rows["pixels"],
-            "key_mask": rows["mask"],
-        }
-        return self.sessions["animator"].run(None, feeds)[0]
+        # The avatar's rows are keyed by the animator's own input names (join_sources).
+        feeds = {**avatar.rows, graphs.KEYPOINTS: _f32(points), graphs.STRENGTH: _f32(strength)}
+        return self.sessions[graphs.ANIMATOR_GRAPH].run(None, feeds)[0]
 
     def _ort_value(self, array: np.ndarray) -> ort.OrtValue:
         array = np.ascontiguousarray(array)
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, self._device_id)
 
     def describe(self) -> str:
-        providers = self.sessions["animator"].get_providers()
+        providers = self.sessions[graphs.ANIMATOR_GRAPH].get_providers()
         precision = self.metadata.get("precision", "fp32")
         return (
             f"onnxruntime {ort.__version__} ({providers[0]}, {self.threads} threads, {precision})"
