@@ -103,6 +103,22 @@ class CropBox:
         return np.array([self.cx, self.cy, self.side], dtype=np.float64)
 
 
+def _as_rgb(frame: np.ndarray) -> np.ndarray:
+    """`frame` itself when it is already what `to_rgb` returns (the runtime converts each
+    frame once, then tracks and crops it), else its conversion."""
+    if (
+        type(frame) is np.ndarray
+        and frame.dtype == np.uint8
+        and frame.ndim == 3
+        and frame.shape[2] == 3
+        and frame.shape[0] > 0
+        and frame.shape[1] > 0
+        and frame.flags.c_contiguous
+    ):
+        return frame
+    return to_rgb(frame)
+
+
 # --------------------------------------------------------------------------- detection
 
 
@@ -189,7 +205,7 @@ class FaceDetector:
 
     def detect(self, frame: np.ndarray) -> FaceBox | None:
         """Return the largest face with score >= min_confidence, or None."""
-        rgb = to_rgb(frame)
+        rgb = _as_rgb(frame)
         order = [self.model]
         if self.fallback:
             order.append("short" if self.model == "full" else "full")
@@ -290,6 +306,15 @@ def clip_crop_box(
     return CropBox(float(cx), float(cy), float(side))
 
 
+def _span(lo: int, hi: int, n: int) -> tuple[int, int, int, int]:
+    """For pixels lo..hi-1 of an axis of length n, clamped into it: (start, stop) of the part
+    inside (never empty) and how many copies of its first / last pixel pad it before / after."""
+    start = min(max(lo, 0), n - 1)
+    stop = max(min(hi, n), start + 1)
+    before = min(max(start - lo, 0), (hi - lo) - (stop - start))
+    return start, stop, before, (hi - lo) - (stop - start) - before
+
+
 def crop_and_resize(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     """Cut the square `box` out of `frame` (edge pixels replicated outside it), as size x size.
 
@@ -297,7 +322,7 @@ def crop_and_resize(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     avoids aliasing; the sub-pixel rounding is invisible after the shrink); otherwise one
     sub-pixel-exact warpAffine with bilinear sampling does cut, pad and resize at once.
     """
-    rgb = to_rgb(frame)
+    rgb = _as_rgb(frame)
     if size < 1 or not box.side > 0:
         raise ValueError(f"need size >= 1 and a positive box side, got {size} and {box.side}")
     h, w = rgb.shape[:2]
@@ -307,10 +332,14 @@ def crop_and_resize(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
         if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
             patch = rgb[y0:y1, x0:x1]
         else:
-            # Index clamping == BORDER_REPLICATE, and also works when the box is fully outside.
-            rows = np.clip(np.arange(y0, y1), 0, h - 1)
-            cols = np.clip(np.arange(x0, x1), 0, w - 1)
-            patch = rgb[rows[:, None], cols[None, :]]
+            # Edge pixels replicated: the part of the box inside the frame (at least the
+            # nearest edge row/column when the box is entirely outside), padded by OpenCV.
+            # Same pixels as clamping every index, without gathering the patch in numpy
+            # (that cost 7-10 ms a frame once the head neared an edge).
+            (xa, xb, left, right), (ya, yb, top, bottom) = _span(x0, x1, w), _span(y0, y1, h)
+            patch = cv2.copyMakeBorder(
+                rgb[ya:yb, xa:xb], top, bottom, left, right, cv2.BORDER_REPLICATE
+            )
         return np.ascontiguousarray(cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA))
     # Inverse map: output pixel centre u + 0.5 -> source coordinate, minus 0.5 for pixel centres.
     sx0 = box.cx - box.side / 2.0

@@ -43,3 +43,30 @@ def cpu_name() -> str:
 def machine_label() -> str:
     """e.g. 'AMD EPYC 9B14 (2 cores)', for benchmark reports."""
     return f"{cpu_name()} ({os.cpu_count() or 0} cores)"
+
+
+# ISA features that decide which engine and precision are fastest (bench prints them).
+ISA_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_features() -> dict[str, bool]:
+    """{feature: present} for `ISA_FEATURES`."""
+    flags = cpu_flags()
+    return {f: f in flags for f in ISA_FEATURES}
+
+
+def has_bf16_compute() -> bool:
+    """Whether bf16 matrix work runs natively (AMX or AVX512-BF16), not emulated in fp32."""
+    flags = cpu_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -161,6 +161,77 @@ def test_crop_and_resize_replicates_border(size: int) -> None:
     assert (far == (255, 0, 0)).all()
 
 
+def _crop_before_opencv_border(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
+    """crop_and_resize as it was before the edge padding moved to OpenCV (numpy index
+    clamping; 7-10 ms per frame past an edge): the reference for bit-identical output."""
+    rgb = np.ascontiguousarray(frame)
+    h, w = rgb.shape[:2]
+    k = size / box.side
+    if k < 1.0 / 1.5:
+        x0, y0, x1, y1 = box.as_int()
+        if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+            patch = rgb[y0:y1, x0:x1]
+        else:
+            rows = np.clip(np.arange(y0, y1), 0, h - 1)
+            cols = np.clip(np.arange(x0, x1), 0, w - 1)
+            patch = rgb[rows[:, None], cols[None, :]]
+        return np.ascontiguousarray(cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA))
+    sx0, sy0 = box.cx - box.side / 2.0, box.cy - box.side / 2.0
+    inv = np.array(
+        [[1.0 / k, 0.0, sx0 + 0.5 / k - 0.5], [0.0, 1.0 / k, sy0 + 0.5 / k - 0.5]], dtype=np.float64
+    )
+    out = cv2.warpAffine(
+        rgb,
+        inv,
+        (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return np.ascontiguousarray(out)
+
+
+def _boxes(w: int, h: int, rng: np.random.Generator) -> list[CropBox]:
+    """Boxes inside, past each edge and corner, larger than the frame, and entirely outside."""
+    out = []
+    for side in (0.3 * h, 0.7 * h, 1.3 * max(w, h)):
+        for fx in (-0.6, -0.2, 0.0, 0.5, 1.0, 1.2, 1.6):
+            for fy in (-0.6, -0.2, 0.0, 0.5, 1.0, 1.2, 1.6):
+                jitter = rng.uniform(-0.5, 0.5, 3)
+                out.append(CropBox(fx * w + jitter[0], fy * h + jitter[1], side + jitter[2]))
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_crop_and_resize_is_bit_identical_to_the_numpy_version(size: int) -> None:
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (180, 240, 3), dtype=np.uint8), read_image(ASSET)]
+    inside_count = outside_count = 0
+    for frame in frames:
+        h, w = frame.shape[:2]
+        for box in _boxes(w, h, rng):
+            got = crop_and_resize(frame, box, size)
+            want = _crop_before_opencv_border(frame, box, size)
+            assert got.shape == (size, size, 3) and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want, err_msg=f"{box} on {w}x{h}")
+            x0, y0, x1, y1 = box.as_int()
+            if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+                inside_count += 1
+            else:
+                outside_count += 1
+    assert inside_count > 2 and outside_count > 100  # both paths were exercised
+
+
+def test_crop_and_resize_converts_other_layouts_once() -> None:
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    box = CropBox(40.0, 30.0, 100.0)
+    want = crop_and_resize(rgb, box, 32)
+    rgba = np.concatenate([rgb, np.full((90, 120, 1), 255, np.uint8)], axis=2)
+    np.testing.assert_array_equal(crop_and_resize(rgba, box, 32), want)
+    np.testing.assert_array_equal(crop_and_resize(np.asfortranarray(rgb), box, 32), want)
+    np.testing.assert_array_equal(crop_and_resize(rgb.astype(np.float32) / 255.0, box, 32), want)
+
+
 def test_clip_crop_box(astronaut_clip: list[np.ndarray], detector: FaceDetector) -> None:
     faces = [detector.detect(f) for f in astronaut_clip]
     assert all(f is not None for f in faces)

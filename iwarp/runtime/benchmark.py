@@ -1,7 +1,11 @@
 """Per-stage latency of the runtime on real frames (`iwarp bench`).
 
 Drives an Animator with a real clip exactly as a live stream would (face tracking, crop,
-keypoints, animator), after a warm-up, and reports p50/p95/p99 per stage and per frame.
+keypoints, animator), after a warm-up, and reports p50/p95/p99 per stage and per frame, and
+where the time goes: the engine's own time for each graph inside the pipeline (the backend
+times every call), the pipeline overhead (frame time minus those graphs' time: tracking, crop,
+conversions, relative motion, smoothing), and the same graphs run alone on fixed inputs (raw).
+Accuracy: each engine's output frames against the FP32 torch pipeline's on the same frames.
 """
 
 from __future__ import annotations
@@ -48,6 +52,82 @@ def avatar_photos(sources: int, clip_frames: list[np.ndarray]) -> list[np.ndarra
     return [clip_frames[i] for i in picks]
 
 
+def parse_engine(spec: str) -> tuple[str, str | None]:
+    """ "openvino:bf16" -> ("openvino", "bf16"); "torch" -> ("torch", None)."""
+    name, _, precision = spec.partition(":")
+    return name.strip(), (precision.strip() or None)
+
+
+def all_engines(checkpoint: str | Path | None = None) -> list[str]:
+    """Every engine and precision installed and sensible on this machine (`--backend all`)."""
+    from iwarp.runtime.backends import openvino_backend
+    from iwarp.runtime.backends.onnx_build import default_build_dir
+    from iwarp.system import has_bf16_compute
+
+    folder = default_build_dir(checkpoint)
+    calibrated = (folder / "int8" / "metadata.json").is_file()
+    out = ["torch", "onnxruntime:fp32"]
+    if calibrated:
+        out.append("onnxruntime:int8")
+    if openvino_backend.available():
+        out.append("openvino:fp32")
+        if has_bf16_compute():
+            out.append("openvino:bf16")
+        if calibrated:
+            out.append("openvino:int8")
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if torch.cuda.is_available():
+            out.append("tensorrt:fp16")
+    except ImportError:
+        pass
+    return out
+
+
+def engine_precision(engine: Any) -> str:
+    """The precision an engine runs at (the backends record it differently)."""
+    if getattr(engine, "precision", None):
+        return str(engine.precision)
+    return str(getattr(engine, "metadata", {}).get("precision", "fp32"))
+
+
+def psnr_u8(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """PSNR in dB of uint8 frames `a` against `b`, over all frames together."""
+    x = np.stack(a).astype(np.float64)
+    y = np.stack(b).astype(np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+def raw_graph_times(animator: Animator, avatar_id: str, frame: np.ndarray, runs: int) -> dict:
+    """p50 of the keypoints and animator graphs alone, on the crop of `frame` (no pipeline)."""
+    from iwarp.face import crop_and_resize
+    from iwarp.graphs import image_to_tensor
+
+    backend = animator.backend
+    box = animator.stream().tracker.update(frame) if runs > 0 else None
+    if box is None:
+        return {}
+    image = image_to_tensor(crop_and_resize(frame, box, backend.image_size))
+    features = animator.get(avatar_id).features
+    detect_ms, animate_ms = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        points, strength = backend.detect(image)
+        t1 = time.perf_counter()
+        backend.animate(features, points, strength)
+        t2 = time.perf_counter()
+        detect_ms.append((t1 - t0) * 1e3)
+        animate_ms.append((t2 - t1) * 1e3)
+    skip = min(3, runs // 4)  # warm caches after the pipeline's different memory traffic
+    return {
+        "keypoints_p50_ms": float(np.median(detect_ms[skip:])),
+        "animator_p50_ms": float(np.median(animate_ms[skip:])),
+    }
+
+
 def run_benchmark(
     backend: str = "onnxruntime",
     sources: int = 1,
@@ -58,7 +138,16 @@ def run_benchmark(
     warmup: int = 20,
     show_progress: bool = True,
     precision: str | None = None,
+    keep_outputs: int = 0,
+    raw_runs: int = 40,
+    limit: int | None = None,
 ) -> dict[str, Any]:
+    """One engine, one avatar size. `keep_outputs`: the first N output frames after the
+    warm-up are returned under "_outputs" (for accuracy against another engine). `limit`:
+    animate only this many frames after the warm-up (the avatar's photos still come from the
+    same `frames + warmup` clip frames, so runs with different limits see the same avatar)."""
+    from iwarp.system import isa_features
+
     clip_path = Path(clip) if clip else default_clip()
     driving = read_video(clip_path, max_frames=frames + warmup)
     animator = Animator.from_pretrained(
@@ -70,8 +159,12 @@ def run_benchmark(
     avatar_ms = (time.perf_counter() - t0) * 1e3
 
     stream = animator.stream()
+    engine = animator.backend
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     frame_ms: list[float] = []
+    graph_ms: dict[str, list[float]] = {"keypoints": [], "animator": [], "overhead": []}
+    outputs: list[np.ndarray] = []
+    frames = min(frames, limit) if limit is not None else frames
     feed = itertools.islice(itertools.cycle(driving), frames + warmup)
     wall_start = None
     for i, frame in enumerate(
@@ -79,18 +172,27 @@ def run_benchmark(
     ):
         if i == warmup:
             wall_start = time.perf_counter()
+        engine.stage_ms.clear()
         t = time.perf_counter()
-        stream.animate(avatar, frame)
+        out = stream.animate(avatar, frame)
         elapsed = (time.perf_counter() - t) * 1e3
         if i >= warmup:
             frame_ms.append(elapsed)
             for s in STAGES:
                 per_stage[s].append(getattr(stream.times, s))
+            kp = engine.stage_ms.get("detect", 0.0)
+            an = engine.stage_ms.get("animate", 0.0)
+            graph_ms["keypoints"].append(kp)
+            graph_ms["animator"].append(an)
+            graph_ms["overhead"].append(elapsed - kp - an)
+            if len(outputs) < keep_outputs:
+                outputs.append(out)
     wall = time.perf_counter() - (wall_start or time.perf_counter())
+    raw = raw_graph_times(animator, avatar, driving[warmup % len(driving)], raw_runs)
     return {
         "backend": backend,
-        "precision": precision or "default",
-        "backend_detail": animator.backend.describe(),
+        "precision": precision or engine_precision(engine),
+        "backend_detail": engine.describe(),
         "size": animator.backend.image_size,
         "sources": sources,
         "frames": frames,
@@ -101,8 +203,16 @@ def run_benchmark(
         "frame_ms": percentiles(frame_ms),
         "fps": frames / wall if wall > 0 else 0.0,
         "avatar_ms": avatar_ms,
+        # The engine's own time per graph inside the pipeline, and everything else.
+        "graphs_in_pipeline": {
+            f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in graph_ms.items() if v
+        },
+        "overhead_ms": percentiles(graph_ms["overhead"]) if frame_ms else {},
+        "raw_graphs": raw,
         "machine": machine_label(),
+        "isa": isa_features(),
         "_frame_samples": frame_ms,
+        "_outputs": outputs,
     }
 
 
@@ -128,3 +238,146 @@ def plot_histogram(results: list[dict[str, Any]], out_png: str | Path) -> None:
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['backend']} {r['precision']}"
+
+
+def speedup_vs_torch(results: list[dict[str, Any]]) -> None:
+    """Adds "vs_torch" (torch frame p50 / this frame p50, same sources) where torch ran."""
+    torch_p50 = {r["sources"]: r["frame_ms"]["p50"] for r in results if r["backend"] == "torch"}
+    for r in results:
+        base = torch_p50.get(r["sources"])
+        r["vs_torch"] = base / r["frame_ms"]["p50"] if base else None
+
+
+def comparison_table(results: list[dict[str, Any]]) -> str:
+    """A Markdown table, one row per engine and number of sources."""
+    head = (
+        "| engine | sources | frame p50 | p95 | fps | keypoints graph p50 (pipeline / alone) "
+        "| animator graph p50 (pipeline / alone) | pipeline overhead p50 | x torch "
+        "| PSNR vs FP32 torch |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for r in results:
+        g, raw = r.get("graphs_in_pipeline", {}), r.get("raw_graphs", {})
+        vs = r.get("vs_torch")
+        db = r.get("psnr_vs_torch_db")
+        db_text = "reference" if r["backend"] == "torch" else (f"{db:.1f} dB" if db else "-")
+        rows.append(
+            f"| {_label(r)} | {r['sources']} | {r['frame_ms']['p50']:.1f} ms "
+            f"| {r['frame_ms']['p95']:.1f} | {r['fps']:.1f} "
+            f"| {g.get('keypoints_p50_ms', 0):.1f} / {raw.get('keypoints_p50_ms', 0):.1f} "
+            f"| {g.get('animator_p50_ms', 0):.1f} / {raw.get('animator_p50_ms', 0):.1f} "
+            f"| {r.get('overhead_ms', {}).get('p50', 0):.1f} "
+            f"| {f'{vs:.2f}x' if vs else '-'} | {db_text} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_comparison(results: list[dict[str, Any]], out_png: str | Path) -> None:
+    """Side by side: where each engine's median frame goes (stacked bars), and the latency
+    histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, hist) = plt.subplots(1, 2, figsize=(13, 0.5 * len(results) + 3.5))
+    labels = [f"{_label(r)}, {r['sources']} src" for r in results]
+    y = np.arange(len(results))
+    left = np.zeros(len(results))
+    parts = (
+        ("keypoints graph", lambda r: r["graphs_in_pipeline"].get("keypoints_p50_ms", 0.0)),
+        ("animator graph", lambda r: r["graphs_in_pipeline"].get("animator_p50_ms", 0.0)),
+        ("pipeline overhead", lambda r: r["overhead_ms"].get("p50", 0.0)),
+    )
+    for name, value in parts:
+        widths = np.array([value(r) for r in results])
+        bars.barh(y, widths, left=left, label=name)
+        left += widths
+    for i, r in enumerate(results):
+        db = r.get("psnr_vs_torch_db")
+        note = f"{r['frame_ms']['p50']:.1f} ms" + (f", {db:.0f} dB" if db else "")
+        bars.text(left[i] + 0.5, i, note, va="center", fontsize=8)
+    bars.set_yticks(y, labels)
+    bars.invert_yaxis()
+    bars.set_xlabel("median per-frame time (ms): the graphs' own time + the rest")
+    bars.set_xlim(0, max(left) * 1.35 if len(left) else 1)
+    bars.legend(loc="lower right", fontsize=8)
+    bars.grid(axis="x", alpha=0.3)
+    for r, label in zip(results, labels, strict=True):
+        hist.hist(r["_frame_samples"], bins=40, alpha=0.5, label=label)
+    hist.set_xlabel("per-frame latency (ms), face tracking included")
+    hist.set_ylabel("frames")
+    hist.legend(fontsize=7)
+    hist.grid(alpha=0.3)
+    machine = results[0]["machine"] if results else ""
+    fig.suptitle(f"iwarp bench on {machine}", fontsize=10)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def bench_engines(
+    engines: list[str],
+    sources: list[int],
+    frames: int = 200,
+    clip: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    threads: int = 0,
+    precision: str | None = None,
+    accuracy_frames: int = 30,
+    show_progress: bool = True,
+    on_result: Any = None,
+) -> list[dict[str, Any]]:
+    """Runs `run_benchmark` for every engine spec ("name" or "name:precision"; "all") and
+    number of sources; adds speed relative to torch and PSNR against the FP32 torch pipeline
+    on the first `accuracy_frames` frames (torch runs for that alone when not in the list)."""
+    specs: list[str] = []
+    for spec in engines:
+        specs += all_engines(checkpoint) if spec == "all" else [spec]
+    results: list[dict[str, Any]] = []
+    for n in sources:
+        reference: list[np.ndarray] | None = None
+        for spec in specs:
+            name, spec_precision = parse_engine(spec)
+            r = run_benchmark(
+                name,
+                n,
+                frames,
+                clip,
+                checkpoint,
+                threads,
+                show_progress=show_progress,
+                precision=spec_precision or precision,
+                keep_outputs=accuracy_frames,
+            )
+            if name == "torch" and reference is None:
+                reference = r["_outputs"]
+            results.append(r)
+        if accuracy_frames > 0:
+            if reference is None:
+                reference = run_benchmark(
+                    "torch",
+                    n,
+                    frames,
+                    clip,
+                    checkpoint,
+                    threads,
+                    show_progress=show_progress,
+                    keep_outputs=accuracy_frames,
+                    raw_runs=0,
+                    limit=accuracy_frames,
+                )["_outputs"]
+            for r in results:
+                if r["sources"] == n and r["backend"] != "torch" and r["_outputs"]:
+                    count = min(len(r["_outputs"]), len(reference))
+                    r["psnr_vs_torch_db"] = psnr_u8(r["_outputs"][:count], reference[:count])
+    speedup_vs_torch(results)
+    if on_result is not None:
+        for r in results:
+            on_result(r)
+    return results

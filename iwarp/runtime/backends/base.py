@@ -7,13 +7,20 @@ source side is copied per frame. Pre- and post-processing live in the Animator, 
 
 from __future__ import annotations
 
+import functools
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from iwarp.config import ModelConfig
+from iwarp.runtime.backends.denormals import flush_denormals_here
+
+# The stages that run an engine: each runs with subnormals flushed on the calling thread.
+_ENGINE_STAGES = ("detect", "encode_source", "animate")
 
 
 @dataclass
@@ -31,11 +38,54 @@ class AvatarFeatures:
     num_sources: int
 
 
+def _flushing(stage: Callable[..., Any]) -> Callable[..., Any]:
+    name = stage.__name__
+
+    @functools.wraps(stage)
+    def run(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        self.flush_denormals()
+        t0 = time.perf_counter()
+        out = stage(self, *args, **kwargs)
+        # The engine's own time for the last call, so that benchmarks can tell the graphs'
+        # time from the pipeline's (per backend, last call wins: for single-stream use).
+        self.__dict__.setdefault("stage_ms", {})[name] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    return run
+
+
+def _with_choice(describe: Callable[[Backend], str]) -> Callable[[Backend], str]:
+    @functools.wraps(describe)
+    def run(self: Backend) -> str:
+        text = describe(self)
+        return f"{text}; {self.chosen_by}" if self.chosen_by else text
+
+    return run
+
+
 class Backend(ABC):
     name: str = "base"
+    # How this engine was picked, for describe(): e.g. "auto: fastest that passes ..." or "".
+    chosen_by: str = ""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.stage_ms: dict[str, float] = {}  # engine time of the last detect/animate/...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every engine stage flushes subnormals on the thread that calls it (the engines' own
+        # pools are set by their options): the caller runs a share of the work, and servers
+        # call from worker threads that the engine never saw (see backends/denormals.py).
+        super().__init_subclass__(**kwargs)
+        for name in _ENGINE_STAGES:
+            if name in cls.__dict__:
+                setattr(cls, name, _flushing(cls.__dict__[name]))
+        if "describe" in cls.__dict__:
+            cls.describe = _with_choice(cls.__dict__["describe"])
+
+    def flush_denormals(self) -> bool:
+        """FTZ + DAZ for this engine's work from the calling thread (once per thread)."""
+        return flush_denormals_here()
 
     @property
     def image_size(self) -> int:

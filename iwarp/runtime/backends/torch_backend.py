@@ -10,6 +10,7 @@ import torch
 from iwarp.checkpoint import load_network
 from iwarp.model import Keypoints, SourceSet
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
+from iwarp.runtime.backends.denormals import flush_denormals_torch
 
 
 class TorchBackend(Backend):
@@ -23,6 +24,11 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self.net, self.checkpoint = load_network(checkpoint, self.device)
         super().__init__(self.checkpoint.config.model)
+        self.flush_denormals()
+
+    def flush_denormals(self) -> bool:
+        # torch's OpenMP workers keep their own MXCSR: set theirs too (denormals.py).
+        return flush_denormals_torch() if self.device.type == "cpu" else True
 
     def _t(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
