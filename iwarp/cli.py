@@ -101,40 +101,52 @@ def _cmd_animate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.webrtc:
         return _bench_webrtc(args)
-    from iwarp.runtime.benchmark import plot_histogram, run_benchmark
+    from iwarp.runtime.benchmark import bench_engines, comparison_table, plot_comparison
+    from iwarp.system import isa_features, machine_label, physical_cores
 
-    results = []
-    for backend in args.backend.split(","):
-        for sources in args.sources:
-            r = run_benchmark(
-                backend,
-                sources,
-                args.frames,
-                args.clip,
-                args.checkpoint,
-                args.threads,
-                show_progress=not args.json,
-                precision=args.precision,
+    if not args.json:
+        isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa_features().items())
+        print(f"CPU: {machine_label()}; {args.threads or physical_cores()} threads")
+        print(f"ISA: {isa}")
+
+    def show(r: dict) -> None:
+        if args.size is not None and r["size"] != args.size:
+            raise IwarpError(
+                f"the checkpoint is for {r['size']}x{r['size']}, not {args.size}",
+                "leave out --size or pass a checkpoint trained for that size",
             )
-            if args.size is not None and r["size"] != args.size:
-                raise IwarpError(
-                    f"the checkpoint is for {r['size']}x{r['size']}, not {args.size}",
-                    "leave out --size or pass a checkpoint trained for that size",
-                )
-            results.append(r)
-            public = {k: v for k, v in r.items() if not k.startswith("_")}
-            if args.json:
-                print(json.dumps(public))
-            else:
-                st = "  ".join(f"{k} {v['p50_ms']:.1f}" for k, v in r["stages"].items())
-                f = r["frame_ms"]
-                print(
-                    f"{backend:<12s} {sources} src  frame p50 {f['p50']:.1f} / p95 {f['p95']:.1f}"
-                    f" / p99 {f['p99']:.1f} ms  {r['fps']:.1f} fps  (p50 ms: {st}; "
-                    f"avatar {r['avatar_ms']:.0f} ms)"
-                )
+        if args.json:
+            print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}))
+            return
+        f, g, raw = r["frame_ms"], r["graphs_in_pipeline"], r["raw_graphs"]
+        st = "  ".join(f"{k} {v['p50_ms']:.1f}" for k, v in r["stages"].items())
+        print(
+            f"{r['backend']} {r['precision']} ({r['backend_detail']}), {r['sources']} src: "
+            f"frame p50 {f['p50']:.1f} / p95 {f['p95']:.1f} / p99 {f['p99']:.1f} ms, "
+            f"{r['fps']:.1f} fps\n  stages p50 ms: {st}; avatar {r['avatar_ms']:.0f} ms\n"
+            f"  graphs p50 ms in the pipeline / alone: keypoints "
+            f"{g.get('keypoints_p50_ms', 0):.1f} / {raw.get('keypoints_p50_ms', 0):.1f}, "
+            f"animator {g.get('animator_p50_ms', 0):.1f} / {raw.get('animator_p50_ms', 0):.1f}"
+            f"; pipeline overhead p50 {r['overhead_ms'].get('p50', 0):.1f} ms"
+        )
+
+    results = bench_engines(
+        [b.strip() for b in args.backend.split(",") if b.strip()],
+        args.sources,
+        args.frames,
+        args.clip,
+        args.checkpoint,
+        args.threads,
+        precision=args.precision,
+        accuracy_frames=args.accuracy_frames,
+        show_progress=not args.json,
+        on_result=show,
+    )
+    if not args.json:
+        print()
+        print(comparison_table(results))
     if args.plot:
-        plot_histogram(results, args.plot)
+        plot_comparison(results, args.plot)
     return 0
 
 
@@ -408,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_animate)
     p = sub.add_parser("bench", help="per-stage latency of the runtime on real frames")
     p.add_argument(
-        "--backend", default="onnxruntime", help="torch, onnxruntime, tensorrt; comma-separated"
+        "--backend",
+        default="auto",
+        help="auto, torch, onnxruntime, openvino, tensorrt, optionally NAME:PRECISION "
+        "(openvino:bf16); comma-separated; 'all': every engine and precision installed here",
     )
     p.add_argument("--size", type=int, help="check that the model runs at this size")
     p.add_argument(
@@ -422,10 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument(
-        "--precision", help="fp32, fp16 or int8 (default: the backend's; int8 after calibrate)"
+        "--precision",
+        help="fp32, bf16, fp16 or int8 (default: the backend's; int8 after calibrate)",
+    )
+    p.add_argument(
+        "--accuracy-frames",
+        type=int,
+        default=30,
+        help="frames compared with the FP32 torch pipeline, in dB (0: skip)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per run")
-    p.add_argument("--plot", help="write a latency histogram PNG here")
+    p.add_argument("--plot", help="write a PNG: where each frame's time goes, and histograms")
     # WebRTC round trip against a running `iwarp serve` (same as bench/latency.py):
     p.add_argument("--webrtc", action="store_true", help="measure a running iwarp serve")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="with --webrtc: server URL")
