@@ -165,16 +165,43 @@ def test_engine_metadata_mismatch_detection(tmp_path):
     assert "unreadable" in tb.check_engine(engine, side)[0]
 
 
-def test_stage_profiles_cover_sources_and_batch():
-    from iwarp.config import get_config
+def test_profiles_follow_the_exported_graphs(exported):
+    """Every profile shape has the rank and fixed dims of the exported ONNX input it is for
+    (the shipped weights' `pixels` input is 192 wide: 3 x 8 x 8 patches, not 3), and the
+    symbolic dims cover 1..max_batch and 1..max_sources sources."""
+    import onnx
 
-    config = get_config("tiny")
-    t = config.model.tokens_per_source
-    prof = tb.stage_profiles(config, max_sources=4, max_batch=2)
-    assert prof["animator"]["keys"] == [[1, t, 64], [1, t, 64], [2, 4 * t, 64]]
-    assert prof["animator"]["key_mask"] == [[1, t], [1, t], [2, 4 * t]]
-    assert prof["keypoints"]["image"][2] == [2, 3, 256, 256]
+    out, meta = exported
+    t = meta["tokens_per_source"]
+    prof = tb.profiles_for_export(meta, max_sources=4, max_batch=2, opt_sources=2)
     assert set(prof) == set(tb.STAGES)
+    for graph in tb.STAGES:
+        model = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
+        assert set(prof[graph]) == {i.name for i in model.graph.input}
+        for inp in model.graph.input:
+            dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
+            lo, mid, hi = prof[graph][inp.name]
+            assert len(lo) == len(mid) == len(hi) == len(dims), inp.name
+            for i, dim in enumerate(dims):
+                if isinstance(dim, int):
+                    assert lo[i] == mid[i] == hi[i] == dim, (graph, inp.name, i)
+                elif dim == "batch":
+                    assert (lo[i], mid[i], hi[i]) == (1, 1, 2)
+                else:
+                    assert dim == "tokens" and (lo[i], mid[i], hi[i]) == (t, 2 * t, 4 * t)
+    from iwarp.config import Config
+
+    pixel_dim = Config.from_dict(meta["config"]).model.pixel_dim
+    assert prof["animator"]["pixels"][2] == [2, 4 * t, pixel_dim] and pixel_dim == 192
+    assert prof["animator"]["key_mask"] == [[1, t], [1, 2 * t], [2, 4 * t]]
+
+
+def test_profiles_refuse_an_unknown_dim(exported):
+    _, meta = exported
+    bad = json.loads(json.dumps(meta))
+    bad["graphs"]["animator"]["inputs"][2]["shape"][1] = "sequence"
+    with pytest.raises(CheckpointError, match="sequence"):
+        tb.profiles_for_export(bad, max_sources=2, max_batch=1)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the error path is not taken")

@@ -150,36 +150,73 @@ def write_sidecar(engine: Path, meta: dict[str, Any]) -> Path:
 # --------------------------------------------------------------------------- profiles
 
 
-def stage_profiles(config: Any, max_sources: int, max_batch: int, opt_sources: int = 1):
-    """(min, opt, max) shapes per stage input: batch 1..max_batch (opt 1), 1..N sources."""
-    m = config.model
-    s, k, t = m.image_size, m.num_keypoints, m.tokens_per_source
-    b0, b1 = 1, max(1, max_batch)
-    n0, n_opt, n1 = t, t * max(1, min(opt_sources, max_sources)), t * max(1, max_sources)
+def stage_profiles(
+    graph_inputs: dict[str, list[dict[str, Any]]],
+    tokens_per_source: int,
+    max_sources: int,
+    max_batch: int,
+    opt_sources: int = 1,
+) -> dict[str, dict[str, list[list[int]]]]:
+    """(min, opt, max) shapes of every graph input, from the graphs' real input shapes.
 
-    def batch(*rest: int) -> list[list[int]]:
-        return [[b0, *rest], [b0, *rest], [b1, *rest]]
+    `graph_inputs` is {graph: [{"name", "shape"}, ...]} as the export's metadata.json records
+    it (`metadata["graphs"][graph]["inputs"]`): fixed dims are kept as they are, the symbolic
+    batch dim runs 1..max_batch (opt 1) and the token dim (the animator's avatar rows) covers
+    1..max_sources sources (opt `opt_sources`). Nothing is written by hand, so a graph input of
+    another width (the pixel patches, a new value width) gets the profile it needs.
+    """
+    from iwarp.graphs import BATCH, TOKENS
 
-    def tokens(width: int | None) -> list[list[int]]:
-        tail = [] if width is None else [width]
-        return [[b0, n0, *tail], [b0, n_opt, *tail], [b1, n1, *tail]]
-
-    return {
-        "keypoints": {"image": batch(3, s, s)},
-        "source_encoder": {
-            "image": batch(3, s, s),
-            "keypoints": batch(k, 2),
-            "strength": batch(k),
-        },
-        "animator": {
-            "keypoints": batch(k, 2),
-            "strength": batch(k),
-            "keys": tokens(m.attn_dim),
-            "values": tokens(m.value_dim),
-            "pixels": tokens(3),
-            "key_mask": tokens(None),
-        },
+    b1 = max(1, max_batch)
+    n1 = max(1, max_sources)
+    ranges = {
+        BATCH: (1, 1, b1),
+        TOKENS: (
+            tokens_per_source,
+            tokens_per_source * max(1, min(opt_sources, n1)),
+            tokens_per_source * n1,
+        ),
     }
+    profiles: dict[str, dict[str, list[list[int]]]] = {}
+    for graph, inputs in graph_inputs.items():
+        profiles[graph] = {}
+        for spec in inputs:
+            lo, mid, hi = [], [], []
+            for dim in spec["shape"]:
+                if isinstance(dim, int) and dim > 0:
+                    lo.append(dim)
+                    mid.append(dim)
+                    hi.append(dim)
+                elif dim in ranges:
+                    a, o, z = ranges[dim]
+                    lo.append(a)
+                    mid.append(o)
+                    hi.append(z)
+                else:
+                    raise CheckpointError(
+                        f"{graph} input {spec['name']} has the dim {dim!r}, neither fixed nor "
+                        f"{BATCH!r}/{TOKENS!r}",
+                        "re-export the graphs with this iwarp (iwarp export)",
+                    )
+            profiles[graph][spec["name"]] = [lo, mid, hi]
+    return profiles
+
+
+def profiles_for_export(
+    onnx_meta: dict[str, Any], max_sources: int, max_batch: int, opt_sources: int = 1
+) -> dict[str, dict[str, list[list[int]]]]:
+    """`stage_profiles` of an export's metadata.json (what `build_engines` builds with)."""
+    graphs = onnx_meta.get("graphs") or {}
+    missing = [g for g in STAGES if not graphs.get(g, {}).get("inputs")]
+    if missing:
+        raise CheckpointError(
+            f"the export metadata lists no inputs for {', '.join(missing)}",
+            "re-export the graphs with this iwarp (iwarp export)",
+        )
+    inputs = {g: graphs[g]["inputs"] for g in STAGES}
+    return stage_profiles(
+        inputs, int(onnx_meta["tokens_per_source"]), max_sources, max_batch, opt_sources
+    )
 
 
 # --------------------------------------------------------------------------- precision
@@ -454,7 +491,7 @@ def build_engines(
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
     ckpt_path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    ckpt = Checkpoint(ckpt_path)
+    Checkpoint(ckpt_path)  # a clear error for an unusable checkpoint before any build step
     out = Path(build_dir) if build_dir else default_build_dir(file_sha256(ckpt_path))
     library = Path(plugin_library) if plugin_library else None
     if plugin is None:  # auto: with the plugin when its library exists
@@ -471,7 +508,7 @@ def build_engines(
 
         library = load_plugin(library)
     onnx_meta = ensure_onnx(ckpt_path, out / "onnx", show_progress)
-    profiles = stage_profiles(ckpt.config, max_sources, max_batch, opt_sources)
+    profiles = profiles_for_export(onnx_meta, max_sources, max_batch, opt_sources)
     results: dict[str, Any] = {}
     for i, graph in enumerate(STAGES, 1):
         use_plugin = bool(plugin) and graph == "animator"

@@ -10,7 +10,11 @@ Per-frame path: `detect` (keypoints engine) and `animate` (animator engine) each
 `animate`, an avatar), the H2D copy, the engine and the D2H copy are captured into a CUDA graph
 and later frames only replay it (TensorRT's recommended pattern: enqueue once before capturing).
 Graphs bind the avatar's row addresses, so they are cached per avatar (LRU, `GRAPH_CACHE`
-avatars), holding a reference to the rows they use.
+avatars), holding a reference to the rows they use. Each captured graph has its own execution
+context: a context holds the input shapes last set on it, and a graph captured for avatar A
+(N_A sources) must not replay with the shape state avatar B's binding left behind. The contexts
+of one engine share one scratch buffer (user-managed device memory): every step runs on the
+backend's one stream, one at a time.
 
 TensorRT 11 API: Runtime.deserialize_cuda_engine, ICudaEngine.get_tensor_name/mode/dtype,
 IExecutionContext.set_input_shape/set_tensor_address/execute_async_v3. Not runnable without an
@@ -58,7 +62,8 @@ class _Engine:
                 f"TensorRT could not load {path}",
                 "rebuild it with 'iwarp build' (engines are tied to a TensorRT version and GPU)",
             )
-        self.context = self.engine.create_execution_context()
+        self._scratch: Any = None  # device memory shared by this engine's contexts
+        self.context = self.new_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -66,10 +71,28 @@ class _Engine:
             n: _torch_dtype(torch, trt.nptype(self.engine.get_tensor_dtype(n))) for n in names
         }
 
-    def bind(self, inputs: dict[str, Any], out_buffers: dict[str, Any]) -> dict[str, Any]:
-        """Sets input shapes and addresses (device tensors) and the output addresses, using and
-        (re)allocating the caller's `out_buffers`; returns the output device tensors."""
+    def new_context(self) -> Any:
+        """An execution context of its own (one per captured CUDA graph), on the engine's
+        shared scratch memory when this TensorRT lets contexts share it."""
+        trt, torch = self.trt, _torch()
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        if strategy is None or size is None:
+            return self.engine.create_execution_context()
+        context = self.engine.create_execution_context(strategy.USER_MANAGED)
+        if self._scratch is None:
+            self._scratch = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+        context.set_device_memory(self._scratch.data_ptr(), int(size))
+        return context
+
+    def bind(
+        self, inputs: dict[str, Any], out_buffers: dict[str, Any], context: Any = None
+    ) -> dict[str, Any]:
+        """Sets input shapes and addresses (device tensors) and the output addresses on
+        `context` (default: the engine's own), using and (re)allocating the caller's
+        `out_buffers`; returns the output device tensors."""
         torch = _torch()
+        context = context or self.context
         for name in self.inputs:
             t = inputs[name]
             if t.dtype != self.dtypes[name] or not t.is_contiguous():
@@ -78,24 +101,24 @@ class _Engine:
                     "this is a bug in the TensorRT backend",
                 )
             shape = tuple(t.shape)
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise IwarpError(
                     f"{self.path.name}: shape {shape} of {name} is outside the engine's "
                     "optimisation profile",
                     "rebuild with larger --max-sources / --max-batch (iwarp build)",
                 )
-            self.context.set_tensor_address(name, t.data_ptr())
+            context.set_tensor_address(name, t.data_ptr())
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             buf = out_buffers.get(name)
             if buf is None or tuple(buf.shape) != shape:
                 buf = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
                 out_buffers[name] = buf
-            self.context.set_tensor_address(name, buf.data_ptr())
+            context.set_tensor_address(name, buf.data_ptr())
         return out_buffers
 
-    def execute(self, stream: Any) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
+    def execute(self, stream: Any, context: Any = None) -> None:
+        if not (context or self.context).execute_async_v3(stream.cuda_stream):
             raise IwarpError(f"TensorRT execution of {self.path.name} failed", "see the log")
 
 
@@ -119,6 +142,7 @@ class _Step:
         torch = _torch()
         self.backend = backend
         self.engine = engine
+        self.context = engine.new_context()  # this step's graph replays this context's state
         dev = backend.device
         self.host_in = {
             n: torch.empty(s, dtype=engine.dtypes[n], pin_memory=True)
@@ -134,7 +158,7 @@ class _Step:
     def _enqueue(self, stream: Any) -> None:
         for n, h in self.host_in.items():
             self.dev_in[n].copy_(h, non_blocking=True)
-        self.engine.execute(stream)
+        self.engine.execute(stream, self.context)
         for n, d in self.dev_out.items():
             self.host_out[n].copy_(d, non_blocking=True)
 
@@ -149,7 +173,7 @@ class _Step:
             stream.synchronize()
             return {n: h.numpy().copy() for n, h in self.host_out.items()}
         with torch.cuda.stream(stream):
-            self.engine.bind({**fixed_inputs, **self.dev_in}, self.dev_out)
+            self.engine.bind({**fixed_inputs, **self.dev_in}, self.dev_out, self.context)
             for n, d in self.dev_out.items():
                 h = self.host_out.get(n)
                 if h is None or tuple(h.shape) != tuple(d.shape):
