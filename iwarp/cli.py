@@ -321,6 +321,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sessions_per_client=args.max_sessions_per_client,
         allow_origins=args.allow_origin or (),
         allow_hosts=args.allow_host or (),
+        engine=args.engine,
+        ray_address=args.ray_address,
+        replicas=args.replicas,
+        batch=args.batch,
     )
 
 
@@ -578,6 +582,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads per frame (0: auto)")
     p.add_argument(
         "--idle-timeout", type=float, default=10.0, help="close a session after S s without video"
+    )
+    # Scale-out (docs/SCALING.md): the networks on Ray Serve replicas, WebRTC stays here.
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: animate in this process; ray: on Ray Serve replicas (the cluster extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="with --engine ray: the cluster's head, HOST:PORT or auto (default: start one here)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="with --engine ray: replicas to deploy (a GPU each where the cluster has GPUs)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="with --engine ray: most frames of different sessions per replica call "
+        "(0: 8 on GPUs, 1 on CPUs)",
     )
     p.set_defaults(handler=_cmd_serve)
 

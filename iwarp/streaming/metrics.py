@@ -103,6 +103,33 @@ class Histogram(Metric):
         return out
 
 
+class Labelled(Metric):
+    """A family of samples with labels, read from `fn` at scrape time: `fn` returns
+    (name suffix, labels, value) triples, e.g. ("", {"replica": "a1"}, 12.0)."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        kind: str,
+        fn: Callable[[], list[tuple[str, dict[str, str], float]]],
+    ) -> None:
+        super().__init__(name, help_text)
+        self.kind = kind
+        self.fn = fn
+
+    def samples(self) -> list[tuple[str, float]]:
+        out = []
+        for suffix, labels, value in self.fn():
+            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            out.append((f"{self.name}{suffix}{{{text}}}" if text else self.name + suffix, value))
+        return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Registry:
     def __init__(self) -> None:
         self.metrics: dict[str, Metric] = {}
@@ -126,6 +153,15 @@ class Registry:
         self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS
     ) -> Histogram:
         return self.add(Histogram(name, help_text, buckets))  # type: ignore[return-value]
+
+    def labelled(
+        self,
+        name: str,
+        help_text: str,
+        kind: str,
+        fn: Callable[[], list[tuple[str, dict[str, str], float]]],
+    ) -> Labelled:
+        return self.add(Labelled(name, help_text, kind, fn))  # type: ignore[return-value]
 
     def render(self) -> str:
         return "".join(m.render() for m in self.metrics.values())

@@ -47,6 +47,7 @@ from iwarp.errors import InputError, IwarpError
 from iwarp.runtime.animator import Animator
 from iwarp.runtime.avatar_store import AvatarRecord
 from iwarp.streaming import rtc
+from iwarp.streaming.engine import Engine
 from iwarp.streaming.httperrors import ApiError, status_for
 from iwarp.streaming.metrics import CONTENT_TYPE
 from iwarp.streaming.session import SessionLimits, SessionRegistry
@@ -235,11 +236,19 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 class Api:
     """The route handlers, sharing one Animator and one SessionRegistry."""
 
-    def __init__(self, animator: Animator, default_avatar: str, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        animator: Animator,
+        default_avatar: str,
+        config: ServerConfig,
+        engine: Engine | None = None,
+    ) -> None:
         self.animator = animator
         self.default_avatar = default_avatar
         self.config = config
-        self.registry = SessionRegistry(animator, default_avatar, config.limits, config.workers)
+        self.registry = SessionRegistry(
+            animator, default_avatar, config.limits, config.workers, engine
+        )
         # Avatar decoding and encoding (face detection + source encoder) are seconds of CPU and
         # a full-size decode at a time: one upload at a time, the others wait their turn.
         self.upload_executor = ThreadPoolExecutor(1, thread_name_prefix="iwarp-upload")
@@ -329,6 +338,11 @@ class Api:
                 "backend": self.animator.backend.describe(),
                 "image_size": self.animator.backend.image_size,
                 "default_avatar": self.default_avatar,
+                # Which engine animates, and for Ray how many replicas are up (asks the Serve
+                # controller: off the event loop).
+                "engine": await asyncio.get_running_loop().run_in_executor(
+                    None, self.registry.engine.health
+                ),
             }
         )
 
@@ -491,16 +505,20 @@ API_KEY = web.AppKey("api", Api)
 
 
 def create_app(
-    animator: Animator, default_avatar: str, config: ServerConfig | None = None
+    animator: Animator,
+    default_avatar: str,
+    config: ServerConfig | None = None,
+    engine: Engine | None = None,
 ) -> web.Application:
     """The server around `animator`; `default_avatar` must be registered (ownerless) in it.
+    Sessions animate on `engine` (default: `animator` itself, in this process).
 
     Applies the aiortc settings first (rtc.configure: marker-bit jitter buffer, bitrate,
     127.0.0.1 among the ICE candidates), since they must precede any peer connection.
     """
     config = config or ServerConfig()
     rtc.configure()
-    api = Api(animator, default_avatar, config)
+    api = Api(animator, default_avatar, config, engine)
     app = web.Application(
         middlewares=[_errors, _origin_middleware(config), _auth_middleware(config.token)]
     )
@@ -555,8 +573,17 @@ def serve(
     max_sessions_per_client: int = 2,
     allow_origins: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
+    engine: str = "local",
+    ray_address: str | None = None,
+    replicas: int = 2,
+    batch: int = 0,
 ) -> int:
-    """Runs the server until Ctrl-C / SIGTERM. Prints the URL to open once it listens."""
+    """Runs the server until Ctrl-C / SIGTERM. Prints the URL to open once it listens.
+
+    `engine="ray"`: the sessions' frames are animated by `replicas` Ray Serve replicas
+    (`backend` is theirs) on the cluster at `ray_address` (None: an embedded one on this
+    machine); this process keeps WebRTC, face tracking and the avatars (docs/SCALING.md).
+    """
     from iwarp.paths import DEFAULT_AVATAR
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -569,10 +596,25 @@ def serve(
         )
     ssl_context = _ssl_context(cert, key)
     cores = os.cpu_count() or 1
-    workers = workers or max(1, min(max_sessions, cores))
-    # Intra-op threads x concurrent frames = cores: more only makes the frames fight.
-    threads = threads or max(1, cores // workers)
-    animator = Animator.from_pretrained(backend, checkpoint, store_dir=store, threads=threads)
+    if engine not in ("local", "ray"):
+        raise IwarpError(f"unknown --engine {engine!r}", "choose local or ray")
+    if replicas < 1:
+        raise IwarpError("--replicas must be at least 1", "e.g. --replicas 2")
+    cluster = _cluster() if engine == "ray" else None
+    if cluster is not None:
+        cluster.connect(ray_address)  # an unreachable cluster fails now, before any loading
+        # A worker per session: each waits on its remote call, the model runs elsewhere.
+        workers = workers or max_sessions
+        edge_threads, threads = 1, threads or max(1, cores // 2)
+    else:
+        workers = workers or max(1, min(max_sessions, cores))
+        # Intra-op threads x concurrent frames = cores: more only makes the frames fight.
+        threads = edge_threads = threads or max(1, cores // workers)
+    # With --engine ray this Animator only validates and crops uploaded avatars and tracks
+    # faces; the best engine on this machine does (its network never runs per frame here).
+    animator = Animator.from_pretrained(
+        "auto" if engine == "ray" else backend, checkpoint, store_dir=store, threads=edge_threads
+    )
     photos = list(avatars) if avatars else [DEFAULT_AVATAR]
     default_id = animator.add_avatar(
         photos, avatar_id=DEFAULT_AVATAR_ID, name=", ".join(Path(p).name for p in photos)
@@ -589,9 +631,38 @@ def serve(
         allow_hosts=tuple(allow_hosts),
         host=host,
     )
-    app = create_app(animator, default_id, config)
-    asyncio.run(_run(app, host, port, ssl_context, token is not None))
+    frame_engine: Engine | None = None
+    if cluster is not None:
+        print("iwarp serve: deploying the animation engine on Ray Serve...", flush=True)
+        frame_engine = cluster.start_ray_engine(
+            animator,
+            ray_address,
+            replicas,
+            backend,
+            str(checkpoint) if checkpoint else None,
+            threads,
+            batch,
+        )
+    try:
+        app = create_app(animator, default_id, config, frame_engine)
+        asyncio.run(_run(app, host, port, ssl_context, token is not None))
+    finally:
+        if frame_engine is not None:
+            frame_engine.close()
     return 0
+
+
+def _cluster() -> Any:
+    """iwarp.cluster.engine: the optional `cluster` extra, imported only for --engine ray, so
+    the streaming package never needs Ray."""
+    try:
+        from iwarp.cluster import engine
+    except ImportError as exc:
+        raise IwarpError(
+            f"--engine ray needs Ray Serve, which is not installed ({exc})",
+            "pip install -e '.[cluster]'",
+        ) from exc
+    return engine
 
 
 async def _run(

@@ -32,6 +32,7 @@ from aiortc.mediastreams import MediaStreamError
 from iwarp.errors import InputError
 from iwarp.runtime.animator import Animator
 from iwarp.streaming import frameid
+from iwarp.streaming.engine import Engine, LocalEngine, ReplicaStats
 from iwarp.streaming.httperrors import ApiError
 from iwarp.streaming.metrics import Registry
 from iwarp.streaming.rtc import rtc_configuration
@@ -97,7 +98,7 @@ class Session:
         self.owner = owner
         self.avatar_id = avatar_id
         self.echo_id = echo_id
-        self.stream = registry.animator.stream()
+        self.stream = registry.engine.stream()
         self.created = time.monotonic()
         self.pc: RTCPeerConnection | None = None
         self.track: NewestFrameTrack | None = None
@@ -259,8 +260,7 @@ class Session:
             pending, self._pending_neutral = self._pending_neutral, None
         if pending is not None:
             _resolve(pending[1], False)
-        # The tracker's MediaPipe graphs are native memory: free them now, not at GC.
-        self.stream.tracker.detector.close()
+        self.stream.close()  # the tracker's MediaPipe graphs are native memory: free them now
         log.info("session %s closed: %s", self.id, reason)
 
 
@@ -286,8 +286,11 @@ class SessionRegistry:
         default_avatar: str,
         limits: SessionLimits | None = None,
         workers: int = 1,
+        engine: Engine | None = None,
     ) -> None:
         self.animator = animator
+        # What animates the sessions' frames: this process's Animator unless told otherwise.
+        self.engine = engine or LocalEngine(animator)
         self.default_avatar = default_avatar
         self.limits = limits or SessionLimits()
         # One shared pool: every session has at most one frame in flight, so `workers` bounds
@@ -330,7 +333,33 @@ class SessionRegistry:
         self.model_time = m.histogram(
             "iwarp_model_seconds", "Model time per frame (face tracking + network + conversions)"
         )
+        m.labelled(
+            "iwarp_engine_frames_total",
+            "Frames each engine replica animated (--engine ray)",
+            "counter",
+            lambda: [("", {"replica": r}, s.frames) for r, s in self._replicas()],
+        )
+        m.labelled(
+            "iwarp_engine_latency_seconds",
+            "Engine call time per frame, by replica (last 300 frames): network hop + replica",
+            "summary",
+            self._replica_latency,
+        )
         return m
+
+    def _replicas(self) -> list[tuple[str, ReplicaStats]]:
+        return sorted(self.engine.replica_stats().items())
+
+    def _replica_latency(self) -> list[tuple[str, dict[str, str], float]]:
+        out: list[tuple[str, dict[str, str], float]] = []
+        for replica, stats in self._replicas():
+            recent = list(stats.recent)
+            for q in (0.5, 0.95):
+                value = _percentile(recent, q * 100)
+                out.append(("", {"replica": replica, "quantile": str(q)}, value))
+            out.append(("_sum", {"replica": replica}, stats.seconds))
+            out.append(("_count", {"replica": replica}, float(stats.frames)))
+        return out
 
     def _max(self) -> float:
         return self.limits.max_sessions

@@ -1,0 +1,174 @@
+"""The replica side: a Ray Serve deployment that runs the runtime's `Animator`.
+
+A replica is stateless per session. Each request carries what the frame needs:
+- the face crop the edge cut out (the edge runs face tracking, where the camera frame is),
+- the session's motion state (`DrivingStream.motion_state()`: neutral pose, smoothing, last
+  pose), which comes back updated with the animated frame,
+- the avatar id, by which Serve routes the request (`@serve.multiplexed`) to a replica that
+  already holds that avatar's encoded sources, and a reference to the avatar's face crops in
+  the edge's object store, from which any other replica builds it on a miss.
+So a replica can die between two frames and the next one, on another replica, comes out as it
+would have: nothing is lost but the time to rebuild the avatar.
+
+Frames of several sessions that arrive together are batched (`@serve.batch`): their keypoints
+run in one network call; the animator runs per session (avatars differ in size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import ray
+from ray import serve
+
+from iwarp.graphs import image_to_tensor
+from iwarp.runtime.animator import Animator, Avatar
+from iwarp.runtime.avatar_store import AvatarRecord
+
+APP_NAME = "iwarp"
+DEPLOYMENT_NAME = "Animator"
+# Encoded avatars one replica keeps (least recently used evicted): each is a few MB at 256 px.
+MAX_AVATARS_PER_REPLICA = 16
+
+Pose = tuple[np.ndarray, np.ndarray]
+
+
+# -- what travels between edge and replica ---------------------------------------------------
+@dataclass
+class AvatarSources:
+    """What a replica needs to build an avatar: its record and face crops (model size)."""
+
+    record: AvatarRecord
+    crops: list[np.ndarray]
+
+
+@dataclass
+class FrameRequest:
+    avatar_id: str
+    sources: Any  # ray.ObjectRef[AvatarSources], fetched only when the replica lacks the avatar
+    crop: bytes | np.ndarray | None  # the face crop (see pack_image); None: no face in view
+    motion: dict[str, Any]  # DrivingStream.motion_state() before this frame
+    op: Literal["animate", "pose"] = "animate"  # "pose": keypoints only (the neutral pose)
+    codec: str = "jpeg"  # how the reply's frame travels (see pack_image)
+
+
+@dataclass
+class FrameReply:
+    replica: str
+    frame: bytes | np.ndarray | None = None  # op "animate"
+    pose: Pose | None = None  # op "pose"
+    motion: dict[str, Any] = field(default_factory=dict)  # after this frame
+    model_s: float = 0.0  # keypoints + animator on the replica, this frame's share of the batch
+    batch: int = 1  # frames in the batch this one ran in
+
+
+def pack_image(image: np.ndarray | None, codec: str) -> bytes | np.ndarray | None:
+    """An S x S RGB image for the wire: JPEG bytes (q 90: ~20 KB instead of 196 KB at 256 px,
+    which matters across machines) or the raw array."""
+    if image is None or codec == "raw":
+        return image
+    ok, data = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
+    )
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def unpack_image(data: bytes | np.ndarray | None) -> np.ndarray | None:
+    if data is None or isinstance(data, np.ndarray):
+        return data
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# -- the deployment ---------------------------------------------------------------------------
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2.0)
+class AnimatorDeployment:
+    def __init__(
+        self,
+        backend: str = "auto",
+        checkpoint: str | None = None,
+        threads: int = 0,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.002,
+    ) -> None:
+        self.animator = Animator.from_pretrained(
+            backend, checkpoint, threads=threads, show_progress=False
+        )
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._sources: dict[str, Any] = {}  # avatar id -> ObjectRef[AvatarSources]
+        # One model thread: frames queue here, and the event loop stays free to take in the
+        # requests that form the next batch.
+        self._model = ThreadPoolExecutor(1, thread_name_prefix="iwarp-replica")
+        self.run_batch.set_max_batch_size(max(1, max_batch))
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "actor_name": ray.get_runtime_context().get_actor_name(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "backend": self.animator.backend.describe(),
+            "image_size": self.animator.backend.image_size,
+        }
+
+    async def animate(self, request: FrameRequest) -> FrameReply:
+        # The request's sources ref is the avatar's, whichever edge sent it; keep the newest.
+        self._sources[request.avatar_id] = request.sources
+        avatar = await self.avatar(request.avatar_id)
+        return await self.run_batch((avatar, request))
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_AVATARS_PER_REPLICA)
+    async def avatar(self, avatar_id: str) -> Avatar:
+        """A miss: fetch the face crops from the edge's object store and encode them."""
+        sources: AvatarSources = await self._sources[avatar_id]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._model, self.animator.avatar_from_crops, sources.record, sources.crops
+        )
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    async def run_batch(self, jobs: list[tuple[Avatar, FrameRequest]]) -> list[FrameReply]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._model, self._run, jobs)
+
+    def _run(self, jobs: list[tuple[Avatar, FrameRequest]]) -> list[FrameReply]:
+        t0 = time.perf_counter()
+        poses = self._keypoints([unpack_image(request.crop) for _, request in jobs])
+        replies = []
+        for (avatar, request), pose in zip(jobs, poses, strict=True):
+            if request.op == "pose":
+                replies.append(FrameReply(self.replica, pose=pose, motion=request.motion))
+                continue
+            stream = self.animator.stream()
+            stream.restore_motion(request.motion)
+            frame = stream.animate_pose(avatar, pose)
+            packed = pack_image(frame, request.codec)
+            replies.append(FrameReply(self.replica, packed, motion=stream.motion_state()))
+        share = (time.perf_counter() - t0) / len(jobs)
+        for reply in replies:
+            reply.model_s, reply.batch = share, len(jobs)
+        return replies
+
+    def _keypoints(self, crops: list[np.ndarray | None]) -> list[Pose | None]:
+        """`DrivingStream.crop_pose` for a batch: the faces' keypoints in one network call."""
+        faces = [c for c in crops if c is not None]
+        if not faces:
+            return [None] * len(crops)
+        points, strength = self.animator.backend.detect(image_to_tensor(np.stack(faces)))
+        poses: list[Pose | None] = []
+        n = 0
+        for crop in crops:
+            if crop is None:
+                poses.append(None)
+            else:
+                poses.append((points[n : n + 1], strength[n : n + 1]))
+                n += 1
+        return poses
