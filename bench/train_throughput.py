@@ -16,7 +16,7 @@ import torch
 from iwarp.config import get_config
 from iwarp.paths import shared_data_dir
 from iwarp.train.data import ClipDataset
-from iwarp.train.trainer import TrainStep, _seeded
+from iwarp.train.trainer import TrainStep, seeded_generator
 
 
 def measure(config_name: str, size: int, batch: int, steps: int, bf16: bool, data) -> float:
@@ -28,7 +28,7 @@ def measure(config_name: str, size: int, batch: int, steps: int, bf16: bool, dat
         sources, driving = data.batch(0, step, batch, 2)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, losses = module(sources, driving, _seeded(0, step, 0))
+            _, losses = module(sources, driving, seeded_generator(0, step, 0))
         total = sum(losses.values())
         opt.zero_grad()
         total.float().backward()

@@ -441,6 +441,7 @@ class FaceTracker:
         if detect_every < 1 or hold_frames < 0:
             raise ValueError("detect_every must be >= 1 and hold_frames >= 0")
         self.detector = detector if detector is not None else FaceDetector()
+        self._owns_detector = detector is None  # a detector passed in is its giver's to close
         self.detect_every = detect_every
         self.hold_frames = hold_frames
         self.scale = scale
@@ -448,6 +449,11 @@ class FaceTracker:
         self.filter = OneEuroFilter(min_cutoff=min_cutoff, beta=beta, d_cutoff=1.0)
         self.detections = 0  # detector runs by this tracker
         self.reset()
+
+    def close(self) -> None:
+        """Frees the detector's MediaPipe graphs (native memory) when this tracker made it."""
+        if self._owns_detector:
+            self.detector.close()
 
     def reset(self) -> None:
         """Forget the face and the smoothing state (e.g. when the video source changes)."""

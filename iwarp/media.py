@@ -7,6 +7,7 @@ writing is for our own outputs (results, demos, fake-camera files).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from iwarp.errors import InputError
+from iwarp.paths import DEFAULT_AVATAR, shared_data_dir, user_cache_dir
+
+# The driving clip every command uses when none is given (`iwarp animate`, `iwarp bench`, the
+# latency benchmarks): a val-split clip (a person never seen in training), 512x512, 30 fps,
+# with head motion, from the shared footage.
+DEFAULT_DRIVING_CLIP = "clips/liveportrait/driving/d3.mp4"
 
 __all__ = [
     "VideoInfo",
@@ -534,3 +541,18 @@ def make_test_clip(
 ) -> Path:
     """Write a synthetic clip (see `synthetic_driving_frames`) for tests and demos."""
     return write_video(path, synthetic_driving_frames(image, frames, size), fps)
+
+
+def default_driving_clip() -> Path:
+    """`DEFAULT_DRIVING_CLIP` from the shared data when it is here; else a generated clip of
+    the packaged portrait swaying (150 frames, 256 px, 30 fps), made once in the user cache."""
+    data = shared_data_dir()
+    if data is not None and (data / DEFAULT_DRIVING_CLIP).is_file():
+        return data / DEFAULT_DRIVING_CLIP
+    path = user_cache_dir() / "default_driving.mp4"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"default_driving.{os.getpid()}.tmp.mp4")
+        make_test_clip(tmp, frames=150, size=256, fps=30, image=read_image(DEFAULT_AVATAR))
+        os.replace(tmp, path)  # concurrent first runs never read a half-written clip
+    return path

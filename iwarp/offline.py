@@ -8,23 +8,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from iwarp.errors import InputError
-from iwarp.media import VideoWriter, iter_video_frames, make_test_clip, read_image, video_info
-from iwarp.paths import DEFAULT_AVATAR, shared_data_dir, user_cache_dir
+from iwarp.media import VideoWriter, default_driving_clip, iter_video_frames, video_info
 from iwarp.runtime import Animator
 
-# A real talking-head clip from the shared footage makes the best demo driver.
-DEMO_CLIP = "fomm/demo_old/04.mp4"
-
-
-def default_driving_clip() -> Path:
-    """A real clip from ../shared/data when present, else a generated clip of moving head."""
-    data = shared_data_dir()
-    if data is not None and (data / "clips" / DEMO_CLIP).is_file():
-        return data / "clips" / DEMO_CLIP
-    path = user_cache_dir() / "demo_driving.mp4"
-    if not path.is_file():
-        make_test_clip(path, frames=75, size=256, fps=25, image=read_image(DEFAULT_AVATAR))
-    return path
+__all__ = ["animate_video", "default_driving_clip"]
 
 
 def animate_video(

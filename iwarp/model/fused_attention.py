@@ -100,11 +100,6 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
         return is_loaded()
 
 
-def last_error() -> BaseException | None:
-    err = _STATE.get("error")
-    return err if isinstance(err, BaseException) else None
-
-
 def attention(
     queries: torch.Tensor,
     keys: torch.Tensor,

@@ -84,7 +84,7 @@ class DrivingStream:
         self.times.face_tracking = (time.perf_counter() - t0) * 1e3
         if box is None:
             return None
-        return crop_and_resize(frame, box, self.animator.backend.image_size)
+        return crop_and_resize(frame, box, self.animator.image_size)
 
     def crop_pose(self, crop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Keypoints and strength of a face crop (None stays None: no face in view)."""
@@ -92,7 +92,7 @@ class DrivingStream:
             self.times.keypoints = 0.0
             return None
         t0 = time.perf_counter()
-        points, strength = self.animator.backend.detect(image_to_tensor(crop))
+        points, strength = self.animator.detect(crop)
         self.times.keypoints = (time.perf_counter() - t0) * 1e3
         return points, strength
 
@@ -147,9 +147,9 @@ class DrivingStream:
             self.times.animator = 0.0
             return avatar.crops[0].copy()
         t0 = time.perf_counter()
-        out = self.animator.backend.animate(avatar.features, *pose)
+        out = self.animator.render(avatar, *pose)
         self.times.animator = (time.perf_counter() - t0) * 1e3
-        return tensor_to_image(out[0])
+        return out
 
     def _relative(
         self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray]
@@ -169,7 +169,7 @@ class DrivingStream:
 
     def close(self) -> None:
         """Frees the face tracker's MediaPipe graphs (native memory) now, not at GC."""
-        self.tracker.detector.close()
+        self.tracker.close()
 
 
 class Animator:
@@ -211,6 +211,20 @@ class Animator:
         )
         store = AvatarStore(store_dir) if store_dir else None
         return cls(engine, store, smoothing)
+
+    # -- the network, for driving streams ----------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """Side of the face crops the network takes and of the frames it makes."""
+        return self.backend.image_size
+
+    def detect(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keypoints (1, K, 2) and strength (1, K) of one S x S uint8 face crop."""
+        return self.backend.detect(image_to_tensor(crop))
+
+    def render(self, avatar: Avatar, points: np.ndarray, strength: np.ndarray) -> np.ndarray:
+        """The avatar at these (already relative, smoothed) keypoints: an S x S uint8 frame."""
+        return tensor_to_image(self.backend.animate(avatar.features, points, strength)[0])
 
     # -- avatars ----------------------------------------------------------------------------
     def add_avatar(

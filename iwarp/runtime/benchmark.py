@@ -18,25 +18,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from iwarp.errors import InputError
-from iwarp.media import read_video
-from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
+from iwarp.media import default_driving_clip, read_video
+from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
 from iwarp.system import machine_label
 
 STAGES = ("face_tracking", "keypoints", "animator")
-# A val-split clip (people never seen in training), 512x512, 30 fps, with head motion.
-DEFAULT_BENCH_CLIP = "liveportrait/driving/d3.mp4"
-
-
-def default_clip() -> Path:
-    data = shared_data_dir()
-    if data is None or not (data / "clips" / DEFAULT_BENCH_CLIP).is_file():
-        raise InputError(
-            "no benchmark clip given and ../shared/data/clips is not here",
-            "pass --clip FILE (any video with a face)",
-        )
-    return data / "clips" / DEFAULT_BENCH_CLIP
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -148,7 +135,7 @@ def run_benchmark(
     same `frames + warmup` clip frames, so runs with different limits see the same avatar)."""
     from iwarp.system import isa_features
 
-    clip_path = Path(clip) if clip else default_clip()
+    clip_path = Path(clip) if clip else default_driving_clip()
     driving = read_video(clip_path, max_frames=frames + warmup)
     animator = Animator.from_pretrained(
         backend, checkpoint, threads=threads, show_progress=show_progress, precision=precision

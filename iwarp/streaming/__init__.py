@@ -10,9 +10,13 @@ Modules, one concern each (see README.md in this folder for endpoints, auth and 
     uploads.py     avatar photo uploads: size, count, type and pixel limits
     metrics.py     Prometheus text exposition
     frameid.py     the frame-id band that the latency benchmark reads back
-    client.py      a pure-Python aiortc client (benchmark and tests)
+    engine.py      the frame-engine interface (local Animator, or iwarp.cluster's Ray engine)
+    client.py      a pure-Python aiortc client (benchmark, tests and `iwarp cam`'s remote engine)
     latency.py     the round-trip latency benchmark built on client.py
     static/        the page: index.html, app.js, style.css
 
-Nothing here is imported by the rest of iwarp; aiortc/aiohttp are imported only by these modules.
+`iwarp.cam` uses the client side (client, rtc, frameid, latency summary) and `iwarp.cluster`
+implements the `engine.py` interface; nothing else in iwarp imports this package, and
+aiortc/aiohttp are imported only by these modules (docs/ARCHITECTURE.md, checked by
+tests/test_architecture.py).
 """

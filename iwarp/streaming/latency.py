@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,23 +24,11 @@ import cv2
 import numpy as np
 
 from iwarp.errors import InputError, IwarpError
-from iwarp.media import iter_video_frames, make_test_clip, read_image, video_info
-from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
+from iwarp.media import default_driving_clip, iter_video_frames, video_info
 from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
 
-DEFAULT_CLIP = "clips/liveportrait/driving/d3.mp4"
-
-
-def default_clip() -> Path:
-    """A real driving clip from the shared data, else a generated one (the astronaut, swaying)."""
-    data = shared_data_dir()
-    if data is not None and (data / DEFAULT_CLIP).is_file():
-        return data / DEFAULT_CLIP
-    path = Path(tempfile.gettempdir()) / "iwarp-bench-clip.mp4"
-    if not path.is_file():
-        make_test_clip(path, frames=150, size=256, fps=30, image=read_image(DEFAULT_AVATAR))
-    return path
+default_clip = default_driving_clip  # the one default (iwarp.media), under its old name here
 
 
 def load_frames(

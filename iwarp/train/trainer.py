@@ -85,7 +85,9 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _seeded(seed: int, step: int, rank: int) -> torch.Generator:
+def seeded_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The torch generator of one training step on one rank (a pure function of the three,
+    so that `--resume` and the throughput benchmark draw what training draws)."""
     g = torch.Generator()
     g.manual_seed(int(np.random.default_rng([seed, step, rank, 7]).integers(2**62)))
     return g
@@ -177,7 +179,7 @@ def train(
         num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
         sources, driving = train_data.batch(tc.seed, step, tc.batch_size, num_sources, ddp.rank)
         sources, driving = sources.to(dev), driving.to(dev)
-        gen = _seeded(tc.seed, step, ddp.rank)
+        gen = seeded_generator(tc.seed, step, ddp.rank)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
 
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
