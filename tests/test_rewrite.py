@@ -138,6 +138,58 @@ def test_rewrite_fp16_graph(build, tmp_path):
     assert psnr(got, ref) > 40.0
 
 
+def _mixed_precision_animator(original, v_dtype):
+    """The exported animator with the Attention's V input cast to `v_dtype` (ONNX Attention
+    allows V a type of its own), as a mixed-precision converter may leave it."""
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(original.SerializeToString())
+    node = next(n for n in model.graph.node if n.op_type == "Attention")
+    cast_out = node.input[2] + "_mixed"
+    to = helper.np_dtype_to_tensor_dtype(np.dtype(v_dtype))
+    cast = helper.make_node("Cast", [node.input[2]], [cast_out], to=to, name="test/v_Cast")
+    node.input[2] = cast_out
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index, cast)
+    return model
+
+
+def test_rewrite_casts_mixed_precision_inputs_to_one_dtype(build):
+    """q, k and v of the plugin node share one dtype (the attention output's) when the graph
+    gave V another type; the result still matches the mixed graph."""
+    out, meta = build
+    mixed = _mixed_precision_animator(onnx.load(str(out / "animator.onnx")), np.float16)
+    onnx.checker.check_model(mixed)
+    rewritten = rewrite.rewrite_attention(mixed)
+    onnx.checker.check_model(rewritten)
+    inferred = onnx.shape_inference.infer_shapes(rewritten)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    node = rewrite.plugin_nodes(rewritten)[0]
+    q, k, v, mask = (types.get(name) for name in node.input)
+    assert q == k == v == onnx.TensorProto.FLOAT, (q, k, v)
+    assert mask == onnx.TensorProto.FLOAT
+    assert any(n.op_type == "Cast" and n.output[0] == node.input[2] for n in rewritten.graph.node)
+    # ONNX Runtime cannot run the mixed graph itself (its Attention wants one type): compare
+    # with the float32 graph; the only difference is V rounded to float16 and back.
+    from iwarp.engine_build.tensorrt_build import psnr
+
+    feeds = _feeds(meta, 1, 2, seed=4)
+    ref = _session(onnx.load(str(out / "animator.onnx"))).run(None, feeds)[0]
+    got = _session(rewrite.expand_plugin_nodes(rewritten)).run(None, feeds)[0]
+    assert psnr(got, ref) > 50.0
+
+
+def test_rewrite_same_dtype_inputs_get_no_cast(build):
+    out, _ = build
+    rewritten = rewrite.rewrite_attention(onnx.load(str(out / "animator.onnx")))
+    node = rewrite.plugin_nodes(rewritten)[0]
+    producers = {o: n for n in rewritten.graph.node for o in n.output}
+    assert all(
+        producers.get(name) is None or producers[name].op_type != "Cast" for name in node.input[:3]
+    )
+
+
 def test_no_attention_is_a_clear_error():
     from onnx import TensorProto, helper
 

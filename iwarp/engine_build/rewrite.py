@@ -350,6 +350,24 @@ def _float_mask(graph: Any, mask: Any) -> Any:
     return out
 
 
+def _dtype_of(tensor: Any) -> np.dtype | None:
+    return np.dtype(tensor.dtype) if getattr(tensor, "dtype", None) is not None else None
+
+
+def _cast_to(graph: Any, tensor: Any, dtype: np.dtype, tag: str) -> Any:
+    """`tensor` as `dtype` (a new Cast node), or `tensor` itself when it already is."""
+    from onnx import helper
+
+    gs = _gs()
+    if _dtype_of(tensor) == dtype:
+        return tensor
+    out = gs.Variable(f"{ATTENTION_SCOPE}/{tag}_as_{dtype.name}", dtype=dtype)
+    to = helper.np_dtype_to_tensor_dtype(dtype)
+    name = f"{ATTENTION_SCOPE}/{tag}_Cast"
+    graph.nodes.append(gs.Node("Cast", name, {"to": to}, [tensor], [out]))
+    return out
+
+
 def rewrite_attention(model: Any, scale: float | None = None) -> Any:
     """A copy of `model` (ModelProto or path) with the attention replaced by IWarpAttention."""
     import onnx
@@ -363,6 +381,13 @@ def rewrite_attention(model: Any, scale: float | None = None) -> Any:
     q = _squeeze_axis1(graph, site.q, "q")
     k = _squeeze_axis1(graph, site.k, "k")
     v = _squeeze_axis1(graph, site.v, "v")
+    # The plugin takes q, k, v (and gives out) in one type. A mixed-precision graph (AutoCast,
+    # ONNX Attention's V may differ from Q/K) gets Casts to the type the attention's output
+    # had, so everything downstream sees what it saw before.
+    common = _dtype_of(site.output) or _dtype_of(q) or np.dtype(np.float32)
+    if common.kind != "f":
+        common = np.dtype(np.float32)
+    q, k, v = (_cast_to(graph, t, common, tag) for t, tag in ((q, "q"), (k, "k"), (v, "v")))
     if site.mask is not None:
         mask = _float_mask(graph, _key_mask_2d(graph, site.mask))
     else:
@@ -394,7 +419,7 @@ def rewrite_attention(model: Any, scale: float | None = None) -> Any:
         squeeze.outputs.clear()
         squeeze.inputs.clear()
     else:
-        out3 = gs.Variable(f"{ATTENTION_SCOPE}/out_3d", dtype=q.dtype)
+        out3 = gs.Variable(f"{ATTENTION_SCOPE}/out_3d", dtype=common)
         axes = gs.Constant(f"{ATTENTION_SCOPE}/out_axes", np.array([1], dtype=np.int64))
         for node in site.nodes:
             if out4 in node.outputs:
