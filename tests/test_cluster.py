@@ -23,12 +23,10 @@ pytest.importorskip("ray", reason="the cluster extra is not installed (ray[serve
 pytest.importorskip("aiortc")
 
 import aiohttp
-import ray
 from aiohttp import web
 
 from iwarp.checkpoint import save_checkpoint
-from iwarp.cluster.deployment import APP_NAME, DEPLOYMENT_NAME
-from iwarp.cluster.engine import RayEngine, start_ray_engine
+from iwarp.cluster.engine import RayEngine, kill_replica, start_ray_engine
 from iwarp.config import get_config
 from iwarp.media import read_image, synthetic_driving_frames
 from iwarp.model import ImplicitWarpingNetwork
@@ -176,15 +174,13 @@ def test_replica_killed_mid_stream_costs_a_short_freeze(cluster, camera):
             counts = _frames(engine)
             await asyncio.sleep(0.5)
             busiest = max(_frames(engine).items(), key=lambda kv: kv[1] - counts.get(kv[0], 0))
-            name = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{busiest[0]}"
-            actor = ray.get_actor(name, namespace="serve")
             killed_at = time.monotonic()
-            ray.kill(actor, no_restart=True)
+            kill_replica(busiest[0])
             n = len(client.received)
             await _wait_for(lambda: len(client.received) >= n + 30, 60, "frames after the kill")
             times = [r.time for r in client.received if r.time >= killed_at - 1.0]
             freeze = max(np.diff(times))
-            print(f"longest gap between frames around the kill: {freeze * 1e3:.0f} ms")
+            print(f"longest gap around the kill: {freeze * 1e3:.0f} ms, {engine.retries} retried")
             # Measured 0.1-0.5 s on 2 busy cores (docs/PERFORMANCE.md); the bound has margin.
             assert freeze < 5.0
             info = await client.session_info()

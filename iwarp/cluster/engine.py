@@ -56,14 +56,15 @@ class RayStream(DrivingStream):
     """A `DrivingStream` whose network steps run on a replica: face tracking stays here, the
     motion state travels with each frame and comes back updated."""
 
-    local_fields = (*DrivingStream.local_fields, "engine", "avatar_id")
+    local_fields = (*DrivingStream.local_fields, "engine", "avatar_id", "last_reply")
     engine: RayEngine
     avatar_id: str = ""  # the avatar of the last frame: where a neutral-pose request goes
+    last_reply: FrameReply | None = None  # which replica, its model time, its batch
 
     def animate_crop(self, avatar: Avatar, crop: np.ndarray | None) -> np.ndarray:
         t0 = time.perf_counter()
         self.avatar_id = avatar.record.avatar_id
-        reply = self.engine.call(self._request(avatar, crop, "animate"))
+        reply = self.last_reply = self.engine.call(self._request(avatar, crop, "animate"))
         self.restore_motion(reply.motion)
         self.times.keypoints = 0.0
         self.times.animator = (time.perf_counter() - t0) * 1e3  # the whole remote call
@@ -279,3 +280,16 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})",
             "start its head with 'ray start --head --port PORT', or fix --ray-address",
         ) from exc
+
+
+def replica_actor_name(replica: str) -> str:
+    """The Ray actor behind a replica id (as in iwarp_engine_frames_total{replica=...})."""
+    return f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica}"
+
+
+def kill_replica(replica: str, address: str | None = "auto") -> None:
+    """Kills one replica's actor, as a crash would (benchmarks and tests of failover); Serve
+    starts a new one by itself."""
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.kill(ray.get_actor(replica_actor_name(replica), namespace="serve"), no_restart=True)

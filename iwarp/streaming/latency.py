@@ -127,8 +127,15 @@ async def run_async(
     token: str | None = None,
     avatar: Sequence[str | Path] | None = None,
     connect_timeout: float = 30.0,
+    kill_replica_at: float | None = None,
+    ray_address: str = "auto",
 ) -> dict[str, Any]:
-    """One run with `clients` concurrent sessions; returns `summarize`'s dict (+ server view)."""
+    """One run with `clients` concurrent sessions; returns `summarize`'s dict (+ server view).
+
+    Against `iwarp serve --engine ray` it adds each replica's frames/s and call latency (from
+    /metrics); `kill_replica_at` kills the busiest replica that many seconds into the measured
+    window and reports the freeze (the longest gap between frames a client received).
+    """
     loop = asyncio.get_running_loop()
     owner = uuid.uuid4().hex
     async with contextlib.AsyncExitStack() as stack:
@@ -150,7 +157,16 @@ async def run_async(
             ) from None
         t_start = loop.time() + warmup
         t_stop = t_start + seconds
-        await asyncio.sleep(warmup + seconds)
+        await asyncio.sleep(warmup)
+        before = await _engine_samples(group[0])
+        killed: tuple[str, float] | None = None
+        if kill_replica_at is not None:
+            await asyncio.sleep(kill_replica_at)
+            killed = await _kill_busiest_replica(group[0], before, ray_address)
+            await asyncio.sleep(max(0.0, t_stop - loop.time()))
+        else:
+            await asyncio.sleep(seconds)
+        after = await _engine_samples(group[0])
         for c in group:
             c.stop_sending()
         await asyncio.sleep(grace)
@@ -164,7 +180,79 @@ async def run_async(
     srv = [s["server_latency_ms"]["p50"] for s in server if s]
     result["server_latency_ms_p50"] = round(float(np.mean(srv)), 1) if srv else None
     result["server_frames_dropped"] = sum(s["frames_dropped"] for s in server if s)
+    result.update(_engine_summary(before, after, seconds))
+    if killed is not None:
+        result["kill"] = _freeze(group, *killed)
     return result
+
+
+_FRAMES = 'iwarp_engine_frames_total{replica="'
+
+
+async def _engine_samples(client: StreamingClient) -> dict[str, float]:
+    from iwarp.streaming.metrics import parse_samples
+
+    status, text = await client.request("GET", "/metrics")
+    return parse_samples(text) if status == 200 and isinstance(text, str) else {}
+
+
+def _replica_frames(samples: dict[str, float]) -> dict[str, float]:
+    return {k[len(_FRAMES) : -2]: v for k, v in samples.items() if k.startswith(_FRAMES)}
+
+
+def _engine_summary(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, Any]:
+    """Per replica (--engine ray): frames/s in the window and the engine call's p50/p95."""
+    frames0, frames1 = _replica_frames(before), _replica_frames(after)
+    if not frames1:
+        return {}
+    replicas = {}
+    for replica, n in sorted(frames1.items()):
+        key = f'iwarp_engine_latency_seconds{{replica="{replica}",quantile="'
+        replicas[replica] = {
+            "fps": round((n - frames0.get(replica, 0.0)) / seconds, 2),
+            "call_ms_p50": round(after.get(key + '0.5"}', 0.0) * 1e3, 1),
+            "call_ms_p95": round(after.get(key + '0.95"}', 0.0) * 1e3, 1),
+        }
+    return {"engine_replicas": replicas}
+
+
+async def _kill_busiest_replica(
+    client: StreamingClient, before: dict[str, float], ray_address: str
+) -> tuple[str, float]:
+    """Kills the replica that animated the most frames since `before`; (its id, when)."""
+    from iwarp.cluster.engine import kill_replica  # Ray: only for --kill-replica-at
+
+    now = _replica_frames(await _engine_samples(client))
+    if not now:
+        raise IwarpError("--kill-replica-at: the server has no replicas", "serve --engine ray")
+    base = _replica_frames(before)
+    replica = max(now, key=lambda r: now[r] - base.get(r, 0.0))
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    await loop.run_in_executor(None, kill_replica, replica, ray_address)
+    return replica, killed_at
+
+
+def _freeze(clients: Sequence[StreamingClient], replica: str, killed_at: float) -> dict[str, Any]:
+    """The longest gap between received frames from 0.5 s before the kill to 5 s after, per
+    client, against the usual gap (median) before the kill."""
+    freezes, usual = [], []
+    for c in clients:
+        times = [r.time for r in c.received]
+        around = [t for t in times if killed_at - 0.5 <= t <= killed_at + 5.0]
+        earlier = [t for t in times if t < killed_at - 0.5]
+        if len(around) > 1:
+            freezes.append(float(np.max(np.diff(around))))
+        if len(earlier) > 1:
+            usual.append(float(np.median(np.diff(earlier))))
+    return {
+        "replica": replica,
+        "freeze_ms_max": round(max(freezes) * 1e3, 1) if freezes else None,
+        "freeze_ms_per_client": [round(f * 1e3, 1) for f in freezes],
+        "usual_gap_ms": round(float(np.mean(usual)) * 1e3, 1) if usual else None,
+    }
 
 
 def run(
@@ -176,6 +264,8 @@ def run(
     size: int = 256,
     token: str | None = None,
     avatar: Sequence[str | Path] | None = None,
+    kill_replica_at: float | None = None,
+    ray_address: str = "auto",
 ) -> list[dict[str, Any]]:
     """One run per entry of `clients` (e.g. 1, 2, 4), one after the other."""
     logging.getLogger("aioice").setLevel(logging.WARNING)
@@ -183,7 +273,15 @@ def run(
     frames, fps = load_frames(clip or default_clip(), size)
     results = []
     for n in clients:
-        r = asyncio.run(run_async(url, frames, fps, n, seconds, warmup, token=token, avatar=avatar))
+        r = asyncio.run(
+            run_async(
+                *(url, frames, fps, n, seconds, warmup),
+                token=token,
+                avatar=avatar,
+                kill_replica_at=kill_replica_at,
+                ray_address=ray_address,
+            )
+        )
         r["clip"] = str(clip or default_clip())
         r["size"] = size
         results.append(r)
@@ -233,6 +331,16 @@ def format_result(r: dict[str, Any]) -> str:
         f"{rtt['p99']} ms; {r['fps_out']} fps out per client (worst {r['fps_out_min']}, "
         f"in {r['fps_in']}); {r['frames_received']}/{r['frames_sent']} frames back, "
         f"{r['frames_dropped']} dropped; server model p50 {r['server_model_ms_p50']} ms"
+        + "".join(
+            f"; replica {name}: {e['fps']} fps, call p50 {e['call_ms_p50']} ms"
+            for name, e in r.get("engine_replicas", {}).items()
+        )
+        + (
+            f"; killed {r['kill']['replica']}: freeze {r['kill']['freeze_ms_max']} ms "
+            f"(usual gap {r['kill']['usual_gap_ms']} ms)"
+            if "kill" in r
+            else ""
+        )
     )
 
 
@@ -260,6 +368,15 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--token", help="the server's token (default: $IWARP_TOKEN)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.add_argument("--plot", help="write a PNG of latency and fps against clients")
+    p.add_argument(
+        "--kill-replica-at",
+        type=float,
+        help="against serve --engine ray: kill the busiest replica S seconds into each run "
+        "and report the freeze",
+    )
+    p.add_argument(
+        "--ray-address", default="auto", help="with --kill-replica-at: the Ray cluster (auto)"
+    )
 
 
 def run_from_args(args: Any) -> int:
@@ -280,6 +397,8 @@ def run_from_args(args: Any) -> int:
         args.size,
         args.token or os.environ.get("IWARP_TOKEN"),
         args.avatar,
+        getattr(args, "kill_replica_at", None),  # iwarp bench --webrtc has no such flags
+        getattr(args, "ray_address", "auto"),
     )
     for r in results:
         print(json.dumps(r) if args.json else format_result(r), flush=True)
