@@ -285,6 +285,82 @@ def test_split_heuristic_and_workspace_bound(emulated_lib):
         assert need <= lib.iwarp_attention_workspace_bound(8, 4096, dv, 132)
 
 
+# --------------------------------------------------------------------------- fused or SDPA
+
+
+def _table(*entries):
+    return {"format": "iwarp-attention-dispatch/1", "entries": list(entries)}
+
+
+def test_shipped_dispatch_table_means_sdpa_until_measured(monkeypatch):
+    pytest.importorskip("torch")
+    from iwarp.checkpoint import Checkpoint
+    from iwarp.model import fused_attention as fa
+
+    monkeypatch.delenv(fa.MODE_ENV, raising=False)
+    monkeypatch.delenv(fa.TABLE_ENV, raising=False)
+    shipped = fa.load_table()
+    assert "error" not in shipped and shipped["entries"] == []
+    d, dv = fa.attention_widths(Checkpoint(None).config.model)
+    assert (d, dv) == (64, 320)  # the shipped weights' attention: V' = [V 64 | P 192 | K 64]
+    choice = fa.choose("NVIDIA H200", "float16", 1, 1024, 1056, d, dv)
+    assert choice.backend == "sdpa" and "no device measurement" in choice.reason
+
+
+def test_dispatch_table_picks_the_measured_faster_one(monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    from iwarp.model import fused_attention as fa
+
+    monkeypatch.delenv(fa.MODE_ENV, raising=False)
+    fast = fa.make_entry("GPU X", "float16", 1, 1024, 1056, 64, 320, 0.05, 0.08)
+    slow = fa.make_entry("GPU X", "float16", 1, 4096, 4128, 64, 320, 0.9, 0.4)
+    failed = fa.make_entry("GPU X", "bfloat16", 1, 1024, 1056, 64, 320, None, 0.1)
+    assert (fast["choice"], slow["choice"], failed["choice"]) == ("fused", "sdpa", "sdpa")
+    table = _table(fast, slow, failed)
+    assert fa.choose("GPU X", "float16", 1, 1024, 1056, 64, 320, table).backend == "fused"
+    assert fa.choose("GPU X", "float16", 1, 1024, 2080, 64, 320, table).backend == "fused"
+    assert fa.choose("GPU X", "float16", 1, 4096, 4128, 64, 320, table).backend == "sdpa"
+    # Another GPU, dtype or width, or a shape far from every measurement: SDPA.
+    for args in [
+        ("GPU Y", "float16", 1, 1024, 1056, 64, 320),
+        ("GPU X", "float32", 1, 1024, 1056, 64, 320),
+        ("GPU X", "float16", 1, 1024, 1056, 64, 331),
+        ("GPU X", "float16", 1, 64, 100, 64, 320),
+    ]:
+        assert fa.choose(*args, table=table).backend == "sdpa", args
+    # $IWARP_ATTENTION and forced() override the table; a broken file is SDPA with a reason.
+    monkeypatch.setenv(fa.MODE_ENV, "fused")
+    assert fa.choose("GPU Y", "float32", 1, 9, 9, 8, 8, table).backend == "fused"
+    monkeypatch.delenv(fa.MODE_ENV)
+    with fa.forced("sdpa"):
+        assert fa.choose("GPU X", "float16", 1, 1024, 1056, 64, 320, table).backend == "sdpa"
+    bad = tmp_path / "table.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv(fa.TABLE_ENV, str(bad))
+    choice = fa.choose("GPU X", "float16", 1, 1024, 1056, 64, 320)
+    assert choice.backend == "sdpa" and "table.json" in choice.reason
+
+
+def test_tensorrt_build_uses_the_table_for_the_plugin(monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    import json
+
+    from iwarp.checkpoint import Checkpoint
+    from iwarp.engine_build.tensorrt_build import plugin_choice
+    from iwarp.model import fused_attention as fa
+
+    monkeypatch.delenv(fa.MODE_ENV, raising=False)
+    config = Checkpoint(None).config
+    table = tmp_path / "t.json"
+    # The shipped shapes at 256 px: 1024 queries, 1024 keys per source + 32 extra tokens.
+    entry = fa.make_entry("GPU X", "float16", 1, 1024, 1056, 64, 320, 0.05, 0.08)
+    table.write_text(json.dumps(_table(entry)))
+    monkeypatch.setenv(fa.TABLE_ENV, str(table))
+    assert plugin_choice(config, "fp16", "GPU X").backend == "fused"
+    assert plugin_choice(config, "fp32", "GPU X").backend == "sdpa"
+    assert plugin_choice(config, "fp16", "GPU Z").backend == "sdpa"
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (no CUDA toolkit)")
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_tensor_core_kernel_compiles_for_ampere_and_hopper(tmp_path, arch):

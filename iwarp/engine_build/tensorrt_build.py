@@ -467,6 +467,21 @@ def prepare_graph(
     return current, notes
 
 
+def plugin_choice(config: Any, precision: str, gpu_name: str, opt_sources: int = 1) -> Any:
+    """Whether the animator's attention should be the IWarpAttention plugin: the fused kernel
+    where the device measurement (`iwarp.model.fused_attention.choose`, the table that
+    bench/device_check.sh writes) found it faster than SDPA for the engine's dtype and its
+    usual shape (`opt_sources` sources), TensorRT's own attention otherwise. The measurement
+    compares the kernel with PyTorch's SDPA, which stands in for TensorRT's fused attention."""
+    from iwarp.model.fused_attention import attention_widths, choose
+
+    m = config.model
+    d, dv = attention_widths(m)
+    keys = m.tokens_per_source * max(1, opt_sources) + m.extra_tokens
+    dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "float16")  # int8: fp16 attn
+    return choose(gpu_name, dtype, 1, m.grid_size**2, keys, d, dv)
+
+
 def build_engines(
     checkpoint: str | Path | None = None,
     build_dir: str | Path | None = None,
@@ -491,18 +506,22 @@ def build_engines(
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
     ckpt_path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    Checkpoint(ckpt_path)  # a clear error for an unusable checkpoint before any build step
+    ckpt = Checkpoint(ckpt_path)
     out = Path(build_dir) if build_dir else default_build_dir(file_sha256(ckpt_path))
     library = Path(plugin_library) if plugin_library else None
-    if plugin is None:  # auto: with the plugin when its library exists
+    attention_choice = "IWarpAttention plugin (asked for)" if plugin else "TensorRT attention"
+    if plugin is None:  # auto: the plugin where it exists and a measurement found it faster
         library = library or find_plugin_library()
         plugin = library is not None
-        if not plugin and show_progress:
-            print(
-                "iwarp build: plugin library not found (iwarp build-plugin): building the "
-                "animator with TensorRT's own attention",
-                file=sys.stderr,
-            )
+        if not plugin:
+            attention_choice = "TensorRT attention: plugin library not found (iwarp build-plugin)"
+        else:
+            choice = plugin_choice(ckpt.config, precision, gpu_name, opt_sources)
+            plugin = choice.backend == "fused"
+            attention_choice = f"{'IWarpAttention plugin' if plugin else 'TensorRT attention'}"
+            attention_choice += f" ({choice.reason})"
+        if show_progress:
+            print(f"iwarp build: animator attention: {attention_choice}", file=sys.stderr)
     elif plugin:
         from iwarp.engine_build.plugin import load_plugin
 
@@ -547,6 +566,7 @@ def build_engines(
         meta = {
             **expected,
             **notes,
+            **({"attention": attention_choice} if graph == "animator" else {}),
             "engine": str(engine),
             "checkpoint_sha256": onnx_meta.get("checkpoint_sha256"),
             "max_sources": max_sources,

@@ -145,13 +145,16 @@ def attention(
 
     The single place where the network attends: the ONNX export, the TensorRT plugin rewrite
     and the fused CUDA kernel all replace exactly this computation. On CUDA at inference the
-    fused kernel (plugins/kernels) runs it, when it builds; it has no backward, so training
-    and the CPU use PyTorch's SDPA.
+    fused kernel (plugins/kernels) runs it where a device measurement found it faster than
+    SDPA (`fused_attention.choose_for`), when it builds; it has no backward, so training and
+    the CPU use PyTorch's SDPA.
     """
     if queries.is_cuda and not torch.is_grad_enabled():
         from iwarp.model import fused_attention
 
-        if fused_attention.load():
+        if fused_attention.choose_for(queries, keys, values).backend == "fused" and (
+            fused_attention.load()
+        ):
             return fused_attention.attention(queries, keys, values, mask)
     out = F.scaled_dot_product_attention(
         queries.unsqueeze(1),
