@@ -460,12 +460,22 @@ def _save_atomic(model: Any, path: Path) -> None:
 # --------------------------------------------------------------------------- parity
 
 
-def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime session as the backends make it (all optimisations, sequential)."""
+def ort_session(
+    path: str | Path,
+    threads: int = 0,
+    providers: list[str] | None = None,
+    basic_optimizations: bool = False,
+) -> Any:
+    """An ONNX Runtime session as the backends make it (all optimisations, sequential).
+
+    `basic_optimizations`: no fusions beyond the basic ones, for FP8 Q/DQ graphs, which ONNX
+    Runtime's CPU kernels cannot fuse and only emulate (calibration measures their accuracy).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = "ORT_ENABLE_BASIC" if basic_optimizations else "ORT_ENABLE_ALL"
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

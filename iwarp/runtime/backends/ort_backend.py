@@ -41,7 +41,11 @@ class OrtBackend(Backend):
         device: str | None = None,
         threads: int = 0,
         metadata: dict | None = None,
+        graph_files: dict[str, Path] | None = None,
+        basic_optimizations: bool = False,
     ) -> None:
+        """The graphs of `build_dir` (`graph_files` replaces some: calibration runs a quantized
+        graph among FP32 ones); `basic_optimizations` for FP8 Q/DQ graphs (see ort_session)."""
         from iwarp.engine_build.export import graph_path, load_metadata, ort_session
 
         self.build_dir = Path(build_dir)
@@ -64,8 +68,9 @@ class OrtBackend(Backend):
             providers = [_CPU]
             self.device, self._device_id = "cpu", 0
         self.threads = threads or physical_cores()
+        files = {g: graph_path(self.build_dir, g) for g in graphs.GRAPHS} | (graph_files or {})
         self.sessions = {
-            g: ort_session(graph_path(self.build_dir, g), self.threads, providers)
+            g: ort_session(files[g], self.threads, providers, basic_optimizations)
             for g in graphs.GRAPHS
         }
 
