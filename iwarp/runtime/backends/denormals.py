@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import platform
 import threading
+import warnings
 from pathlib import Path
 
 _FTZ = 1 << 15  # MXCSR flush-to-zero
@@ -55,6 +56,21 @@ def _libm() -> ctypes.CDLL | None:
 _LIBM = _libm()
 
 
+def _numpy_limits_first() -> None:
+    """numpy computes (and caches) each float type's limits on first use, and warns when the
+    smallest subnormal reads as 0, as it does on a flushing thread: compute them now, when
+    this module is imported, before anything flushes."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+            str(np.finfo(dtype))  # every limit, with the lazily made strings
+
+
+_numpy_limits_first()
+
+
 def _mxcsr() -> int | None:
     if _LIBM is None:
         return None
@@ -74,12 +90,6 @@ def _set_here() -> bool:
     """Turns FTZ and DAZ on for the calling thread through glibc's fenv (torch-free)."""
     if _LIBM is None:
         return False
-    # numpy computes (and caches) each float type's limits on first use, and warns when the
-    # smallest subnormal reads as 0: have them computed before flushing starts.
-    import numpy as np
-
-    for dtype in (np.float16, np.float32, np.float64, np.longdouble):
-        np.finfo(dtype).smallest_subnormal  # noqa: B018
     env = (ctypes.c_uint8 * _FENV_SIZE)()
     if _LIBM.fegetenv(env) != 0:
         return False
