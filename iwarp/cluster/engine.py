@@ -17,6 +17,7 @@ only encoded avatars, which they can rebuild. See docs/SCALING.md.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -190,16 +191,24 @@ class RayEngine:
             ray.shutdown()
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, cpus: int = 0) -> None:
     """Joins the Ray cluster at `address` (HOST:PORT or auto; None: starts an embedded one on
-    this machine). IwarpError, at once, when it cannot be reached."""
+    this machine, with at least `cpus` CPU slots). IwarpError, at once, when it cannot be
+    reached."""
     if ray.is_initialized():
         return
     if address not in (None, "auto"):
         _check_reachable(address)
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # Replicas reserve CPUs; on a small machine let them share the cores rather
+            # than wait for ones that do not exist.
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, cpus),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
@@ -222,7 +231,7 @@ def start_ray_engine(
     """Connects (see `connect`), deploys the animator application if it is not running yet
     (else uses it as it is: several edges share one deployment), waits for a replica to
     answer, and returns the engine."""
-    connect(address)
+    connect(address, replicas * max(1, threads))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     try:
         handle = serve.get_app_handle(APP_NAME)
@@ -263,7 +272,33 @@ def _deploy(
     app = AnimatorDeployment.options(
         num_replicas=replicas, ray_actor_options=actor_options, max_ongoing_requests=batch
     ).bind(backend, checkpoint, threads, batch, 0.002)
-    return serve.run(app, name=APP_NAME, route_prefix=None)
+    return _run_app(app, replicas)
+
+
+def _run_app(app: Any, replicas: int, timeout: float = 600.0) -> Any:
+    """serve.run, which waits as long as the replicas cannot be placed: bounded here."""
+    outcome: dict[str, Any] = {}
+
+    def deploy() -> None:
+        try:
+            outcome["handle"] = serve.run(app, name=APP_NAME, route_prefix=None)
+        except Exception as exc:  # a replica failed to start (bad backend, missing weights)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=deploy, daemon=True, name="iwarp-deploy")
+    thread.start()
+    thread.join(timeout)
+    if "error" in outcome:
+        raise IwarpError(
+            f"the animation replicas failed to start ({outcome['error']})",
+            "check --backend and --checkpoint on the worker nodes (ray logs)",
+        )
+    if "handle" not in outcome:
+        raise IwarpError(
+            f"{replicas} animation replicas did not start within {timeout:g} s",
+            "the cluster lacks the CPUs or GPUs they need (see 'ray status'): fewer --replicas",
+        )
+    return outcome["handle"]
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:

@@ -608,10 +608,11 @@ def serve(
         raise IwarpError("--replicas must be at least 1", "e.g. --replicas 2")
     cluster = _cluster() if engine == "ray" else None
     if cluster is not None:
-        cluster.connect(ray_address)  # an unreachable cluster fails now, before any loading
         # A worker per session: each waits on its remote call, the model runs elsewhere.
         workers = workers or max_sessions
         edge_threads, threads = 1, threads or max(1, cores // 2)
+        # An unreachable cluster fails now, before any loading.
+        cluster.connect(ray_address, replicas * threads)
     else:
         workers = workers or max(1, min(max_sessions, cores))
         # Intra-op threads x concurrent frames = cores: more only makes the frames fight.
