@@ -135,17 +135,24 @@ class FrameSet:
         rows: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Animator inputs of driving frame i; `rows` replaces the stored key/value rows."""
-        self._need_annotations()
-        rows = rows or self.rows()
-        a = int(self.avatar[i])
-        tokens = self.num_sources(i) * (rows[graphs.KEYS].shape[1] // self.sources_per_avatar)
+        avatar = self.avatar_rows(i, rows)
         return graphs.feeds(
             graphs.ANIMATOR_GRAPH,
             np.ascontiguousarray(points[None], np.float32),
             np.ascontiguousarray(strength[None], np.float32),
-            *(np.ascontiguousarray(rows[k][a : a + 1, :tokens]) for k in graphs.AVATAR_ROWS),
-            np.ones((1, tokens), dtype=bool),
+            *(avatar[k] for k in graphs.AVATAR_ROWS),
+            np.ones(avatar[graphs.KEYS].shape[:2], dtype=bool),
         )
+
+    def avatar_rows(
+        self, i: int, rows: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """{keys, values, pixels} (1, n*T, .) of the avatar driving frame i animates: its first
+        n = `num_sources(i)` sources; `rows` replaces the stored rows."""
+        rows = rows or self.rows()
+        a = int(self.avatar[i])
+        tokens = self.num_sources(i) * (rows[graphs.KEYS].shape[1] // self.sources_per_avatar)
+        return {k: np.ascontiguousarray(rows[k][a : a + 1, :tokens]) for k in graphs.AVATAR_ROWS}
 
     def rows(self) -> dict[str, np.ndarray]:
         """The FP32 source encoder's rows of every avatar, {keys, values, pixels}: (A, M*T, .)."""

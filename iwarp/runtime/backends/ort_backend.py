@@ -13,6 +13,7 @@ concurrent streams can share the sessions.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,7 @@ class OrtBackend(Backend):
         device: str | None = None,
         threads: int = 0,
         metadata: dict | None = None,
-        graph_files: dict[str, Path] | None = None,
-        basic_optimizations: bool = False,
     ) -> None:
-        """The graphs of `build_dir` (`graph_files` replaces some: calibration runs a quantized
-        graph among FP32 ones); `basic_optimizations` for FP8 Q/DQ graphs (see ort_session)."""
         from iwarp.engine_build.export import graph_path, load_metadata, ort_session
 
         self.build_dir = Path(build_dir)
@@ -68,11 +65,27 @@ class OrtBackend(Backend):
             providers = [_CPU]
             self.device, self._device_id = "cpu", 0
         self.threads = threads or physical_cores()
-        files = {g: graph_path(self.build_dir, g) for g in graphs.GRAPHS} | (graph_files or {})
+        self._providers = providers
         self.sessions = {
-            g: ort_session(files[g], self.threads, providers, basic_optimizations)
+            g: ort_session(graph_path(self.build_dir, g), self.threads, providers)
             for g in graphs.GRAPHS
         }
+
+    def with_graphs(self, files: dict[str, Path], basic_optimizations: bool = False) -> OrtBackend:
+        """This backend with some graphs replaced by other files of the same contract (a
+        quantized graph among the FP32 ones: calibration measures each graph alone); the other
+        sessions are shared. `basic_optimizations` for FP8 Q/DQ graphs (see `ort_session`)."""
+        from iwarp.engine_build.export import ort_session
+
+        variant = copy.copy(self)
+        variant.sessions = {
+            **self.sessions,
+            **{
+                g: ort_session(path, self.threads, self._providers, basic_optimizations)
+                for g, path in files.items()
+            },
+        }
+        return variant
 
     @classmethod
     def from_checkpoint(
