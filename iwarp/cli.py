@@ -321,6 +321,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sessions_per_client=args.max_sessions_per_client,
         allow_origins=args.allow_origin or (),
         allow_hosts=args.allow_host or (),
+        max_avatars=args.max_avatars,
+        max_avatar_memory_mib=args.max_avatar_memory,
         engine=args.engine,
         ray_address=args.ray_address,
         replicas=args.replicas,
@@ -562,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="concurrent streams one client (X-Iwarp-Client) may hold",
+    )
+    p.add_argument(
+        "--max-avatars",
+        type=int,
+        default=100,
+        help="uploaded avatars kept in all; past it the least recently used unused one goes",
+    )
+    p.add_argument(
+        "--max-avatar-memory",
+        type=float,
+        default=256.0,
+        metavar="MIB",
+        help="memory for uploaded avatars (~1.5 MiB per photo at 256 px), evicted the same way",
     )
     p.add_argument(
         "--allow-origin",

@@ -579,6 +579,8 @@ def serve(
     max_sessions_per_client: int = 2,
     allow_origins: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
+    max_avatars: int = 100,
+    max_avatar_memory_mib: float = 256.0,
     engine: str = "local",
     ray_address: str | None = None,
     replicas: int = 2,
@@ -637,6 +639,8 @@ def serve(
         allow_origins=tuple(allow_origins),
         allow_hosts=tuple(allow_hosts),
         host=host,
+        max_avatars=max_avatars,
+        max_avatar_bytes=int(max_avatar_memory_mib * 2**20),
     )
     frame_engine: Engine | None = None
     if cluster is not None:
