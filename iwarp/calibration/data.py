@@ -60,7 +60,8 @@ _FRAME_ARRAYS = ("driving", "driving_index", "avatar", "sources", "source_index"
 
 @dataclass
 class FrameSet:
-    """Face crops from real clips and, once `annotate`d, the FP32 graphs' inputs for them."""
+    """Face crops from real clips and, once annotated (`iwarp.calibration.evaluate.annotate`),
+    the FP32 graphs' inputs for them."""
 
     driving: np.ndarray  # (N, S, S, 3) uint8
     driving_index: np.ndarray  # (N,) int32: frame number in its clip
@@ -164,7 +165,7 @@ class FrameSet:
 
     def _need_annotations(self) -> None:
         if not self.annotated:
-            raise RuntimeError("FrameSet.annotate() must run before the graph inputs are read")
+            raise RuntimeError("evaluate.annotate() must run before the graph inputs are read")
 
 
 # --------------------------------------------------------------------------- collection
@@ -311,48 +312,6 @@ def used_frames(fs: FrameSet) -> dict[str, set[int]]:
     for a, i in zip(fs.avatar, fs.driving_index, strict=True):
         used[fs.clips[int(a)]].add(int(i))
     return used
-
-
-# --------------------------------------------------------------------------- FP32 inputs
-
-
-def annotate(
-    fs: FrameSet,
-    sessions: dict[str, Any],
-    batch: int = 8,
-    show_progress: bool = True,
-    label: str = "",
-) -> FrameSet:
-    """Fills in the FP32 keypoints and key/value rows with the plain graphs' ORT sessions."""
-    from tqdm import tqdm
-
-    a, m = fs.sources.shape[:2]
-    images = np.concatenate([fs.driving, fs.sources.reshape(a * m, *fs.sources.shape[2:])])
-    steps = range(0, len(images), batch)
-    points, strength = [], []
-    for start in tqdm(steps, desc=f"keypoints {label}".strip(), disable=not show_progress):
-        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(images[start : start + batch]))
-        p, s = sessions[graphs.KEYPOINTS_GRAPH].run(None, feeds)
-        points.append(p)
-        strength.append(s)
-    p_all, s_all = np.concatenate(points), np.concatenate(strength)
-    n = len(fs.driving)
-    fs.points, fs.strength = p_all[:n], s_all[:n]
-    fs.source_points = p_all[n:].reshape(a, m, *p_all.shape[1:])
-    fs.source_strength = s_all[n:].reshape(a, m, *s_all.shape[1:])
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in graphs.AVATAR_ROWS}
-    for i in tqdm(range(a), desc=f"avatars {label}".strip(), disable=not show_progress):
-        feeds = graphs.feeds(
-            graphs.SOURCE_ENCODER_GRAPH,
-            image_to_tensor(fs.sources[i]),
-            fs.source_points[i],
-            fs.source_strength[i],
-        )
-        out = sessions[graphs.SOURCE_ENCODER_GRAPH].run(None, feeds)
-        for name, value in zip(graphs.AVATAR_ROWS, out, strict=True):
-            rows[name].append(value.reshape(1, -1, value.shape[-1]))  # M sources -> one avatar
-    fs.keys, fs.values, fs.pixels = (np.concatenate(rows[k]) for k in graphs.AVATAR_ROWS)
-    return fs
 
 
 # --------------------------------------------------------------------------- the cache

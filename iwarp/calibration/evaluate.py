@@ -1,7 +1,9 @@
 """Accuracy and speed of quantized graphs against the FP32 graphs, on real frames.
 
-Each graph is measured alone, fed the FP32 graphs' inputs, so an error is charged to the graph
-that made it:
+Every graph runs in the runtime's own ONNX Runtime backend (`OrtBackend`, on the CPU), the
+FP32 one or a variant of it with some graphs replaced (`OrtBackend.with_graphs`), fed the way
+the runtime feeds it. Each graph is measured alone, fed the FP32 graphs' inputs, so an error is
+charged to the graph that made it:
 
 - keypoints: mean abs error of the keypoints ([-1, 1] units and pixels) and strengths;
 - source_encoder: relative error of the key/value rows, and the PSNR of the FP32 animator's
@@ -23,58 +25,100 @@ from typing import Any
 
 import numpy as np
 
-from iwarp import graphs
 from iwarp.calibration.data import FrameSet
-from iwarp.engine_build.tensorrt_build import psnr
-from iwarp.graphs import AVATAR_ROWS as ROWS
-from iwarp.graphs import image_to_tensor
+from iwarp.graphs import (
+    ANIMATOR_GRAPH,
+    AVATAR_ROWS,
+    KEYPOINTS_GRAPH,
+    SOURCE_ENCODER_GRAPH,
+    image_to_tensor,
+)
+from iwarp.metrics import frame_psnr, psnr
+from iwarp.runtime.backends.base import AvatarFeatures
+from iwarp.runtime.backends.ort_backend import OrtBackend
+
+ROWS = AVATAR_ROWS
 
 
-def session(path: str | Path, threads: int, emulate: bool = False) -> Any:
-    """An ORT CPU session; `emulate` (FP8) keeps ORT from fusing what its kernels cannot run."""
-    import onnxruntime as ort
+def fp32_backend(onnx_dir: str | Path, threads: int) -> OrtBackend:
+    """The FP32 graphs of an export, in the runtime's ONNX Runtime backend on the CPU."""
+    return OrtBackend(onnx_dir, device="cpu", threads=threads)
 
-    from iwarp.engine_build.export import ort_session
 
-    if not emulate:
-        return ort_session(path, threads)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def variant(
+    fp32: OrtBackend, folder: str | Path, graphs: tuple[str, ...], emulate: bool = False
+) -> OrtBackend:
+    """`fp32` with `graphs` taken from `folder` (their quantized or FP16 files)."""
+    return fp32.with_graphs({g: Path(folder) / f"{g}.onnx" for g in graphs}, emulate)
 
 
 # --------------------------------------------------------------------------- running graphs
 
 
-def detect(sess: Any, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints of (B, S, S, 3) uint8 images."""
+def detect(engine: OrtBackend, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, ...]:
+    """Keypoints and strengths of (B, S, S, 3) uint8 images."""
     points, strength = [], []
     for start in range(0, len(images), batch):
-        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(images[start : start + batch]))
-        p, s = sess.run(None, feeds)
+        p, s = engine.detect(image_to_tensor(images[start : start + batch]))
         points.append(p)
         strength.append(s)
     return np.concatenate(points), np.concatenate(strength)
 
 
 def encode(
-    sess: Any, fs: FrameSet, points: np.ndarray, strength: np.ndarray
+    engine: OrtBackend, fs: FrameSet, points: np.ndarray, strength: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Key/value/pixel rows (A, M*T, .) of every avatar, from the given source keypoints."""
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ROWS}
     for a in range(fs.sources.shape[0]):
-        image = image_to_tensor(fs.sources[a])
-        feeds = graphs.feeds(graphs.SOURCE_ENCODER_GRAPH, image, points[a], strength[a])
-        for name, value in zip(ROWS, sess.run(None, feeds), strict=True):
-            rows[name].append(value.reshape(1, -1, value.shape[-1]))
+        out = engine.encode_source(image_to_tensor(fs.sources[a]), points[a], strength[a])
+        for name in ROWS:
+            rows[name].append(out[name].reshape(1, -1, out[name].shape[-1]))  # M -> one avatar
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
+def annotate(
+    fs: FrameSet,
+    fp32: OrtBackend,
+    batch: int = 8,
+    show_progress: bool = True,
+    label: str = "",
+) -> FrameSet:
+    """Fills in the FP32 keypoints of every frame and the key/value rows of every avatar."""
+    from tqdm import tqdm
+
+    a, m = fs.sources.shape[:2]
+    images = np.concatenate([fs.driving, fs.sources.reshape(a * m, *fs.sources.shape[2:])])
+    steps = tqdm(
+        range(0, len(images), batch), desc=f"keypoints {label}".strip(), disable=not show_progress
+    )
+    parts = [detect(fp32, images[start : start + batch], batch) for start in steps]
+    p_all = np.concatenate([p for p, _ in parts])
+    s_all = np.concatenate([s for _, s in parts])
+    n = len(fs.driving)
+    fs.points, fs.strength = p_all[:n], s_all[:n]
+    fs.source_points = p_all[n:].reshape(a, m, *p_all.shape[1:])
+    fs.source_strength = s_all[n:].reshape(a, m, *s_all.shape[1:])
+    rows = encode(fp32, fs, fs.source_points, fs.source_strength)
+    fs.keys, fs.values, fs.pixels = (rows[k] for k in ROWS)
+    return fs
+
+
+def avatar_features(
+    engine: OrtBackend, fs: FrameSet, i: int, rows: dict[str, np.ndarray] | None = None
+) -> AvatarFeatures:
+    """The avatar driving frame i animates, as the backend keeps it (its first sources)."""
+    a, n = int(fs.avatar[i]), fs.num_sources(i)
+    return AvatarFeatures(
+        engine.join_sources([fs.avatar_rows(i, rows)]),
+        fs.source_points[a, :n],
+        fs.source_strength[a, :n],
+        n,
+    )
+
+
 def animate(
-    sess: Any,
+    engine: OrtBackend,
     fs: FrameSet,
     points: np.ndarray,
     strength: np.ndarray,
@@ -82,7 +126,8 @@ def animate(
 ) -> np.ndarray:
     """(N, 3, S, S) outputs for every driving frame of `fs`."""
     out = [
-        sess.run(None, fs.animator_feed(i, points[i], strength[i], rows))[0] for i in range(len(fs))
+        engine.animate(avatar_features(engine, fs, i, rows), points[i : i + 1], strength[i : i + 1])
+        for i in range(len(fs))
     ]
     return np.concatenate(out)
 
@@ -100,52 +145,45 @@ class Outputs:
 
 
 def run_graph(
-    graph: str, sess: Any, fs: FrameSet, reference: dict[str, Any] | None = None
+    graph: str, engine: OrtBackend, fs: FrameSet, fp32: OrtBackend | None = None
 ) -> Outputs:
-    """One graph alone on FP32 inputs (the source encoder's rows go through `reference`'s
-    FP32 animator)."""
-    if graph == "keypoints":
-        p, s = detect(sess, fs.driving)
+    """`engine`'s `graph` alone on FP32 inputs (the source encoder's rows go through the FP32
+    animator of `fp32`)."""
+    if graph == KEYPOINTS_GRAPH:
+        p, s = detect(engine, fs.driving)
         return Outputs(p, s)
-    if graph == "source_encoder":
-        rows = encode(sess, fs, fs.source_points, fs.source_strength)
+    if graph == SOURCE_ENCODER_GRAPH:
+        rows = encode(engine, fs, fs.source_points, fs.source_strength)
         out = Outputs(fs.points, fs.strength, rows=rows)
-        if reference is not None:
-            out.image_rows = animate(reference["animator"], fs, fs.points, fs.strength, rows)
+        if fp32 is not None:
+            out.image_rows = animate(fp32, fs, fs.points, fs.strength, rows)
         return out
-    if graph == "animator":
-        image = animate(sess, fs, fs.points, fs.strength)
+    if graph == ANIMATOR_GRAPH:
+        image = animate(engine, fs, fs.points, fs.strength)
         return Outputs(fs.points, fs.strength, image_alone=image)
     raise ValueError(f"unknown graph {graph!r}")
 
 
-def run_variant(sessions: dict[str, Any], fs: FrameSet, reference: dict[str, Any]) -> Outputs:
+def run_variant(engine: OrtBackend, fs: FrameSet, fp32: OrtBackend) -> Outputs:
     """Every graph alone, and the three end to end (keypoints -> avatar -> animator)."""
-    kp = run_graph("keypoints", sessions["keypoints"], fs)
-    src = run_graph("source_encoder", sessions["source_encoder"], fs, reference)
-    alone = run_graph("animator", sessions["animator"], fs).image_alone
+    kp = run_graph(KEYPOINTS_GRAPH, engine, fs)
+    src = run_graph(SOURCE_ENCODER_GRAPH, engine, fs, fp32)
+    alone = run_graph(ANIMATOR_GRAPH, engine, fs).image_alone
     a, m = fs.sources.shape[:2]
-    sp, ss = detect(sessions["keypoints"], fs.sources.reshape(a * m, *fs.sources.shape[2:]))
+    sp, ss = detect(engine, fs.sources.reshape(a * m, *fs.sources.shape[2:]))
     sp, ss = sp.reshape(a, m, *sp.shape[1:]), ss.reshape(a, m, *ss.shape[1:])
-    rows = encode(sessions["source_encoder"], fs, sp, ss)
-    e2e = animate(sessions["animator"], fs, kp.points, kp.strength, rows)
+    rows = encode(engine, fs, sp, ss)
+    e2e = animate(engine, fs, kp.points, kp.strength, rows)
     return Outputs(kp.points, kp.strength, src.rows, src.image_rows, alone, e2e)
 
 
-def reference_outputs(sessions: dict[str, Any], fs: FrameSet) -> Outputs:
+def reference_outputs(fp32: OrtBackend, fs: FrameSet) -> Outputs:
     """The FP32 graphs: their inputs are the cache's, so only the animator needs running."""
-    image = animate(sessions["animator"], fs, fs.points, fs.strength)
+    image = animate(fp32, fs, fs.points, fs.strength)
     return Outputs(fs.points, fs.strength, fs.rows(), image, image, image)
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def frame_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-    mse = diff.reshape(len(diff), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(1.0 / mse)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,7 +192,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def graph_metrics(graph: str, out: Outputs, ref: Outputs, image_size: int) -> dict[str, float]:
     """The per-graph numbers (see the module docstring)."""
-    if graph == "keypoints":
+    if graph == KEYPOINTS_GRAPH:
         err = float(np.abs(out.points - ref.points).mean())
         return {
             "keypoint_mae": err,
@@ -162,13 +200,13 @@ def graph_metrics(graph: str, out: Outputs, ref: Outputs, image_size: int) -> di
             "keypoint_max_px": float(np.abs(out.points - ref.points).max() * image_size / 2.0),
             "strength_mae": float(np.abs(out.strength - ref.strength).mean()),
         }
-    if graph == "source_encoder":
+    if graph == SOURCE_ENCODER_GRAPH:
         assert out.rows is not None and ref.rows is not None
         m = {f"{k}_rel_error": _rel(out.rows[k], ref.rows[k]) for k in ROWS}
         if out.image_rows is not None:
             m["animator_psnr_db"] = psnr(out.image_rows, ref.image_alone)
         return m
-    if graph == "animator":
+    if graph == ANIMATOR_GRAPH:
         assert out.image_alone is not None and ref.image_alone is not None
         per = frame_psnr(out.image_alone, ref.image_alone)
         return {
@@ -180,18 +218,18 @@ def graph_metrics(graph: str, out: Outputs, ref: Outputs, image_size: int) -> di
 
 def score(graph: str, metrics: dict[str, float]) -> float:
     """One number per graph, higher is better, for choosing exclusions."""
-    if graph == "keypoints":
+    if graph == KEYPOINTS_GRAPH:
         return -metrics["keypoint_mae_px"]
-    if graph == "source_encoder":
+    if graph == SOURCE_ENCODER_GRAPH:
         return metrics.get("animator_psnr_db", -100.0 * metrics["keys_rel_error"])
     return metrics["psnr_db"]
 
 
+Perceptual = Callable[[np.ndarray, np.ndarray], float]
+
+
 def end_to_end_metrics(
-    out: Outputs,
-    ref: Outputs,
-    fs: FrameSet,
-    perceptual: PerceptualDistance | None,
+    out: Outputs, ref: Outputs, fs: FrameSet, perceptual: Perceptual | None
 ) -> dict[str, float | None]:
     assert out.image_e2e is not None and ref.image_e2e is not None
     truth = image_to_tensor(fs.driving)
@@ -205,36 +243,28 @@ def end_to_end_metrics(
     }
 
 
-class PerceptualDistance:
-    """Mean L1 distance of EfficientNet-Lite0 features (`iwarp.train.losses.PerceptualLoss`)
-    between two image sets; 0 for identical images. Not LPIPS (its weights are not available
-    here), so compare it only with itself."""
-
-    def __init__(self) -> None:
+def perceptual_or_none() -> tuple[Perceptual | None, str]:
+    """`iwarp eval`'s perceptual distance (mean over frames), when its backbone is here."""
+    try:
         import torch
 
-        from iwarp.train.losses import PerceptualLoss
+        from iwarp.evaluation.metrics import PerceptualDistance
 
-        self.torch = torch
-        self.loss = PerceptualLoss().eval()
-
-    def __call__(self, a: np.ndarray, b: np.ndarray, batch: int = 8) -> float:
-        torch = self.torch
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(a), batch):
-                x = torch.from_numpy(np.ascontiguousarray(a[start : start + batch], np.float32))
-                y = torch.from_numpy(np.ascontiguousarray(b[start : start + batch], np.float32))
-                total += float(self.loss(x, y)) * len(x)
-                count += len(x)
-        return total / max(count, 1)
-
-
-def perceptual_or_none() -> tuple[PerceptualDistance | None, str]:
-    try:
-        return PerceptualDistance(), "EfficientNet-Lite0 feature L1 (iwarp.train.losses)"
+        distance = PerceptualDistance()
     except Exception as exc:  # the backbone is an optional dependency (iwarp[train])
         return None, f"not measured ({exc})"
+
+    def mean_distance(a: np.ndarray, b: np.ndarray, batch: int = 8) -> float:
+        total = 0.0
+        for start in range(0, len(a), batch):
+            x, y = (
+                torch.from_numpy(np.ascontiguousarray(v[start : start + batch], np.float32))
+                for v in (a, b)
+            )
+            total += float(distance(x, y).sum())
+        return total / max(len(a), 1)
+
+    return mean_distance, f"{distance.name} (iwarp.evaluation.metrics)"
 
 
 # --------------------------------------------------------------------------- latency
@@ -256,49 +286,32 @@ def paired_latency(
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def latency_feeds(fs: FrameSet) -> dict[str, dict[str, np.ndarray]]:
-    """Batch-1 inputs of each graph from a real evaluation frame (a 1-source avatar)."""
-    feed = fs.animator_feed(0, fs.points[0], fs.strength[0])  # frame 0: one source
-    return {
-        graphs.KEYPOINTS_GRAPH: graphs.feeds(
-            graphs.KEYPOINTS_GRAPH, image_to_tensor(fs.driving[0])
-        ),
-        graphs.SOURCE_ENCODER_GRAPH: graphs.feeds(
-            graphs.SOURCE_ENCODER_GRAPH,
-            image_to_tensor(fs.sources[0, 0]),
-            fs.source_points[0, :1],
-            fs.source_strength[0, :1],
-        ),
-        graphs.ANIMATOR_GRAPH: feed,
-    }
-
-
 def measure_latency(
-    variants: dict[str, dict[str, Any]],
+    variants: dict[str, OrtBackend],
     fs: FrameSet,
     repeats: int = 20,
     warmup: int = 3,
 ) -> dict[str, dict[str, float]]:
-    """{graph or 'per_frame': {variant: median ms}}; per frame = keypoints + animator."""
-    feeds = latency_feeds(fs)
-    result: dict[str, dict[str, float]] = {}
-    for graph, feed in feeds.items():
-        result[graph] = paired_latency(
-            {name: _runner(s[graph], feed) for name, s in variants.items()}, repeats, warmup
-        )
+    """{graph or 'per_frame': {variant: median ms}} at batch 1 on a real evaluation frame (a
+    1-source avatar), through the backend calls the runtime makes; per frame = keypoints +
+    animator."""
+    image = image_to_tensor(fs.driving[0])
+    source = image_to_tensor(fs.sources[0, 0])
+    src_points, src_strength = fs.source_points[0, :1], fs.source_strength[0, :1]
+    points, strength = fs.points[:1], fs.strength[:1]  # frame 0: one source
 
-    def frame(s: dict[str, Any]) -> Callable[[], Any]:
-        def run() -> None:
-            s["keypoints"].run(None, feeds["keypoints"])
-            s["animator"].run(None, feeds["animator"])
+    def calls(engine: OrtBackend) -> dict[str, Callable[[], Any]]:
+        avatar = avatar_features(engine, fs, 0)
+        return {
+            KEYPOINTS_GRAPH: lambda: engine.detect(image),
+            SOURCE_ENCODER_GRAPH: lambda: engine.encode_source(source, src_points, src_strength),
+            ANIMATOR_GRAPH: lambda: engine.animate(avatar, points, strength),
+            "per_frame": lambda: (engine.detect(image), engine.animate(avatar, points, strength)),
+        }
 
-        return run
-
-    result["per_frame"] = paired_latency(
-        {name: frame(s) for name, s in variants.items()}, repeats, warmup
-    )
-    return result
-
-
-def _runner(sess: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
-    return lambda: sess.run(None, feed)
+    runs = {name: calls(engine) for name, engine in variants.items()}
+    stages = (KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH, "per_frame")
+    return {
+        stage: paired_latency({name: r[stage] for name, r in runs.items()}, repeats, warmup)
+        for stage in stages
+    }

@@ -1,0 +1,65 @@
+"""FP16 copies of the ONNX graphs (inputs and outputs stay float32), for TensorRT's FP16
+engines (`iwarp.engine_build.tensorrt_build`) and the FP16 column of `iwarp calibrate`.
+
+NVIDIA ModelOpt AutoCast when nvidia-modelopt is importable, else onnxconverter-common's
+`convert_float_to_float16`; no TensorRT needed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from iwarp.errors import IwarpError
+
+
+@dataclass
+class Fp16Result:
+    path: Path
+    method: str  # "modelopt-autocast" or "onnxconverter-common"
+
+
+def modelopt_available() -> bool:
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision  # noqa: F401
+    except Exception:  # ImportError, or its optional dependencies missing
+        return False
+    return True
+
+
+def convert_fp16(src: str | Path, dst: str | Path, method: str = "auto") -> Fp16Result:
+    """An FP16 copy of an ONNX graph (inputs/outputs stay float32)."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if method == "auto":
+        method = "modelopt-autocast" if modelopt_available() else "onnxconverter-common"
+    if method == "modelopt-autocast":
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+
+        model = convert_to_mixed_precision(
+            str(src), low_precision_type="fp16", keep_io_types=True, providers=["cpu"]
+        )
+    elif method == "onnxconverter-common":
+        try:
+            from onnxconverter_common import float16
+        except ImportError as exc:
+            raise IwarpError(
+                "FP16 conversion needs nvidia-modelopt or onnxconverter-common",
+                "pip install onnxconverter-common (in iwarp[tensorrt])",
+            ) from exc
+        with warnings.catch_warnings():  # "number ... will be truncated": expected in FP16
+            warnings.simplefilter("ignore", UserWarning)
+            model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    else:
+        raise IwarpError(
+            f"unknown FP16 method {method!r}", "auto, modelopt-autocast or onnxconverter-common"
+        )
+    onnx.checker.check_model(model)
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, dst)
+    return Fp16Result(dst, method)
