@@ -22,26 +22,18 @@ import numpy as np
 
 from iwarp.config import ModelConfig
 
-# Graph names (also the ONNX file stems and the TensorRT stage names).
-KEYPOINTS_GRAPH = "keypoints"
-SOURCE_ENCODER_GRAPH = "source_encoder"
-ANIMATOR_GRAPH = "animator"
-GRAPHS = (KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH)
-
-# Tensor names.
-IMAGE = "image"
-KEYPOINTS = "keypoints"
-STRENGTH = "strength"
-KEYS = "keys"
-VALUES = "values"
-PIXELS = "pixels"
-KEY_MASK = "key_mask"
-# An avatar's rows: the source encoder's outputs, joined along the token axis for the animator.
-AVATAR_ROWS = (KEYS, VALUES, PIXELS)
-
+# Graph names, in run order (also the ONNX file stems and the TensorRT stage names).
+GRAPHS = KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH = (
+    "keypoints",
+    "source_encoder",
+    "animator",
+)
+# Tensor names. An avatar's rows (AVATAR_ROWS) are the source encoder's outputs, joined along
+# the token axis for the animator.
+IMAGE, KEYPOINTS, STRENGTH, KEY_MASK = "image", "keypoints", "strength", "key_mask"
+AVATAR_ROWS = KEYS, VALUES, PIXELS = "keys", "values", "pixels"
 # Symbolic dims.
-BATCH = "batch"
-TOKENS = "tokens"
+BATCH, TOKENS = "batch", "tokens"
 
 Dim = int | str
 
