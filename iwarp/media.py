@@ -16,7 +16,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import av
+try:
+    import av
+except ImportError:  # a machine without PyAV (the GPU check decodes its clips with OpenCV)
+    av = None
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -173,8 +176,16 @@ class VideoInfo:
     frames: int
 
 
+def _require_av() -> None:
+    if av is None:
+        raise InputError(
+            "PyAV is not installed: videos cannot be read or written", "pip install av"
+        )
+
+
 def _open_video(p: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open `p` and return (container, first video stream), or raise InputError."""
+    _require_av()
     try:
         container = av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
@@ -353,6 +364,7 @@ class VideoWriter:
         options = {}
         if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
             options["movflags"] = "+faststart"  # index first: plays while loading, survives cuts
+        _require_av()
         try:
             container = av.open(str(self.path), mode="w", options=options)
         except (av.FFmpegError, ValueError) as e:

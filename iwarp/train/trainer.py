@@ -95,7 +95,7 @@ def seeded_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 def train(
     config: Config,
-    data: str | Path,
+    data: str | Path | ClipDataset,
     out: str | Path,
     steps: int,
     resume: bool = False,
@@ -103,9 +103,17 @@ def train(
     init_checkpoint: str | Path | None = None,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    val_data: ClipDataset | None = None,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
-    """Trains for `steps` total steps (counting any resumed ones); returns the last losses."""
+    """Trains for `steps` total steps (counting any resumed ones); returns the last losses.
+
+    `data` is a folder of clips or clips already in memory (a ClipDataset, e.g. decoded by the
+    GPU check; then `val_data` is used as given). `max_seconds` ends the run early, after the
+    step that passes it, with the usual last-step log, samples, validation and checkpoint.
+    """
     out = Path(out)
+    t_start = time.perf_counter()
     tc = config.train
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
@@ -114,14 +122,17 @@ def train(
         torch.cuda.set_device(dev)
     torch.manual_seed(tc.seed)
 
-    train_data = ClipDataset(
-        data,
-        tc.train_size,
-        split="train",
-        cache_dir=cache_dir,
-        show_progress=ddp.main and show_progress,
-    )
-    val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
+    if isinstance(data, ClipDataset):
+        train_data = data
+    else:
+        train_data = ClipDataset(
+            data,
+            tc.train_size,
+            split="train",
+            cache_dir=cache_dir,
+            show_progress=ddp.main and show_progress,
+        )
+        val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
 
     module = TrainStep(config).to(dev)
     params = [p for p in module.net.parameters()]
@@ -224,6 +235,9 @@ def train(
         window_samples += tc.batch_size * ddp.world
         progress.update(1)
         done = step + 1
+        timed_out = max_seconds is not None and time.perf_counter() - t_start > max_seconds
+        if timed_out and ddp.world == 1 and done < steps:  # ranks could disagree: one process
+            steps = done  # time is up: this step is the last one (logs, checkpoint below)
 
         if ddp.main and (done % tc.log_every == 0 or done == steps):
             now = time.perf_counter()
@@ -269,6 +283,8 @@ def train(
                 modules={"discriminator": disc} if disc else None,
                 extra={"best_val": best_val},
             )
+        if done >= steps:
+            break
     progress.close()
     if ddp.world > 1:
         dist.barrier()
