@@ -224,6 +224,20 @@ int32_t IWarpAttentionPlugin::configurePlugin(
         return -1;
     }
     (void) out;
+    // Say which kernel the engine will run (on this GPU, for this type and widths).
+    iwarp_attention_params p{};
+    p.batch = 1;
+    p.num_queries = 1;
+    p.head_dim = static_cast<int>(d > 0 ? d : 1);
+    p.value_dim = static_cast<int>(dv > 0 ? dv : 1);
+    p.dtype = kernelType(in[0].desc.type);
+    int const kernel = iwarp_attention_selected_kernel(&p);
+    std::ostringstream msg;
+    msg << "d=" << d << ", dv=" << dv << ": "
+        << (kernel == IWARP_KERNEL_TENSOR_CORES ? "tensor-core kernel (mma.sync, fp32 accumulate)"
+                : kernel == IWARP_KERNEL_SIMT   ? "SIMT kernel (CUDA cores, fp32 accumulate)"
+                                                : "no kernel for this type on this device");
+    logMessage(nvinfer1::ILogger::Severity::kINFO, msg.str());
     return 0;
 }
 
