@@ -4,9 +4,10 @@ A replica is stateless per session. Each request carries what the frame needs:
 - the face crop the edge cut out (the edge runs face tracking, where the camera frame is),
 - the session's motion state (`DrivingStream.motion_state()`: neutral pose, smoothing, last
   pose), which comes back updated with the animated frame,
-- the avatar id, by which Serve routes the request (`@serve.multiplexed`) to a replica that
-  already holds that avatar's encoded sources, and a reference to the avatar's face crops in
-  the edge's object store, from which any other replica builds it on a miss.
+- the avatar's key (its id and a hash of its crops), by which Serve routes the request
+  (`@serve.multiplexed`) to a replica that already holds that avatar's encoded sources, and a
+  reference to the avatar's face crops in the edge's object store, from which any other
+  replica builds it on a miss.
 So a replica can die between two frames and the next one, on another replica, comes out as it
 would have: nothing is lost but the time to rebuild the avatar.
 
@@ -19,73 +20,28 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import cv2
 import numpy as np
 import ray
 from ray import serve
 
+from iwarp.cluster import wire
+from iwarp.cluster.wire import (
+    AvatarSources,
+    FrameReply,
+    FrameRequest,
+    Pose,
+    pack_image,
+    unpack_image,
+)
 from iwarp.graphs import image_to_tensor
 from iwarp.runtime.animator import Animator, Avatar
-from iwarp.runtime.avatar_store import AvatarRecord
 
 APP_NAME = "iwarp"
 DEPLOYMENT_NAME = "Animator"
 # Encoded avatars one replica keeps (least recently used evicted): each is a few MB at 256 px.
 MAX_AVATARS_PER_REPLICA = 16
-
-Pose = tuple[np.ndarray, np.ndarray]
-
-
-# -- what travels between edge and replica ---------------------------------------------------
-@dataclass
-class AvatarSources:
-    """What a replica needs to build an avatar: its record and face crops (model size)."""
-
-    record: AvatarRecord
-    crops: list[np.ndarray]
-
-
-@dataclass
-class FrameRequest:
-    avatar_id: str
-    sources: Any  # ray.ObjectRef[AvatarSources], fetched only when the replica lacks the avatar
-    crop: bytes | np.ndarray | None  # the face crop (see pack_image); None: no face in view
-    motion: dict[str, Any]  # DrivingStream.motion_state() before this frame
-    op: Literal["animate", "pose"] = "animate"  # "pose": keypoints only (the neutral pose)
-    codec: str = "jpeg"  # how the reply's frame travels (see pack_image)
-
-
-@dataclass
-class FrameReply:
-    replica: str
-    frame: bytes | np.ndarray | None = None  # op "animate"
-    pose: Pose | None = None  # op "pose"
-    motion: dict[str, Any] = field(default_factory=dict)  # after this frame
-    model_s: float = 0.0  # keypoints + animator on the replica, this frame's share of the batch
-    batch: int = 1  # frames in the batch this one ran in
-
-
-def pack_image(image: np.ndarray | None, codec: str) -> bytes | np.ndarray | None:
-    """An S x S RGB image for the wire: JPEG bytes (q 90: ~20 KB instead of 196 KB at 256 px,
-    which matters across machines) or the raw array."""
-    if image is None or codec == "raw":
-        return image
-    ok, data = cv2.imencode(
-        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
-    )
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return data.tobytes()
-
-
-def unpack_image(data: bytes | np.ndarray | None) -> np.ndarray | None:
-    if data is None or isinstance(data, np.ndarray):
-        return data
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 # -- the deployment ---------------------------------------------------------------------------
@@ -103,7 +59,6 @@ class AnimatorDeployment:
             backend, checkpoint, threads=threads, show_progress=False
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._sources: dict[str, Any] = {}  # avatar id -> ObjectRef[AvatarSources]
         # One model thread: frames queue here, and the event loop stays free to take in the
         # requests that form the next batch.
         self._model = ThreadPoolExecutor(1, thread_name_prefix="iwarp-replica")
@@ -120,15 +75,16 @@ class AnimatorDeployment:
         }
 
     async def animate(self, request: FrameRequest) -> FrameReply:
-        # The request's sources ref is the avatar's, whichever edge sent it; keep the newest.
-        self._sources[request.avatar_id] = request.sources
-        avatar = await self.avatar(request.avatar_id)
+        # Serve's loader takes only the key; it runs in this task, so it sees this request's
+        # reference to the crops through the context (nothing kept once the avatar is built).
+        wire.REQUEST_SOURCES.set(request.sources)
+        avatar = await self.avatar(request.avatar_key)
         return await self.run_batch((avatar, request))
 
     @serve.multiplexed(max_num_models_per_replica=MAX_AVATARS_PER_REPLICA)
-    async def avatar(self, avatar_id: str) -> Avatar:
+    async def avatar(self, avatar_key: str) -> Avatar:
         """A miss: fetch the face crops from the edge's object store and encode them."""
-        sources: AvatarSources = await self._sources[avatar_id]
+        sources: AvatarSources = await wire.REQUEST_SOURCES.get()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._model, self.animator.avatar_from_crops, sources.record, sources.crops

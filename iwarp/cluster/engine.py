@@ -16,6 +16,7 @@ only encoded avatars, which they can rebuild. See docs/SCALING.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -28,10 +29,8 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from iwarp.cluster.deployment import (
-    APP_NAME,
-    DEPLOYMENT_NAME,
-    AnimatorDeployment,
+from iwarp.cluster.deployment import APP_NAME, DEPLOYMENT_NAME, AnimatorDeployment
+from iwarp.cluster.wire import (
     AvatarSources,
     FrameReply,
     FrameRequest,
@@ -83,8 +82,7 @@ class RayStream(DrivingStream):
 
     def _request(self, avatar: Avatar, crop: np.ndarray | None, op: str) -> FrameRequest:
         return FrameRequest(
-            avatar.record.avatar_id,
-            self.engine.sources(avatar),
+            *self.engine.sources(avatar),
             pack_image(crop, self.engine.codec),
             self.motion_state(),
             op,  # type: ignore[arg-type]
@@ -116,7 +114,8 @@ class RayEngine:
         self.retry_window = retry_window
         self.stats: dict[str, ReplicaStats] = {}
         self.retries = 0  # calls that failed on a lost replica and went to another one
-        self._sources: dict[str, tuple[Avatar, Any]] = {}  # avatar id -> (avatar, ObjectRef)
+        # avatar id -> (avatar, key on the replicas, ObjectRef of its AvatarSources)
+        self._sources: dict[str, tuple[Avatar, str, Any]] = {}
         self._lock = threading.Lock()
 
     # -- sessions ---------------------------------------------------------------------------
@@ -125,21 +124,29 @@ class RayEngine:
         stream.engine = self
         return stream
 
-    def sources(self, avatar: Avatar) -> Any:
-        """The avatar's face crops in this process's object store, put there once (a replica
-        fetches them only on a miss). Keyed by the Avatar object: a re-registered id is new."""
+    def sources(self, avatar: Avatar) -> tuple[str, Any]:
+        """The avatar's key on the replicas and its face crops in this process's object store,
+        put there once (a replica fetches them only on a miss). The key is the id and a hash
+        of the crops: two edges' "default" avatars are the same on the replicas only when they
+        are the same photos."""
         with self._lock:
             cached = self._sources.get(avatar.record.avatar_id)
             if cached is None or cached[0] is not avatar:
+                digest = hashlib.sha256(b"".join(c.tobytes() for c in avatar.crops))
+                key = f"{avatar.record.avatar_id}-{digest.hexdigest()[:16]}"
                 ref = ray.put(AvatarSources(avatar.record, list(avatar.crops)))
-                cached = self._sources[avatar.record.avatar_id] = (avatar, ref)
-            return cached[1]
+                cached = self._sources[avatar.record.avatar_id] = (avatar, key, ref)
+                # Deleted avatars' crops leave the object store with their last reference.
+                live = {r.avatar_id for r in self.animator.avatars()}
+                for gone in [a for a in self._sources if a not in live]:
+                    del self._sources[gone]
+            return cached[1], cached[2]
 
     def call(self, request: FrameRequest) -> FrameReply:
         """One frame on some replica; on a lost replica, the same request (same motion state)
         on another, until `retry_window` seconds have passed."""
         deadline = time.monotonic() + self.retry_window
-        handle = self.handle.options(multiplexed_model_id=request.avatar_id).animate
+        handle = self.handle.options(multiplexed_model_id=request.avatar_key).animate
         attempt = 0
         while True:
             t0 = time.perf_counter()
@@ -177,7 +184,7 @@ class RayEngine:
             "address": self.address,
             "replicas_up": int(states.get("RUNNING", 0)),
             "replica_states": dict(states),
-            "application": str(app.status),
+            "application": getattr(app.status, "value", str(app.status)),
             "retries": self.retries,
         }
 
