@@ -79,6 +79,10 @@ def test_browser_streams_the_avatar_end_to_end(tmp_path):
     for to_avatar, to_camera in result["distances"]:
         assert to_avatar < 0.5 * to_camera, result["distances"]
     assert "Neutral pose set" in result["neutral_message"]
+    assert result["placeholders_before_start"] == [True, True]
+    assert result["placeholders_while_streaming"] == [False, False]
+    assert "Avatar ready" in result["upload_message"], result["upload_message"]
+    assert result["files_left_in_picker"] == 0
     assert result["stats"]["fps"] > 0
     assert result["sessions_after_stop"] == 0
     assert "server is full" in result["full_message"]
@@ -201,6 +205,10 @@ async def _inner(out: Path) -> None:
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.set_default_timeout(60_000)
             await page.goto(url)
+            # Before the camera starts, the two video squares say what will show there.
+            result["placeholders_before_start"] = [
+                await page.is_visible(f"#{name}-placeholder") for name in ("camera", "avatar")
+            ]
             # The token prompt, then the avatar list.
             await page.wait_for_selector("#token-panel:not([hidden])")
             await page.fill("#token-input", TOKEN)
@@ -214,6 +222,15 @@ async def _inner(out: Path) -> None:
                 "document.querySelectorAll('#avatar-list li').length === 2"
             )
             await page.wait_for_selector("#avatar-list li.selected:not(:first-child)")
+            # The confirmation stays up once the new avatar is selected; the picker is empty.
+            await page.wait_for_function(
+                "document.getElementById('message').textContent.includes('Avatar ready')"
+            )
+            await asyncio.sleep(1.0)
+            result["upload_message"] = await page.text_content("#message")
+            result["files_left_in_picker"] = await page.evaluate(
+                "document.getElementById('upload-input').files.length"
+            )
             uploaded = [r.avatar_id for r in animator.avatars() if r.owner]
             assert len(uploaded) == 1, uploaded
             # Another client holds the only slot: the page says the server is full...
@@ -230,6 +247,9 @@ async def _inner(out: Path) -> None:
                 f"window.iwarp.framesReceived >= {MIN_FRAMES}", timeout=90_000
             )
             result["seconds_to_frames"] = round(time.monotonic() - t0, 1)
+            result["placeholders_while_streaming"] = [
+                await page.is_visible(f"#{name}-placeholder") for name in ("camera", "avatar")
+            ]
             session = next(iter(api.registry.sessions.values()))
             assert session.avatar_id == uploaded[0], "the session does not use the upload"
             # Sample what the page shows and compare with the avatar and the camera.
