@@ -36,11 +36,12 @@ from typing import Any
 import iwarp
 from iwarp.engine_build.fp16 import Fp16Result, convert_fp16, modelopt_available  # noqa: F401
 from iwarp.errors import CheckpointError, IwarpError
+from iwarp.graphs import GRAPHS
 from iwarp.metrics import psnr  # noqa: F401  (FP16 conversion, PSNR: own modules; names kept)
 
 ENGINE_FORMAT = "iwarp-trt/1"
 PRECISIONS = ("fp32", "fp16", "int8")
-STAGES = ("keypoints", "source_encoder", "animator")
+STAGES = GRAPHS  # one engine per graph of the contract, in run order
 FP16_MIN_PSNR_DB = 50.0  # animator image, FP16 vs FP32 graph in ONNX Runtime (CPU); measured ~80
 # Sidecar fields that must match for an engine to be reused.
 MATCH_FIELDS = (

@@ -33,10 +33,21 @@ import numpy as np
 
 from iwarp.config import Config, ModelConfig
 from iwarp.errors import IwarpError
+from iwarp.graphs import (
+    ANIMATOR_GRAPH,
+    AVATAR_ROWS,
+    IMAGE,
+    KEY_MASK,
+    KEYPOINTS,
+    KEYPOINTS_GRAPH,
+    KEYS,
+    SOURCE_ENCODER_GRAPH,
+    STRENGTH,
+)
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 
 GRAPH_CACHE = 8
-_ROW_KEYS = ("keys", "values", "pixels", "mask")
+_ROW_KEYS = (*AVATAR_ROWS, KEY_MASK)  # an avatar's rows, keyed by the animator's input names
 
 
 def _torch():
@@ -272,42 +283,42 @@ class TensorRTBackend(Backend):
         if images.shape[0] != 1:  # an avatar's photos (once): one at a time, batch-1 engine
             parts = [self.detect(images[i : i + 1]) for i in range(images.shape[0])]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        engine = self.engines["keypoints"]
+        engine = self.engines[KEYPOINTS_GRAPH]
         with self._lock:
             key = tuple(images.shape)
             step = self._detect_steps.get(key)
             if step is None:
-                step = _Step(self, engine, {"image": key})
+                step = _Step(self, engine, {IMAGE: key})
                 self._detect_steps[key] = step
-            out = step.run({}, {"image": images})
-        return out["keypoints"], out["strength"]
+            out = step.run({}, {IMAGE: images})
+        return out[KEYPOINTS], out[STRENGTH]
 
     def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
         """Once per photo: eager, and the rows it returns stay on the GPU."""
         torch = _torch()
-        engine = self.engines["source_encoder"]
+        engine = self.engines[SOURCE_ENCODER_GRAPH]
         with self._lock, torch.cuda.stream(self.stream):
             feeds = {
-                "image": self._to_device(image, engine.dtypes["image"]),
-                "keypoints": self._to_device(points, engine.dtypes["keypoints"]),
-                "strength": self._to_device(strength, engine.dtypes["strength"]),
+                IMAGE: self._to_device(image, engine.dtypes[IMAGE]),
+                KEYPOINTS: self._to_device(points, engine.dtypes[KEYPOINTS]),
+                STRENGTH: self._to_device(strength, engine.dtypes[STRENGTH]),
             }
             outs = engine.bind(feeds, {})
             engine.execute(self.stream)
-            rows = {k: outs[k].clone() for k in ("keys", "values", "pixels")}
+            rows = {k: outs[k].clone() for k in AVATAR_ROWS}
         self.stream.synchronize()
         return rows
 
     def join_sources(self, rows: list[dict]) -> dict[str, Any]:
         torch = _torch()
-        anim = self.engines["animator"]
+        anim = self.engines[ANIMATOR_GRAPH]
         with torch.cuda.stream(self.stream):
             joined = {
                 k: torch.cat([r[k] for r in rows], dim=1).to(anim.dtypes[k]).contiguous()
-                for k in ("keys", "values", "pixels")
+                for k in AVATAR_ROWS
             }
-            joined["mask"] = torch.ones(
-                joined["keys"].shape[:2], dtype=anim.dtypes["key_mask"], device=self.device
+            joined[KEY_MASK] = torch.ones(
+                joined[KEYS].shape[:2], dtype=anim.dtypes[KEY_MASK], device=self.device
             )
         self.stream.synchronize()
         return joined
@@ -315,7 +326,7 @@ class TensorRTBackend(Backend):
     def animate(
         self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
     ) -> np.ndarray:
-        engine = self.engines["animator"]
+        engine = self.engines[ANIMATOR_GRAPH]
         rows = avatar.rows
         key = (
             tuple(points.shape),
@@ -324,21 +335,16 @@ class TensorRTBackend(Backend):
         with self._lock:
             entry = self._animate_steps.get(key)
             if entry is None:
-                step = _Step(self, engine, {"keypoints": points.shape, "strength": strength.shape})
+                step = _Step(self, engine, {KEYPOINTS: points.shape, STRENGTH: strength.shape})
                 entry = (step, rows)  # keeps the rows alive while the graph uses them
                 self._animate_steps[key] = entry
                 while len(self._animate_steps) > GRAPH_CACHE:
                     self._animate_steps.popitem(last=False)
             else:
                 self._animate_steps.move_to_end(key)
-            fixed = {
-                "keys": rows["keys"],
-                "values": rows["values"],
-                "pixels": rows["pixels"],
-                "key_mask": rows["mask"],
-            }
-            out = entry[0].run(fixed, {"keypoints": points, "strength": strength})
-        return out["image"].astype(np.float32, copy=False)
+            fixed = {k: rows[k] for k in _ROW_KEYS}
+            out = entry[0].run(fixed, {KEYPOINTS: points, STRENGTH: strength})
+        return out[IMAGE].astype(np.float32, copy=False)
 
     def _to_device(self, array: np.ndarray, dtype: Any) -> Any:
         torch = _torch()
