@@ -18,7 +18,6 @@ still compiles and checks the CUDA kernel.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -90,14 +89,6 @@ def find_plugin_library() -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-def library_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _registry_creator(registry, name: str = PLUGIN_NAME):
