@@ -422,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative", action="store_true", help="relative motion from a reference frame")
     p.add_argument("--reference-frame", type=int, default=0, help="driving frame used as neutral")
     p.add_argument("--max-frames", type=int, help="stop after this many driving frames")
-    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument(
+        "--backend", default="auto", help="auto, torch, onnxruntime, openvino or tensorrt"
+    )
     p.set_defaults(handler=_cmd_animate)
     p = sub.add_parser("bench", help="per-stage latency of the runtime on real frames")
     p.add_argument(
@@ -492,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", default="virtualcam", help="virtualcam, window, or FILE.mp4")
     p.add_argument("--size", type=int, default=256, choices=(256, 512), help="output side")
     p.add_argument("--fps", type=float, default=30.0, help="camera and virtual camera rate")
-    p.add_argument("--backend", default="auto", help="local: auto, torch, onnxruntime, tensorrt")
+    p.add_argument(
+        "--backend", default="auto", help="local: auto, torch, onnxruntime, openvino, tensorrt"
+    )
     p.add_argument("--checkpoint", help="local: weights (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=0, help="local: CPU threads (0: all cores)")
     p.add_argument("--control-port", type=int, default=8765, help="local control endpoint (0: off)")
@@ -553,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--avatar", action="append", help="avatar photo, repeatable (default: a packaged one)"
     )
-    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
+    p.add_argument(
+        "--backend", default="auto", help="auto, torch, onnxruntime, openvino or tensorrt"
+    )
     p.add_argument("--checkpoint", help="weights (default: the ones shipped in the package)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080)

@@ -22,7 +22,7 @@ def animate_video(
     relative: bool = False,
     reference_frame: int = 0,
     max_frames: int | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     show_progress: bool = True,
 ) -> int:
     """Writes one output frame per driving frame; returns the number of frames written."""

@@ -315,3 +315,57 @@ def test_auto_measures_once_and_says_what_it_chose(
     assert cache.stat().st_mtime_ns == stamp  # read from the cache, not measured again
     text = backend.describe()
     assert backend.name == name and "auto" in text and precision in text
+
+
+# --------------------------------------------------------------------------- iwarp bench
+
+
+@pytest.mark.slow
+def test_bench_engines_shows_where_the_time_goes(tmp_path: Path) -> None:
+    """Several engines side by side on a random 64 px network: graph times inside the
+    pipeline and alone, the overhead as their difference from the frame time, speed against
+    torch, PSNR against the torch pipeline, the table and the plot."""
+    import torch
+
+    from iwarp.checkpoint import save_checkpoint
+    from iwarp.config import get_config
+    from iwarp.media import make_test_clip, read_image
+    from iwarp.model import ImplicitWarpingNetwork
+    from iwarp.paths import DEFAULT_AVATAR
+    from iwarp.runtime.benchmark import bench_engines, comparison_table, plot_comparison
+
+    torch.manual_seed(0)
+    config = get_config("tiny", image_size=64)
+    ckpt = save_checkpoint(
+        tmp_path / "tiny64.safetensors", config, ImplicitWarpingNetwork(config.model).eval()
+    )
+    clip = make_test_clip(
+        tmp_path / "clip.mp4", frames=12, size=128, image=read_image(DEFAULT_AVATAR)
+    )
+    engines = ["torch", "onnxruntime"] + (["openvino:fp32"] if openvino_backend.available() else [])
+    results = bench_engines(
+        engines,
+        [1],
+        frames=4,
+        clip=clip,
+        checkpoint=ckpt,
+        threads=1,
+        accuracy_frames=3,
+        show_progress=False,
+    )
+    assert [r["backend"] for r in results] == [e.split(":")[0] for e in engines]
+    for r in results:
+        g, frame = r["graphs_in_pipeline"], r["frame_ms"]
+        assert g["keypoints_p50_ms"] > 0 and g["animator_p50_ms"] > 0
+        assert r["raw_graphs"]["keypoints_p50_ms"] > 0 and r["raw_graphs"]["animator_p50_ms"] > 0
+        # The overhead is what the frame costs beyond the two graphs (never negative).
+        assert 0 <= r["overhead_ms"]["p50"] < frame["p99"]
+        assert r["vs_torch"] > 0
+        assert set(r["isa"]) >= {"avx512_bf16", "amx_bf16", "avx512_vnni"}
+        if r["backend"] != "torch":
+            # The same fp32 network in another engine: equal to rounding.
+            assert r["psnr_vs_torch_db"] > 50.0
+    table = comparison_table(results)
+    assert table.count("\n") == len(results) + 1 and "PSNR vs FP32 torch" in table
+    plot_comparison(results, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000

@@ -146,6 +146,7 @@ def _cache_key(folder: Path, threads: int) -> str:
             features,
             f"threads={threads or physical_cores()}",
             folder.name,
+            "int8" if (folder / "int8" / "metadata.json").is_file() else "no-int8",
             f"ort={onnxruntime.__version__}",
             f"ov={ov_version}",
             f"iwarp={iwarp.__version__}",
