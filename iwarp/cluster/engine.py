@@ -16,12 +16,16 @@ only encoded avatars, which they can rebuild. See docs/SCALING.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -217,7 +221,9 @@ def connect(address: str | None, cpus: int = 0) -> None:
                 configure_logging=False,
             )
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            with _native_stderr_held() as held:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+                held.keep = True
     except ConnectionError as exc:
         raise IwarpError(
             f"cannot connect to a Ray cluster at {address!r} ({exc})",
@@ -306,6 +312,31 @@ def _run_app(app: Any, replicas: int, timeout: float = 600.0) -> Any:
             "the cluster lacks the CPUs or GPUs they need (see 'ray status'): fewer --replicas",
         )
     return outcome["handle"]
+
+
+class _Held:
+    keep = False
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[_Held]:
+    """Holds what Ray's C++ side writes to fd 2 while connecting (a line a second while it
+    retries a wrong address), and writes it out only if the block sets `keep`: a failed
+    connect is one line of ours, not twenty of Ray's."""
+    held = _Held()
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                capture.seek(0)
+                os.write(2, capture.read())
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
