@@ -66,12 +66,17 @@ def run_emulated(lib_path: str, case: dict) -> np.ndarray:
     lib.iwarp_attention_workspace_size.restype = ctypes.c_size_t
     lib.iwarp_attention_choose_splits.restype = ctypes.c_int
     lib.iwarp_emulation_set_device(int(case.get("sm_count", 4)), 227 * 1024)
+    # Compute capability 8 lets the tensor-core kernel run (the emulation rebuilds each mma).
+    lib.iwarp_emulation_set_compute_capability(int(case.get("cc", 0)))
     q, k, v = case["q"], case["k"], case["v"]
     mask = case.get("mask")
     b, nq, d = q.shape
     nk, dv = v.shape[1], v.shape[2]
-    fp16 = q.dtype == np.float16
+    bf16 = bool(case.get("bf16", False))  # q/k/v hold bfloat16 bits (uint16)
+    dtype_code = 2 if bf16 else 1 if q.dtype == np.float16 else 0
     out = np.full((b, nq, dv), np.nan, dtype=q.dtype)  # every element must be written
+    if bf16:
+        out = np.full((b, nq, dv), 0x7FC0, dtype=np.uint16)  # bfloat16 NaN
     splits = int(case.get("num_splits", 0))
     if splits == 0:
         splits = lib.iwarp_attention_choose_splits(b, nq, nk, dv, int(case.get("sm_count", 4)))
@@ -92,7 +97,7 @@ def run_emulated(lib_path: str, case: dict) -> np.ndarray:
         head_dim=d,
         value_dim=dv,
         scale=float(case.get("scale", 0.0)),
-        dtype=1 if fp16 else 0,
+        dtype=dtype_code,
         mask_type=mask_type,
         mask_broadcast=int(mask is not None and mask.shape[0] == 1 and b > 1),
         q=_ptr(q),
@@ -103,6 +108,7 @@ def run_emulated(lib_path: str, case: dict) -> np.ndarray:
         workspace=_ptr(ws),
         workspace_bytes=ws_bytes,
         num_splits=splits,
+        kernel=int(case.get("kernel", 0)),
     )
     err = lib.iwarp_attention_forward(ctypes.byref(p), None)
     if err != 0:
@@ -124,6 +130,7 @@ def emulated_lib(tmp_path_factory) -> Path:
         "-Wextra",
         "-Werror",
         "-Wno-unknown-pragmas",
+        "-fno-strict-aliasing",  # half pairs are read as 32-bit words, as on the GPU
         "-DIWARP_CPU_EMULATION",
         "-x",
         "c++",
@@ -201,6 +208,76 @@ def test_emulated_kernel_matches_reference(
     err = np.abs(out.astype(np.float64) - ref).max() / (np.abs(ref).max() + 1e-12)
     tol = 1e-5 if dtype == np.float32 else 3e-3
     assert err < tol, f"relative error {err:.2e} (tolerance {tol})"
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even, as __float2bfloat16_rn."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+TC_CASES = [
+    # (b, nq, sources, tokens, extra, d, dv, dtype, splits, poison): the tensor-core kernel;
+    # nq and Nk off the 64-row / 32-key tiles, d padded to 16, value widths that need one to
+    # three column blocks, aligned (cp.async) and odd (plain loads) rows.
+    (1, 70, 1, 40, 8, 64, 320, "float16", 1, False),
+    (2, 33, 2, 24, 8, 24, 35, "float16", 2, True),
+    (1, 65, 2, 30, 5, 20, 131, "bfloat16", 3, True),
+    (1, 16, 1, 40, 0, 64, 544, "float16", 0, False),
+    (2, 64, 3, 16, 8, 64, 73, "bfloat16", 0, True),
+]
+
+
+@pytest.mark.parametrize(
+    "b,nq,sources,tokens,extra,d,dv,dtype,splits,poison", TC_CASES, ids=[str(c) for c in TC_CASES]
+)
+def test_emulated_tensor_core_kernel_matches_reference(
+    emulated_lib, tmp_path, b, nq, sources, tokens, extra, d, dv, dtype, splits, poison
+):
+    """The tensor-core kernel (mma fragments rebuilt by the emulation from PTX's layout) against
+    the reference: masks, NaN/Inf in masked slots, a fully masked batch entry, split-K."""
+    rng = np.random.default_rng(hash((b, nq, d, dv)) & 0xFFFF)
+    case = _make_case(rng, b, nq, sources, tokens, extra, d, dv, np.float32, True)
+    if b > 1:
+        case["mask"][-1] = False  # every key masked: zeros
+    if dtype == "float16":
+        q, k, v = (case[n].astype(np.float16) for n in ("q", "k", "v"))
+        ref = attention_reference(q, k, v, case["mask"])
+    else:
+        q, k, v = (to_bf16_bits(case[n]) for n in ("q", "k", "v"))
+        ref = attention_reference(*(from_bf16_bits(x) for x in (q, k, v)), case["mask"])
+    if poison:
+        hidden = ~case["mask"]
+        nan = np.float16(np.nan) if dtype == "float16" else np.uint16(0x7FC0)
+        inf = np.float16(np.inf) if dtype == "float16" else np.uint16(0x7F80)
+        k, v = k.copy(), v.copy()
+        k[hidden] = nan
+        v[hidden] = inf
+    run = {"q": q, "k": k, "v": v, "mask": case["mask"], "num_splits": splits, "cc": 8}
+    run.update(kernel=2, bf16=dtype == "bfloat16")
+    out = _run_in_child(emulated_lib, tmp_path, run)
+    out = from_bf16_bits(out) if dtype == "bfloat16" else out.astype(np.float32)
+    assert np.isfinite(out).all(), "an element was not written, or NaN/Inf leaked"
+    if b > 1:
+        assert np.all(out[-1] == 0.0)
+    err = np.abs(out - ref).max() / (np.abs(ref).max() + 1e-12)
+    tol = 5e-3 if dtype == "float16" else 3e-2  # P is rounded to the input type for P V
+    assert err < tol, f"relative error {err:.2e} (tolerance {tol})"
+
+
+def test_emulated_kernel_choice(emulated_lib, tmp_path):
+    """bfloat16 needs the tensor-core kernel: refused without it (compute capability < 8)."""
+    rng = np.random.default_rng(2)
+    case = _make_case(rng, 1, 8, 1, 16, 0, 16, 8, np.float32, False)
+    q, k, v = (to_bf16_bits(case[n]) for n in ("q", "k", "v"))
+    run = {"q": q, "k": k, "v": v, "bf16": True, "cc": 7}
+    with pytest.raises(AssertionError, match="returned 1"):
+        _run_in_child(emulated_lib, tmp_path, run)
 
 
 @pytest.mark.parametrize("mask_dtype", [np.bool_, np.float32])

@@ -68,6 +68,19 @@ struct alignas(16) float4
 };
 
 typedef _Float16 __half;
+struct __half2
+{
+    __half x, y;
+};
+/* bfloat16: the upper 16 bits of a float32, rounded to nearest even. */
+struct __nv_bfloat16
+{
+    uint16_t bits;
+};
+struct __nv_bfloat162
+{
+    __nv_bfloat16 x, y;
+};
 
 #define __global__
 #define __device__
@@ -80,6 +93,7 @@ namespace iwarp_emu
 /* Emulated device properties; tests may change them (e.g. a small SM count to force splits). */
 inline int g_sm_count = 4;
 inline int g_smem_optin = 227 * 1024;
+inline int g_cc_major = 0; /* 0: no tensor cores (the SIMT kernel); tests set 8 */
 
 struct Warp
 {
@@ -89,6 +103,8 @@ struct Warp
     }
     std::barrier<> bar;
     uint64_t slots[32];
+    uint32_t mma_a[32][4]; /* the lanes' mma fragments, exchanged as the tensor core does */
+    uint32_t mma_b[32][2];
 };
 
 struct Block
@@ -169,6 +185,97 @@ inline __half __float2half_rn(float f)
 {
     return static_cast<__half>(f);
 }
+inline __half2 __floats2half2_rn(float lo, float hi)
+{
+    return __half2{static_cast<__half>(lo), static_cast<__half>(hi)};
+}
+inline float __bfloat162float(__nv_bfloat16 b)
+{
+    uint32_t const x = static_cast<uint32_t>(b.bits) << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f)
+{
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+    {
+        return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)}; // quiet NaN
+    }
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return __nv_bfloat16{static_cast<uint16_t>(x >> 16)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi)
+{
+    return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+
+namespace iwarp_emu
+{
+template <typename T>
+inline float element(uint32_t reg, int upper);
+template <>
+inline float element<__half>(uint32_t reg, int upper)
+{
+    uint16_t const bits = static_cast<uint16_t>(upper ? reg >> 16 : reg & 0xffffu);
+    __half h;
+    std::memcpy(&h, &bits, 2);
+    return static_cast<float>(h);
+}
+template <>
+inline float element<__nv_bfloat16>(uint32_t reg, int upper)
+{
+    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(upper ? reg >> 16 : reg & 0xffffu)});
+}
+
+/* mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A (16x16) B (16x8) + C, rebuilt from the
+ * 32 lanes' fragments with PTX's documented layout (group g = lane / 4, t = lane % 4):
+ *   A: a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
+ *   B: b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
+ *   C/D: c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
+ * (lower 16 bits = the first element of each pair). */
+template <typename T>
+inline void mma_m16n8k16(float c[4], uint32_t const a[4], uint32_t const b[2])
+{
+    Warp* w = tl_warp;
+    int const lane = static_cast<int>(threadIdx.x) & 31;
+    for (int i = 0; i < 4; ++i)
+        w->mma_a[lane][i] = a[i];
+    w->mma_b[lane][0] = b[0];
+    w->mma_b[lane][1] = b[1];
+    w->bar.arrive_and_wait();
+    float A[16][16];
+    float B[16][8];
+    for (int l = 0; l < 32; ++l)
+    {
+        int const g = l >> 2;
+        int const t = l & 3;
+        for (int e = 0; e < 2; ++e)
+        {
+            A[g][2 * t + e] = element<T>(w->mma_a[l][0], e);
+            A[g + 8][2 * t + e] = element<T>(w->mma_a[l][1], e);
+            A[g][2 * t + 8 + e] = element<T>(w->mma_a[l][2], e);
+            A[g + 8][2 * t + 8 + e] = element<T>(w->mma_a[l][3], e);
+            B[2 * t + e][g] = element<T>(w->mma_b[l][0], e);
+            B[2 * t + 8 + e][g] = element<T>(w->mma_b[l][1], e);
+        }
+    }
+    w->bar.arrive_and_wait();
+    int const g = lane >> 2;
+    int const t = lane & 3;
+    for (int e = 0; e < 4; ++e)
+    {
+        int const row = g + (e >> 1) * 8;
+        int const col = 2 * t + (e & 1);
+        float acc = c[e];
+        for (int k = 0; k < 16; ++k)
+            acc += A[row][k] * B[k][col];
+        c[e] = acc;
+    }
+}
+} // namespace iwarp_emu
 
 #define IWARP_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(iwarp_emu::tl_block->smem.data())
 
@@ -179,9 +286,9 @@ inline cudaError_t cudaGetDevice(int* device)
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/)
 {
-    // Compute capability 0: no tensor cores, so the emulation always runs the SIMT kernel.
+    // Compute capability: 0 by default (no tensor cores: the SIMT kernel), tests may set 8.
     *value = attr == cudaDevAttrMultiProcessorCount ? iwarp_emu::g_sm_count
-        : attr == cudaDevAttrComputeCapabilityMajor ? 0
+        : attr == cudaDevAttrComputeCapabilityMajor ? iwarp_emu::g_cc_major
                                                     : iwarp_emu::g_smem_optin;
     return cudaSuccess;
 }

@@ -35,6 +35,7 @@
 #endif
 
 #include <math.h>
+#include <string.h>
 
 #include <atomic>
 
@@ -69,13 +70,11 @@ __device__ __forceinline__ __half from_float<__half>(float x)
 {
     return __float2half_rn(x);
 }
-#ifndef IWARP_CPU_EMULATION
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x)
 {
     return __float2bfloat16_rn(x);
 }
-#endif
 
 __device__ __forceinline__ float warp_max(float x)
 {
@@ -587,7 +586,6 @@ cudaError_t dispatch(iwarp_attention_params const& p, cudaStream_t stream, Devic
     }
 }
 
-#ifndef IWARP_CPU_EMULATION
 // ---- tensor-core kernel (FP16 / BF16, sm_80 and newer) ------------------------------------------
 //
 // Flash-attention style on mma.sync.m16n8k16 tiles with FP32 accumulation:
@@ -601,6 +599,8 @@ cudaError_t dispatch(iwarp_attention_params const& p, cudaStream_t stream, Devic
 //   - masked keys (and keys past the end) are never read: their K and V rows are zeros in shared
 //     memory and their scores -inf, so NaN/Inf in unused slots cannot reach the output;
 //   - split-K as the SIMT kernel: unnormalised rows + (m, l) in the workspace, combine_kernel.
+// The CPU emulation runs this kernel too: cuda_cpu_emulation.h rebuilds each mma from the
+// documented fragment layout across the warp's lanes, and cp.async becomes a plain copy.
 namespace tc
 {
 
@@ -635,16 +635,22 @@ struct Mma<__half>
 {
     static __device__ __forceinline__ void run(float c[4], uint32_t const a[4], uint32_t const b[2])
     {
+#ifdef IWARP_CPU_EMULATION
+        iwarp_emu::mma_m16n8k16<__half>(c, a, b);
+#else
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
     }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi)
     {
-        __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
+        __half2 h = __floats2half2_rn(lo, hi); // .x = lo: the lower 16 bits (smaller k index)
+        uint32_t bits;
+        memcpy(&bits, &h, sizeof(bits));
+        return bits;
     }
     static __device__ __forceinline__ __half from(float x)
     {
@@ -657,16 +663,22 @@ struct Mma<__nv_bfloat16>
 {
     static __device__ __forceinline__ void run(float c[4], uint32_t const a[4], uint32_t const b[2])
     {
+#ifdef IWARP_CPU_EMULATION
+        iwarp_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b);
+#else
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
     }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi)
     {
         __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
+        uint32_t bits;
+        memcpy(&bits, &h, sizeof(bits));
+        return bits;
     }
     static __device__ __forceinline__ __nv_bfloat16 from(float x)
     {
@@ -674,6 +686,17 @@ struct Mma<__nv_bfloat16>
     }
 };
 
+#ifdef IWARP_CPU_EMULATION
+inline void cp_async16(void* smem, void const* gmem)
+{
+    memcpy(smem, gmem, 16); // synchronous: the barrier after the wait orders it all the same
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait()
+{
+}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, void const* gmem)
 {
     unsigned const s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -690,6 +713,7 @@ __device__ __forceinline__ void cp_async_wait()
 {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 __device__ __forceinline__ bool tc_key_allowed(void const* mask, TcShape const& s, int b, int key)
 {
@@ -775,7 +799,7 @@ __global__ void __launch_bounds__(kThreads) attention_tc_kernel(T const* __restr
     T const* __restrict__ v, void const* __restrict__ mask, T* __restrict__ out, float* __restrict__ workspace,
     TcShape s)
 {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(IWARP_CPU_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
     constexpr int kCols = NT * 8;
     IWARP_DYNAMIC_SMEM(T, smem);
     T* q_s = smem;                                // [kRows][qstride]
@@ -1127,19 +1151,13 @@ cudaError_t dispatch_tc(iwarp_attention_params const& p, cudaStream_t stream, De
 }
 
 } // namespace tc
-#endif // IWARP_CPU_EMULATION
 
 // Which kernel runs a problem on this device: tensor cores for FP16/BF16 on sm_80+ when asked
 // for (or auto) and the tile fits in shared memory; the SIMT kernel otherwise (BF16: none).
 inline int select_kernel(iwarp_attention_params const& p, DeviceInfo const& dev)
 {
-#ifndef IWARP_CPU_EMULATION
     bool const tc_ok = p.dtype != IWARP_DTYPE_FLOAT32 && dev.cc_major >= 8
         && tc::smem_bytes(p.head_dim, p.value_dim) <= static_cast<size_t>(dev.smem_optin);
-#else
-    bool const tc_ok = false; // the CPU emulation runs the SIMT kernel only
-    (void) dev;
-#endif
     if (p.kernel == IWARP_KERNEL_TENSOR_CORES)
     {
         return tc_ok ? IWARP_KERNEL_TENSOR_CORES : -1;
@@ -1248,13 +1266,11 @@ extern "C" cudaError_t iwarp_attention_forward(iwarp_attention_params const* par
         return err;
     }
     int const kernel = select_kernel(p, dev);
-#ifndef IWARP_CPU_EMULATION
     if (kernel == IWARP_KERNEL_TENSOR_CORES)
     {
         return p.dtype == IWARP_DTYPE_FLOAT16 ? tc::dispatch_tc<__half>(p, stream, dev)
                                               : tc::dispatch_tc<__nv_bfloat16>(p, stream, dev);
     }
-#endif
     if (kernel == IWARP_KERNEL_SIMT && p.dtype == IWARP_DTYPE_FLOAT32)
     {
         return dispatch<float>(p, stream, dev);
@@ -1287,5 +1303,11 @@ extern "C" void iwarp_emulation_set_device(int sm_count, int smem_optin)
 {
     iwarp_emu::g_sm_count = sm_count;
     iwarp_emu::g_smem_optin = smem_optin;
+}
+
+/* Test hook: the compute capability major it reports (8 and up: the tensor-core kernel runs). */
+extern "C" void iwarp_emulation_set_compute_capability(int major)
+{
+    iwarp_emu::g_cc_major = major;
 }
 #endif
