@@ -275,7 +275,11 @@ class TensorRTBackend(Backend):
             from iwarp.engine_build.plugin import find_plugin_library
 
             library = find_plugin_library()
-        desc = f"{precision}{', IWarpAttention plugin' if anim.get('plugin') else ''}"
+        # The sidecar says which attention the build chose and why (measured table, or asked).
+        attention = anim.get("attention") or (
+            "IWarpAttention plugin" if anim.get("plugin") else "TensorRT attention"
+        )
+        desc = f"{precision}, {attention}"
         return cls(engines, config.model, library, description=desc)
 
     # -- stages -------------------------------------------------------------------------------
