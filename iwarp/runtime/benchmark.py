@@ -115,6 +115,87 @@ def raw_graph_times(animator: Animator, avatar_id: str, frame: np.ndarray, runs:
     }
 
 
+class EngineRun:
+    """One engine animating one avatar from a clip, recording each frame (`step`)."""
+
+    def __init__(
+        self,
+        backend: str,
+        sources: int,
+        driving: list[np.ndarray],
+        checkpoint: str | Path | None = None,
+        threads: int = 0,
+        show_progress: bool = True,
+        precision: str | None = None,
+    ) -> None:
+        self.backend, self.sources, self.asked_precision = backend, sources, precision
+        self.animator = Animator.from_pretrained(
+            backend, checkpoint, threads=threads, show_progress=show_progress, precision=precision
+        )
+        self.engine = self.animator.backend
+        t0 = time.perf_counter()
+        self.avatar = self.animator.add_avatar(avatar_photos(sources, driving))
+        self.avatar_ms = (time.perf_counter() - t0) * 1e3
+        self.stream = self.animator.stream()
+        self.per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.frame_ms: list[float] = []
+        self.graph_ms: dict[str, list[float]] = {"keypoints": [], "animator": [], "overhead": []}
+        self.outputs: list[np.ndarray] = []
+
+    def step(self, frame: np.ndarray, record: bool, keep_outputs: int = 0) -> None:
+        engine = self.engine
+        engine.stage_ms.clear()
+        t = time.perf_counter()
+        out = self.stream.animate(self.avatar, frame)
+        elapsed = (time.perf_counter() - t) * 1e3
+        if not record:
+            return
+        self.frame_ms.append(elapsed)
+        for s in STAGES:
+            self.per_stage[s].append(getattr(self.stream.times, s))
+        kp = engine.stage_ms.get("detect", 0.0)
+        an = engine.stage_ms.get("animate", 0.0)
+        self.graph_ms["keypoints"].append(kp)
+        self.graph_ms["animator"].append(an)
+        self.graph_ms["overhead"].append(elapsed - kp - an)
+        if len(self.outputs) < keep_outputs:
+            self.outputs.append(out)
+
+    def result(self, clip: Path, raw: dict[str, float]) -> dict[str, Any]:
+        from iwarp.system import isa_features
+
+        engine, frames = self.engine, len(self.frame_ms)
+        busy_s = sum(self.frame_ms) / 1e3
+        return {
+            "backend": engine.name if self.backend == "auto" else self.backend,
+            "auto": self.backend == "auto",
+            "precision": self.asked_precision or engine_precision(engine),
+            "backend_detail": engine.describe(),
+            "size": engine.image_size,
+            "sources": self.sources,
+            "frames": frames,
+            "clip": str(clip),
+            "stages": {
+                s: {f"{k}_ms": v for k, v in percentiles(vals).items()}
+                for s, vals in self.per_stage.items()
+            },
+            "frame_ms": percentiles(self.frame_ms),
+            # Frames per second of this engine's own frame time (runs may be interleaved).
+            "fps": frames / busy_s if busy_s > 0 else 0.0,
+            "avatar_ms": self.avatar_ms,
+            # The engine's own time per graph inside the pipeline, and everything else.
+            "graphs_in_pipeline": {
+                f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in self.graph_ms.items() if v
+            },
+            "overhead_ms": percentiles(self.graph_ms["overhead"]) if frames else {},
+            "raw_graphs": raw,
+            "machine": machine_label(),
+            "isa": isa_features(),
+            "_frame_samples": self.frame_ms,
+            "_outputs": self.outputs,
+        }
+
+
 def run_benchmark(
     backend: str = "onnxruntime",
     sources: int = 1,
@@ -127,80 +208,55 @@ def run_benchmark(
     precision: str | None = None,
     keep_outputs: int = 0,
     raw_runs: int = 40,
-    limit: int | None = None,
 ) -> dict[str, Any]:
     """One engine, one avatar size. `keep_outputs`: the first N output frames after the
-    warm-up are returned under "_outputs" (for accuracy against another engine). `limit`:
-    animate only this many frames after the warm-up (the avatar's photos still come from the
-    same `frames + warmup` clip frames, so runs with different limits see the same avatar)."""
-    from iwarp.system import isa_features
+    warm-up are returned under "_outputs" (for accuracy against another engine)."""
+    return run_interleaved(
+        [(backend, precision)],
+        sources,
+        frames,
+        clip,
+        checkpoint,
+        threads,
+        warmup,
+        show_progress,
+        keep_outputs,
+        raw_runs,
+    )[0]
 
+
+def run_interleaved(
+    engines: list[tuple[str, str | None]],
+    sources: int = 1,
+    frames: int = 200,
+    clip: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    threads: int = 0,
+    warmup: int = 20,
+    show_progress: bool = True,
+    keep_outputs: int = 0,
+    raw_runs: int = 40,
+) -> list[dict[str, Any]]:
+    """Several engines on the same frames, frame by frame in turn: load from other processes
+    (and thermal or frequency changes) falls on all of them alike, so their times compare."""
     clip_path = Path(clip) if clip else default_driving_clip()
     driving = read_video(clip_path, max_frames=frames + warmup)
-    animator = Animator.from_pretrained(
-        backend, checkpoint, threads=threads, show_progress=show_progress, precision=precision
-    )
-    photos = avatar_photos(sources, driving)
-    t0 = time.perf_counter()
-    avatar = animator.add_avatar(photos)
-    avatar_ms = (time.perf_counter() - t0) * 1e3
-
-    stream = animator.stream()
-    engine = animator.backend
-    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
-    frame_ms: list[float] = []
-    graph_ms: dict[str, list[float]] = {"keypoints": [], "animator": [], "overhead": []}
-    outputs: list[np.ndarray] = []
-    frames = min(frames, limit) if limit is not None else frames
+    runs = [
+        EngineRun(name, sources, driving, checkpoint, threads, show_progress, precision)
+        for name, precision in engines
+    ]
     feed = itertools.islice(itertools.cycle(driving), frames + warmup)
-    wall_start = None
+    names = ", ".join(r.backend for r in runs)
     for i, frame in enumerate(
-        tqdm(feed, total=frames + warmup, desc=f"bench {backend}", disable=not show_progress)
+        tqdm(feed, total=frames + warmup, desc=f"bench {names}", disable=not show_progress)
     ):
-        if i == warmup:
-            wall_start = time.perf_counter()
-        engine.stage_ms.clear()
-        t = time.perf_counter()
-        out = stream.animate(avatar, frame)
-        elapsed = (time.perf_counter() - t) * 1e3
-        if i >= warmup:
-            frame_ms.append(elapsed)
-            for s in STAGES:
-                per_stage[s].append(getattr(stream.times, s))
-            kp = engine.stage_ms.get("detect", 0.0)
-            an = engine.stage_ms.get("animate", 0.0)
-            graph_ms["keypoints"].append(kp)
-            graph_ms["animator"].append(an)
-            graph_ms["overhead"].append(elapsed - kp - an)
-            if len(outputs) < keep_outputs:
-                outputs.append(out)
-    wall = time.perf_counter() - (wall_start or time.perf_counter())
-    raw = raw_graph_times(animator, avatar, driving[warmup % len(driving)], raw_runs)
-    return {
-        "backend": backend,
-        "precision": precision or engine_precision(engine),
-        "backend_detail": engine.describe(),
-        "size": animator.backend.image_size,
-        "sources": sources,
-        "frames": frames,
-        "clip": str(clip_path),
-        "stages": {
-            s: {f"{k}_ms": v for k, v in percentiles(vals).items()} for s, vals in per_stage.items()
-        },
-        "frame_ms": percentiles(frame_ms),
-        "fps": frames / wall if wall > 0 else 0.0,
-        "avatar_ms": avatar_ms,
-        # The engine's own time per graph inside the pipeline, and everything else.
-        "graphs_in_pipeline": {
-            f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in graph_ms.items() if v
-        },
-        "overhead_ms": percentiles(graph_ms["overhead"]) if frame_ms else {},
-        "raw_graphs": raw,
-        "machine": machine_label(),
-        "isa": isa_features(),
-        "_frame_samples": frame_ms,
-        "_outputs": outputs,
-    }
+        for run in runs:
+            run.step(frame, record=i >= warmup, keep_outputs=keep_outputs)
+    results = []
+    for run in runs:
+        raw = raw_graph_times(run.animator, run.avatar, driving[warmup % len(driving)], raw_runs)
+        results.append(run.result(clip_path, raw))
+    return results
 
 
 def plot_histogram(results: list[dict[str, Any]], out_png: str | Path) -> None:
@@ -228,7 +284,7 @@ def plot_histogram(results: list[dict[str, Any]], out_png: str | Path) -> None:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return f"{r['backend']} {r['precision']}"
+    return f"{'auto: ' if r.get('auto') else ''}{r['backend']} {r['precision']}"
 
 
 def speedup_vs_torch(results: list[dict[str, Any]]) -> None:
@@ -320,49 +376,36 @@ def bench_engines(
     show_progress: bool = True,
     on_result: Any = None,
 ) -> list[dict[str, Any]]:
-    """Runs `run_benchmark` for every engine spec ("name" or "name:precision"; "all") and
-    number of sources; adds speed relative to torch and PSNR against the FP32 torch pipeline
-    on the first `accuracy_frames` frames (torch runs for that alone when not in the list)."""
+    """Every engine spec ("name" or "name:precision"; "all") on the same frames, interleaved
+    (`run_interleaved`), for each number of sources; adds speed relative to torch and PSNR
+    against the FP32 torch pipeline on the first `accuracy_frames` frames (torch is added to
+    the runs for that when not in the list)."""
     specs: list[str] = []
     for spec in engines:
         specs += all_engines(checkpoint) if spec == "all" else [spec]
     results: list[dict[str, Any]] = []
     for n in sources:
-        reference: list[np.ndarray] | None = None
-        for spec in specs:
-            name, spec_precision = parse_engine(spec)
-            r = run_benchmark(
-                name,
-                n,
-                frames,
-                clip,
-                checkpoint,
-                threads,
-                show_progress=show_progress,
-                precision=spec_precision or precision,
-                keep_outputs=accuracy_frames,
-            )
-            if name == "torch" and reference is None:
-                reference = r["_outputs"]
-            results.append(r)
-        if accuracy_frames > 0:
-            if reference is None:
-                reference = run_benchmark(
-                    "torch",
-                    n,
-                    frames,
-                    clip,
-                    checkpoint,
-                    threads,
-                    show_progress=show_progress,
-                    keep_outputs=accuracy_frames,
-                    raw_runs=0,
-                    limit=accuracy_frames,
-                )["_outputs"]
-            for r in results:
-                if r["sources"] == n and r["backend"] != "torch" and r["_outputs"]:
+        parsed = [parse_engine(spec) for spec in specs]
+        parsed = [(name, p or precision) for name, p in parsed]
+        if accuracy_frames > 0 and not any(name == "torch" for name, _ in parsed):
+            parsed.append(("torch", None))  # the FP32 reference, timed alongside
+        batch = run_interleaved(
+            parsed,
+            n,
+            frames,
+            clip,
+            checkpoint,
+            threads,
+            show_progress=show_progress,
+            keep_outputs=accuracy_frames,
+        )
+        reference = next((r["_outputs"] for r in batch if r["backend"] == "torch"), None)
+        if accuracy_frames > 0 and reference:
+            for r in batch:
+                if r["backend"] != "torch" and r["_outputs"]:
                     count = min(len(r["_outputs"]), len(reference))
                     r["psnr_vs_torch_db"] = psnr_u8(r["_outputs"][:count], reference[:count])
+        results += batch
     speedup_vs_torch(results)
     if on_result is not None:
         for r in results:
