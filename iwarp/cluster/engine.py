@@ -118,6 +118,7 @@ class RayEngine:
         self.retry_window = retry_window
         self.stats: dict[str, ReplicaStats] = {}
         self.retries = 0  # calls that failed on a lost replica and went to another one
+        self.in_flight = 0  # calls waiting for a replica's answer now
         # avatar id -> (avatar, key on the replicas, ObjectRef of its AvatarSources)
         self._sources: dict[str, tuple[Avatar, str, Any]] = {}
         self._lock = threading.Lock()
@@ -155,6 +156,8 @@ class RayEngine:
         while True:
             t0 = time.perf_counter()
             response = handle.remote(request)
+            with self._lock:
+                self.in_flight += 1
             try:
                 reply: FrameReply = response.result(timeout_s=self.call_timeout)
             except _REPLICA_LOST as exc:
@@ -170,6 +173,9 @@ class RayEngine:
                 log.warning("replica lost (%s); retrying on another", type(exc).__name__)
                 time.sleep(min(0.05 * attempt, 0.5))  # let the router drop the dead replica
                 continue
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
             with self._lock:
                 self.stats.setdefault(reply.replica, ReplicaStats()).observe(
                     time.perf_counter() - t0
