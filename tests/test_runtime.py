@@ -158,3 +158,31 @@ def test_unknown_backend_is_a_clear_error(checkpoint):
 
     with pytest.raises(IwarpError, match="unknown backend"):
         create_backend("cuda-magic", checkpoint)
+
+
+def test_a_stream_closes_what_it_owns_and_nothing_else(backend, portrait, driving):
+    from iwarp.face import FaceDetector, FaceTracker
+
+    animator = Animator(backend, smoothing=False)
+    avatar = animator.add_avatar([portrait])
+    stream = animator.stream()
+    # Through the animator, not its backend: the same keypoints and the same frame.
+    crop = stream.face_crop(driving[3])
+    points, strength = animator.detect(crop)
+    np.testing.assert_array_equal(points, stream.crop_pose(crop)[0])
+    frame = animator.render(animator.get(avatar), points, strength)
+    assert frame.shape == (animator.image_size, animator.image_size, 3)
+    assert frame.dtype == np.uint8
+    stream.animate(avatar, driving[4])
+    own = stream.tracker.detector
+    assert own._graphs  # MediaPipe graphs made by the stream's first detection
+    stream.close()
+    assert not own._graphs  # freed now, not at garbage collection
+    # A detector given to a tracker stays its giver's: closing the tracker leaves it working.
+    with FaceDetector() as shared:
+        tracker = FaceTracker(shared)
+        assert tracker.update(driving[0]) is not None
+        tracker.close()
+        assert shared._graphs and shared.detect(driving[1]) is not None
+    # The animator's own detector (avatars) was never the stream's to close.
+    assert animator.add_avatar([portrait])
