@@ -47,6 +47,8 @@ MAX_AVATARS_PER_REPLICA = 16
 # -- the deployment ---------------------------------------------------------------------------
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2.0)
 class AnimatorDeployment:
+    """One replica: the runtime's Animator on `backend`, its avatars multiplexed by key."""
+
     def __init__(
         self,
         backend: str = "auto",
@@ -103,6 +105,8 @@ class AnimatorDeployment:
             if request.op == "pose":
                 replies.append(FrameReply(self.replica, pose=pose, motion=request.motion))
                 continue
+            # The session's state for this one frame (its face tracker, unused here, only
+            # starts MediaPipe when asked to track, which the edge did).
             stream = self.animator.stream()
             stream.restore_motion(request.motion)
             frame = stream.animate_pose(avatar, pose)
