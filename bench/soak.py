@@ -367,6 +367,10 @@ def report(
     t = np.array([s["t"] for s in steady]) / 3600.0
     rss = np.array([s["rss_mib"] for s in steady])
     slope = float(np.polyfit(t, rss, 1)[0]) if len(steady) >= 3 else None
+    # Allocator pools and caches fill during the first minutes; the second half shows whether
+    # memory keeps growing once they have.
+    half = len(steady) // 2
+    slope_late = float(np.polyfit(t[half:], rss[half:], 1)[0]) if len(steady) - half >= 3 else None
     fds = np.array([s["fds"] for s in steady])
     threads = np.array([s["threads"] for s in steady])
     total = Tally()
@@ -389,6 +393,9 @@ def report(
         "start": window(head),
         "end": window(tail),
         "rss_slope_mib_per_hour": round(slope, 1) if slope is not None else None,
+        "rss_slope_second_half_mib_per_hour": round(slope_late, 1)
+        if slope_late is not None
+        else None,
         "rss_min_max_mib": [float(rss.min()), float(rss.max())],
         "fds_min_max": [int(fds.min()), int(fds.max())],
         "threads_min_max": [int(threads.min()), int(threads.max())],
@@ -488,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"round trip p50/p95 {w['rtt_ms']['p50']}/{w['rtt_ms']['p95']} ms "
                 f"({w['frames']} frames)"
             )
-        print(f"RSS slope after warm-up: {summary['rss_slope_mib_per_hour']} MiB/hour")
+        print(
+            f"RSS slope after warm-up: {summary['rss_slope_mib_per_hour']} MiB/hour "
+            f"(second half: {summary['rss_slope_second_half_mib_per_hour']} MiB/hour)"
+        )
         print(json.dumps({k: v for k, v in summary.items() if k not in ("start", "end")}))
     return 1 if result["unexpected_count"] else 0
 
