@@ -48,6 +48,12 @@ class ModelConfig:
     # untrained attention pick the same location in the source (with pixel_skip: the network
     # starts as copy-the-source, and learns motion from there instead of from a blur).
     position_scale: float = 1.0
+    # Flow warp (issue 17): the attention also returns, per source, its mass and the expected
+    # source coordinate of every query (values carry [1, x, y] for their own source). Upsampled
+    # to full size, that is a sub-pixel flow and a confidence per source: the full-resolution
+    # photos are warped with grid_sample and blended by mass; the extra tokens' mass tells the
+    # generator where nothing in the sources matches. Replaces the pixel skip's 8x8 patches.
+    flow_warp: bool = False
     # Keys/values/pixels average-pooled by this factor before attention (1 = off).
     spatial_reduction: int = 1
     # "attention": one softmax over all sources (the paper). "average": warp each source
@@ -88,6 +94,8 @@ class ModelConfig:
             raise ValueError("value_channels needs one entry per 2x step down to the grid")
         if self.kp_size // 2 ** (len(self.query_channels) - 1) < 1:
             raise ValueError("query/key UNet is too deep for this image size")
+        if self.pixel_skip and self.flow_warp:
+            raise ValueError("pixel_skip and flow_warp are two ways to do one thing: pick one")
         if self.multi_source_mode not in ("attention", "average"):
             raise ValueError(f"unknown multi_source_mode {self.multi_source_mode!r}")
 
@@ -99,6 +107,9 @@ class LossWeights:
     gan: float = 0.0
     feature_matching: float = 0.0
     equivariance: float = 1.0
+    # Flow warp: L1 of the blended full-resolution warp against the target, where the sources
+    # claim the pixel (the loss sees the warp itself, not only the generator's repair of it).
+    warp_l1: float = 0.0
     # Keeps strengths from collapsing to 0 or saturating: penalises mean strength below a floor.
     strength_floor: float = 0.1
 
@@ -122,6 +133,11 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     grad_clip: float = 1.0
     bf16: bool = False
+    # "constant" or "cosine" (decays to lr_min_ratio * lr at the run's last step).
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.05
+    # Exponential moving average of the weights (0 = off); the EMA is validated and shipped.
+    ema_decay: float = 0.0
     seed: int = 0
     log_every: int = 10
     sample_every: int = 250
@@ -196,8 +212,17 @@ def _paper(size: int = 256) -> Config:
     return Config(name="paper" if size == 256 else f"paper{size}", model=model, train=train)
 
 
+def _tiny_flow() -> Config:
+    config = Config(name="tiny_flow", model=ModelConfig(flow_warp=True, position_scale=3.0))
+    config.train.loss.warp_l1 = 1.0
+    config.train.lr_schedule = "cosine"
+    config.train.ema_decay = 0.999
+    return config
+
+
 PRESETS = {
     "tiny": _tiny,
+    "tiny_flow": _tiny_flow,
     "paper": _paper,
     "paper512": lambda: _paper(512),
 }

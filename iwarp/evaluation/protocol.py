@@ -30,11 +30,15 @@ import torch
 from tqdm import tqdm
 
 from iwarp.evaluation.metrics import (
+    BLOCKINESS_NAME,
+    FLICKER_NAME,
     L1_NAME,
     PSNR_NAME,
     SSIM_NAME,
     DlibFaces,
     PerceptualDistance,
+    blockiness,
+    flicker,
     identity_scores,
     l1_255,
     psnr,
@@ -61,6 +65,8 @@ class EvalSettings:
     cross_identity: bool = True
     batch_size: int = 8
     grid_targets: int = 4  # targets per clip kept as pictures
+    # Consecutive frames animated per clip for blockiness and flicker (0 or 1: skipped).
+    temporal_frames: int = 32
 
 
 @dataclass
@@ -113,6 +119,7 @@ def expand_source(source: SourceSet, batch: int) -> SourceSet:
         values=source.values.expand(batch, -1, -1),
         pixels=source.pixels.expand(batch, -1, -1),
         mask=source.mask.expand(batch, -1),
+        photos=None if source.photos is None else source.photos.expand(batch, -1, -1, -1, -1),
     )
 
 
@@ -244,6 +251,28 @@ class Evaluator:
             rows.append(row)
         return rows, images
 
+    # -- what people see over time ---------------------------------------------------------
+    @torch.no_grad()
+    def temporal_clip(self, name: str, clip: np.ndarray) -> dict[str, Any]:
+        """Seams and flicker on a run of consecutive frames, the source being frame 0.
+
+        Blockiness of the output is reported beside the driving frames' own (the camera's
+        compression has a grid too); flicker is the output's frame-to-frame change relative to
+        the driving video's.
+        """
+        frames = _resize(clip, self.size)
+        run = frames[1 : 1 + self.settings.temporal_frames]
+        driving = _to_tensor(run)
+        source_set = self.net.encode_sources(_to_tensor(frames[:1])[None])
+        out = self._animate(source_set, driving)
+        return {
+            "clip": name,
+            "frames": len(run),
+            "blockiness": blockiness(out),
+            "driving_blockiness": blockiness(driving),
+            "flicker": flicker(out, driving),
+        }
+
     # -- cross identity ----------------------------------------------------------------------
     @torch.no_grad()
     def cross_identity(
@@ -374,6 +403,11 @@ def evaluate(
         clip_rows, clip_pictures = evaluator.reconstruct_clip(name, frames)
         rows += clip_rows
         pictures.append(clip_pictures)
+    temporal = (
+        [evaluator.temporal_clip(name, frames) for name, _, frames in clips]
+        if settings.temporal_frames > 1
+        else []
+    )
 
     order = {m: i for i, m in enumerate(METHODS)}
     results = [
@@ -423,6 +457,19 @@ def evaluate(
         "clips": [{"clip": name, "identity": ident, "frames": len(f)} for name, ident, f in clips],
         "results": results,
         "per_clip": per_clip,
+        "temporal": {
+            "blockiness": BLOCKINESS_NAME,
+            "flicker": FLICKER_NAME,
+            "per_clip": temporal,
+            **(
+                {
+                    k: float(np.mean([t[k] for t in temporal]))
+                    for k in ("blockiness", "driving_blockiness", "flicker")
+                }
+                if temporal
+                else {}
+            ),
+        },
         "cross_identity": {
             "pairs": sorted({(r["avatar"], r["driver"]) for r in cross_rows}),
             "results": summarise_identity(cross_rows) if cross_rows else [],

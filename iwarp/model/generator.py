@@ -23,6 +23,7 @@ class Generator(nn.Module):
         super().__init__()
         c = config.generator_channels
         self.pixel_skip = config.pixel_skip
+        self.flow_warp = config.flow_warp
         self.patch = config.attn_stride
         self.stem = ConvBNReLU(config.value_dim, c)
         self.res = nn.Sequential(*(ResBlock(c) for _ in range(config.generator_res_blocks)))
@@ -31,8 +32,9 @@ class Generator(nn.Module):
             ups.append(UpBlock(c, cout))
             c = cout
         self.up = nn.Sequential(*ups)
-        if self.pixel_skip:
-            self.out = nn.Conv2d(c + 3, 4, 3, padding=1)
+        if self.pixel_skip or self.flow_warp:
+            # Flow warp: the warped photo and the extra tokens' share (where to paint).
+            self.out = nn.Conv2d(c + (4 if self.flow_warp else 3), 4, 3, padding=1)
             with torch.no_grad():
                 self.out.bias[3].fill_(4.0)  # start by showing the warped source (98%)
         else:
@@ -43,11 +45,16 @@ class Generator(nn.Module):
     ) -> torch.Tensor:
         """(B, dv, g, g) features [+ (B, 3*s*s, g, g) warped patches] -> (B, 3, H, W) in [0, 1]."""
         features = self.up(self.res(self.stem(warped)))
-        if not self.pixel_skip:
+        if not (self.pixel_skip or self.flow_warp):
             return torch.sigmoid(self.out(features))
         if warped_pixels is None:
-            raise ValueError("this generator was built with pixel_skip: pass the warped pixels")
-        skip = F.pixel_shuffle(warped_pixels, self.patch)
-        out = self.out(torch.cat([features, skip], dim=1))
+            raise ValueError("this generator blends a warped image: pass the warped pixels")
+        if self.flow_warp:
+            # (B, 4, H, W): blended warp + unmatched share, already at full resolution.
+            out = self.out(torch.cat([features, warped_pixels], dim=1))
+            skip = warped_pixels[:, :3]
+        else:
+            skip = F.pixel_shuffle(warped_pixels, self.patch)
+            out = self.out(torch.cat([features, skip], dim=1))
         mask = torch.sigmoid(out[:, 3:4])
         return mask * skip + (1 - mask) * torch.sigmoid(out[:, :3])

@@ -16,7 +16,7 @@ from iwarp.config import ModelConfig
 from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
 from iwarp.model.generator import Generator
 from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
-from iwarp.model.warp import ImplicitWarp, SourceSet, tokens
+from iwarp.model.warp import ImplicitWarp, SourceSet, render_flow, tokens
 
 
 class ImplicitWarpingNetwork(nn.Module):
@@ -30,6 +30,13 @@ class ImplicitWarpingNetwork(nn.Module):
         self.value_encoder = ValueEncoder(config)
         self.warp = ImplicitWarp(config)
         self.generator = Generator(config)
+        if config.flow_warp:
+            # Identity flow at step 0: queries and keys start as the positional code alone, so
+            # each query's attention is symmetric around its own cell and its expected source
+            # coordinate is its own position; training learns motion as departures from it.
+            for encoder in (self.query_encoder, self.key_encoder):
+                nn.init.zeros_(encoder.out.weight)
+                nn.init.zeros_(encoder.out.bias)
 
     # -- per frame -------------------------------------------------------------------------
     def detect(self, driving: torch.Tensor) -> Keypoints:
@@ -40,17 +47,29 @@ class ImplicitWarpingNetwork(nn.Module):
         self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
     ) -> torch.Tensor:
         """An avatar's source set + driving keypoints -> image (B, 3, H, W) in [0, 1]."""
+        return self.animate_with_warp(source, driving, source_dropout)[0]
+
+    def animate_with_warp(
+        self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`animate`, also returning the flow warp's blended photo and the extra tokens' share
+        (None without flow_warp): training puts a loss on the warp itself."""
         kp_size = source.image_size // self.config.kp_downsample
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
         query_features = self.query_encoder(maps)
         queries = self.warp.project_queries(query_features)
-        warped, warped_pixels = self.warp(queries, source, source_dropout)
+        warped, warped_pixels, coordinate_sums = self.warp(queries, source, source_dropout)
         g = query_features.shape[-1]
 
         def grid(x: torch.Tensor) -> torch.Tensor:
             return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
 
-        return self.generator(grid(warped), grid(warped_pixels) if self.config.pixel_skip else None)
+        if self.config.flow_warp:
+            blended, unmatched = render_flow(coordinate_sums, source.photos, g)
+            image = self.generator(grid(warped), torch.cat([blended, unmatched], dim=1))
+            return image, blended, unmatched
+        skip = grid(warped_pixels) if self.config.pixel_skip else None
+        return self.generator(grid(warped), skip), None, None
 
     # -- per avatar ------------------------------------------------------------------------
     def encode_sources(self, images: torch.Tensor) -> SourceSet:
@@ -101,6 +120,7 @@ class ImplicitWarpingNetwork(nn.Module):
             mask=torch.ones(batch, num_sources * t, dtype=torch.bool, device=flat.device),
             num_sources=num_sources,
             image_size=flat.shape[-1],
+            photos=flat.reshape(batch, num_sources, *flat.shape[1:]) if cfg.flow_warp else None,
         )
 
     # -- both --------------------------------------------------------------------------------

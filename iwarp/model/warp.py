@@ -36,6 +36,8 @@ class SourceSet:
     mask: torch.Tensor
     num_sources: int
     image_size: int
+    # Flow warp: the full-resolution source photos (B, N, 3, H, W) the flow resamples.
+    photos: torch.Tensor | None = None
 
     @property
     def tokens_per_source(self) -> int:
@@ -53,12 +55,13 @@ class ImplicitWarp(nn.Module):
         d, dv, e = config.attn_dim, config.value_dim, config.extra_tokens
         self.residual_branch = config.residual_branch
         self.pixel_skip = config.pixel_skip
+        self.flow_warp = config.flow_warp
         self.multi_source_mode = config.multi_source_mode
         self.value_dim = dv
         self.query_proj = nn.Linear(d, d)
         self.key_proj = nn.Linear(d, d)
         self.position_scale = config.position_scale
-        if config.pixel_skip:
+        if config.pixel_skip or config.flow_warp:
             # Start from the identity warp: queries and keys are their features plus the
             # positional code, so untrained attention matches each place with itself.
             for proj in (self.query_proj, self.key_proj):
@@ -93,11 +96,14 @@ class ImplicitWarp(nn.Module):
 
     def forward(
         self, queries: torch.Tensor, source: SourceSet, source_dropout: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nq, d) -> warped features (B, Nq, dv) and warped pixels (B, Nq, p).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """queries (B, Nq, d) -> warped features (B, Nq, dv), warped pixels (B, Nq, p) and
+        per-source coordinate sums (B, Nq, 3N).
 
         The warped pixels are A P; without the residual branch or the pixel skip nothing
-        attends to P and they are an empty (B, Nq, 0) tensor.
+        attends to P and they are an empty (B, Nq, 0) tensor. The coordinate sums are
+        A [1, x, y] per source (flow warp; else (B, Nq, 0)): `render_flow` turns them into
+        the warped photos.
         """
         mask = source.mask
         if source_dropout > 0 and self.extra_keys.shape[0] > 0:
@@ -110,14 +116,12 @@ class ImplicitWarp(nn.Module):
                 self._attend(queries, source, mask & (owner == i))
                 for i in range(source.num_sources)
             ]
-            return torch.stack([o[0] for o in outs]).mean(0), torch.stack(
-                [o[1] for o in outs]
-            ).mean(0)
+            return tuple(torch.stack(parts).mean(0) for parts in zip(*outs, strict=True))
         return self._attend(queries, source, mask)
 
     def _attend(
         self, queries: torch.Tensor, source: SourceSet, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = queries.shape[0]
         e = self.extra_keys.shape[0]
         keys = torch.cat([source.keys, self.extra_keys.expand(b, e, -1)], dim=1)
@@ -125,17 +129,68 @@ class ImplicitWarp(nn.Module):
         uses_pixels = self.residual_branch or self.pixel_skip
         if uses_pixels:
             parts.append(torch.cat([source.pixels, self.extra_pixels.expand(b, e, -1)], dim=1))
+        c = 3 * source.num_sources if self.flow_warp else 0
+        if self.flow_warp:
+            coords = source_coordinates(source.num_sources, source.tokens_per_source, keys)
+            parts.append(torch.cat([coords.expand(b, -1, -1), coords.new_zeros(b, e, c)], dim=1))
         if self.residual_branch:
             parts.append(keys)
         full_mask = torch.cat([mask, mask.new_ones(b, e)], dim=1)
         out = attention(queries, keys, torch.cat(parts, dim=2), full_mask)
         dv, p = self.value_dim, source.pixels.shape[-1] if uses_pixels else 0
         warped, warped_pixels = out[..., :dv], out[..., dv : dv + p]
+        coordinate_sums = out[..., dv + p : dv + p + c]
         if self.residual_branch:
             # The MLP sees the warped mean colour: for patches, A (mean P) = mean (A P).
             colour = warped_pixels.unflatten(-1, (3, -1)).mean(-1)
-            warped = warped + self.residual(torch.cat([colour, out[..., dv + p :], queries], dim=2))
-        return warped, warped_pixels
+            warped = warped + self.residual(
+                torch.cat([colour, out[..., dv + p + c :], queries], dim=2)
+            )
+        return warped, warped_pixels, coordinate_sums
+
+
+def source_coordinates(
+    num_sources: int, tokens_per_source: int, like: torch.Tensor
+) -> torch.Tensor:
+    """(1, N*T, 3N): token j of source i carries [1, x, y] (its cell centre in [-1, 1], the
+    grid_sample convention) in columns 3i..3i+2 and zeros elsewhere, so attention over these
+    rows gives, per source, its mass and the mass-weighted expected source coordinate."""
+    side = round(tokens_per_source**0.5)
+    centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) * (2 / side) - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    one = torch.stack([torch.ones_like(x), x, y], dim=-1).reshape(tokens_per_source, 3)
+    eye = torch.eye(num_sources, device=like.device, dtype=like.dtype)
+    # (N, T, 1, 3) * (N, 1, N, 1) -> (N*T, N*3): block diagonal.
+    rows = one[None, :, None, :] * eye[:, None, :, None]
+    return rows.reshape(1, num_sources * tokens_per_source, 3 * num_sources)
+
+
+def render_flow(
+    coordinate_sums: torch.Tensor, photos: torch.Tensor, grid_side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-source attention mass and coordinate sums on the grid -> the full-resolution warp.
+
+    coordinate_sums (B, g*g, 3N), photos (B, N, 3, H, W). Mass and mass-weighted coordinates
+    are upsampled separately (bilinear) and divided afterwards, so the flow is a smooth,
+    confidence-weighted field with sub-pixel motion. Returns the mass-blended warp of all
+    sources (B, 3, H, W) and the extra tokens' share (B, 1, H, W): where no source matches.
+    """
+    b, n, _, h, w = photos.shape
+    sums = coordinate_sums.transpose(1, 2).reshape(b, 3 * n, grid_side, grid_side)
+    sums = F.interpolate(sums, size=(h, w), mode="bilinear", align_corners=False)
+    sums = sums.reshape(b, n, 3, h, w)
+    mass = sums[:, :, :1]  # (B, N, 1, H, W)
+    flow = sums[:, :, 1:] / mass.clamp_min(1e-4)  # expected source (x, y) per source
+    warped = F.grid_sample(
+        photos.flatten(0, 1),
+        flow.flatten(0, 1).permute(0, 2, 3, 1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    ).reshape(b, n, 3, h, w)
+    total = mass.sum(1)
+    blended = (warped * mass).sum(1) / total.clamp_min(1e-4)
+    return blended, (1 - total).clamp(0.0, 1.0)
 
 
 def attention(

@@ -53,8 +53,15 @@ class TrainStep(nn.Module):
         self, sources: torch.Tensor, driving: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         w = self.config.train.loss
-        output, kp, _ = self.net(sources, driving, self.config.train.source_dropout)
+        source = self.net.encode_sources(sources)
+        kp = self.net.detect(driving)
+        output, blended, unmatched = self.net.animate_with_warp(
+            source, kp, self.config.train.source_dropout
+        )
         losses = {"l1": (output - driving).abs().mean()}
+        if w.warp_l1 > 0 and blended is not None:
+            # Where the sources claim the pixel, their warp alone must already be right.
+            losses["warp_l1"] = ((blended - driving).abs() * (1 - unmatched.detach())).mean()
         if self.perceptual is not None:
             losses["perceptual"] = self.perceptual(output.float(), driving)
         if w.equivariance > 0:
@@ -161,7 +168,19 @@ def train(
         start = ckpt.step
         best_val = ckpt.extra.get("best_val", math.inf)
     elif init_checkpoint:
-        Checkpoint(init_checkpoint).load_module(module.net)
+        init = Checkpoint(init_checkpoint)
+        if init.config.model == config.model:
+            init.load_module(module.net)
+        else:
+            adapted = load_compatible(module.net, init.state_dict())
+            if ddp.main:
+                print(f"init from {init_checkpoint}: adapted {adapted}")
+
+    ema = EmaWeights(module.net, tc.ema_decay) if tc.ema_decay > 0 else None
+    if ema is not None and resume and latest.is_file():
+        ema_state = Checkpoint(latest).state_dict("ema")
+        if ema_state:
+            ema.load(ema_state)
 
     if ddp.world > 1:
         model: nn.Module = nn.parallel.DistributedDataParallel(module)
@@ -210,7 +229,11 @@ def train(
         opt.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(tc, step, steps)
         opt.step()
+        if ema is not None:
+            ema.update(module.net)
 
         if use_gan:
             disc.requires_grad_(True)
@@ -255,7 +278,8 @@ def train(
             save_sample_grid(out / "samples" / f"step_{done:07d}.png", sources, driving, output)
             plot_loss_curves(log_path, out / "loss_curves.png")
         if val_data is not None and (done % tc.val_every == 0 or done == steps):
-            val = validate(module.net, val_data, tc, dev)
+            shipped = ema.module if ema is not None else module.net
+            val = validate(shipped, val_data, tc, dev)
             if ddp.main:
                 with (out / "val.jsonl").open("a") as f:
                     f.write(json.dumps({"step": done, **val}) + "\n")
@@ -269,7 +293,7 @@ def train(
                     save_checkpoint(
                         out / "checkpoints" / "best.safetensors",
                         config,
-                        module.net,
+                        shipped,
                         done,
                         extra={"val": val},
                     )
@@ -280,7 +304,11 @@ def train(
                 module.net,
                 done,
                 optimizers={"generator": opt, **({"discriminator": opt_d} if opt_d else {})},
-                modules={"discriminator": disc} if disc else None,
+                modules={
+                    **({"discriminator": disc} if disc else {}),
+                    **({"ema": ema.module} if ema is not None else {}),
+                }
+                or None,
                 extra={"best_val": best_val},
             )
         if done >= steps:
@@ -290,6 +318,64 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def learning_rate(tc, step: int, steps: int) -> float:
+    """Constant, or cosine decay from lr to lr * lr_min_ratio over the run."""
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    if tc.lr_schedule != "cosine":
+        raise CheckpointError(f"unknown lr_schedule {tc.lr_schedule!r}", "use constant or cosine")
+    progress = min(step / max(steps - 1, 1), 1.0)
+    low = tc.lr * tc.lr_min_ratio
+    return low + 0.5 * (tc.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+class EmaWeights:
+    """An exponential moving average of a network's weights (buffers copied as they are)."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        pairs = zip(self.module.state_dict().values(), net.state_dict().values(), strict=True)
+        for mine, theirs in pairs:
+            if mine.dtype.is_floating_point:
+                mine.lerp_(theirs, 1 - self.decay)
+            else:
+                mine.copy_(theirs)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Loads a checkpoint of a related design: equal shapes copy; the pixel skip's extra patch
+    rows become their mean colour; a widened input copies the old channels and zeroes the new.
+    Returns the names that were adapted or left at their initial values."""
+    own = net.state_dict()
+    adapted = []
+    with torch.no_grad():
+        for name, target in own.items():
+            value = state.get(name)
+            if value is None:
+                adapted.append(f"{name} (new)")
+            elif value.shape == target.shape:
+                target.copy_(value)
+            elif name.endswith("extra_pixels") and value.shape[1] % 3 == 0:
+                target.copy_(value.reshape(value.shape[0], 3, -1).mean(-1)[:, : target.shape[1]])
+                adapted.append(f"{name} (patch -> mean colour)")
+            elif value.dim() == target.dim() and value.shape[0] == target.shape[0]:
+                target.zero_()
+                target[:, : value.shape[1]].copy_(value[:, : target.shape[1]])
+                adapted.append(f"{name} {tuple(value.shape)} -> {tuple(target.shape)}")
+            else:
+                adapted.append(f"{name} (shape {tuple(value.shape)}: left new)")
+    return adapted
 
 
 def _maybe_val_data(data, size, cache_dir, show_progress) -> ClipDataset | None:

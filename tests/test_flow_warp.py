@@ -1,0 +1,155 @@
+"""The flow warp (ModelConfig.flow_warp): attention mass and expected coordinates become a
+sub-pixel flow that resamples the full-resolution photos; plus the training-recipe pieces
+(cosine schedule, EMA, loading pixel-skip weights) and the seam/flicker metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import SIZE, small_config
+
+from iwarp.config import TrainConfig, get_config
+from iwarp.evaluation.metrics import blockiness, flicker
+from iwarp.media import read_image
+from iwarp.model import ImplicitWarpingNetwork
+from iwarp.model.warp import render_flow, source_coordinates
+from iwarp.paths import DEFAULT_AVATAR
+from iwarp.train.trainer import EmaWeights, learning_rate, load_compatible
+
+
+def _photo(size: int = SIZE) -> torch.Tensor:
+    """The packaged portrait, (1, 3, size, size) in [0, 1]: a real image with edges."""
+    image = torch.from_numpy(read_image(DEFAULT_AVATAR)).permute(2, 0, 1).float()[None] / 255
+    return F.interpolate(image, size=(size, size), mode="area")
+
+
+def test_source_coordinates_are_block_diagonal_cell_centres() -> None:
+    coords = source_coordinates(2, 16, torch.zeros(1))
+    assert coords.shape == (1, 32, 6)
+    # Source 0 owns columns 0..2 for its 16 tokens, source 1 columns 3..5.
+    assert torch.equal(coords[0, :16, 3:], torch.zeros(16, 3))
+    assert torch.equal(coords[0, 16:, :3], torch.zeros(16, 3))
+    assert torch.equal(coords[0, :16, 0], torch.ones(16))
+    # 4x4 grid: centres at -0.75, -0.25, 0.25, 0.75; x varies fastest (row-major tokens).
+    assert coords[0, :4, 1].tolist() == [-0.75, -0.25, 0.25, 0.75]
+    assert coords[0, 0:16:4, 2].tolist() == [-0.75, -0.25, 0.25, 0.75]
+
+
+def test_identity_attention_renders_the_photo() -> None:
+    """Attention that puts all mass on each query's own cell reproduces the photo (bilinear
+    interpolation of a linear coordinate field is exact away from the outer half-cell)."""
+    photo = _photo()
+    side = 8
+    coords = source_coordinates(1, side * side, photo)  # one-hot attention = the rows themselves
+    blended, unmatched = render_flow(coords, photo[:, None], side)
+    border = SIZE // side // 2
+    inner = (slice(None), slice(None), slice(border, -border), slice(border, -border))
+    assert torch.allclose(blended[inner], photo[inner], atol=1e-4)
+    assert float(unmatched.max()) < 1e-6
+
+
+def test_mass_blends_sources_and_marks_unmatched_queries() -> None:
+    a, b = torch.zeros(1, 3, SIZE, SIZE), torch.ones(1, 3, SIZE, SIZE)
+    side = 4
+    rows = source_coordinates(2, side * side, a)
+    # Every query: 30 % on source a's own cell, 50 % on b's, 20 % on an extra token (zeros).
+    sums = 0.3 * rows[:, : side * side] + 0.5 * rows[:, side * side :]
+    blended, unmatched = render_flow(sums, torch.stack([a, b], dim=1), side)
+    assert torch.allclose(blended, torch.full_like(blended, 0.5 / 0.8), atol=1e-5)
+    assert torch.allclose(unmatched, torch.full_like(unmatched, 0.2), atol=1e-5)
+
+
+def test_flow_network_split_api_and_gradients() -> None:
+    torch.manual_seed(0)
+    cfg = small_config(pixel_skip=False, flow_warp=True, position_scale=3.0)
+    net = ImplicitWarpingNetwork(cfg)
+    for n in (1, 2, 3):
+        sources = torch.rand(2, n, 3, SIZE, SIZE)
+        out, _, source = net(sources, torch.rand(2, 3, SIZE, SIZE), source_dropout=0.2)
+        assert out.shape == (2, 3, SIZE, SIZE)
+        assert source.photos.shape == (2, n, 3, SIZE, SIZE)
+    out.mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_untrained_flow_network_starts_as_the_identity_warp() -> None:
+    """The identity start: queries and keys begin as the positional code alone, so each
+    query's expected source coordinate is its own position and the warp copies the photo.
+    Exact away from the border; in the outer cell the attention's truncated neighbourhood
+    pulls the coordinate inward by a fraction of a cell."""
+    torch.manual_seed(0)
+    net = ImplicitWarpingNetwork(get_config("tiny_flow", image_size=128).model).eval()
+    photo = _photo(128)
+    with torch.no_grad():
+        source = net.encode_sources(photo[:, None])
+        image, blended, unmatched = net.animate_with_warp(source, net.detect(photo))
+
+    def psnr(x: torch.Tensor, border: int) -> float:
+        inner = (..., slice(border, -border), slice(border, -border))
+        return float(-10 * torch.log10(((x[inner] - photo[inner]) ** 2).mean()))
+
+    assert psnr(blended, 16) > 45.0
+    assert psnr(blended, 1) > 20.0
+    assert float(unmatched.max()) < 1e-3
+    assert psnr(image, 16) > 30.0  # the generator starts by showing the warp
+
+
+def test_pixel_and_flow_designs_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="pick one"):
+        small_config(pixel_skip=True, flow_warp=True).validate()
+
+
+def test_load_compatible_takes_pixel_skip_weights() -> None:
+    old = ImplicitWarpingNetwork(get_config("tiny").model)
+    new = ImplicitWarpingNetwork(get_config("tiny_flow").model)
+    adapted = load_compatible(new, old.state_dict())
+    assert any("extra_pixels" in a for a in adapted)
+    assert any("generator.out.weight" in a for a in adapted)
+    patch = old.warp.extra_pixels.reshape(old.warp.extra_pixels.shape[0], 3, -1).mean(-1)
+    assert torch.allclose(new.warp.extra_pixels, patch)
+    w_old, w_new = old.generator.out.weight, new.generator.out.weight
+    assert torch.equal(w_new[:, : w_old.shape[1]], w_old)
+    assert torch.equal(w_new[:, w_old.shape[1] :], torch.zeros_like(w_new[:, w_old.shape[1] :]))
+    assert torch.equal(new.query_encoder.out.weight, old.query_encoder.out.weight)
+
+
+def test_cosine_schedule_and_ema() -> None:
+    tc = dataclasses.replace(TrainConfig(), lr=1.0, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert learning_rate(tc, 0, 101) == pytest.approx(1.0)
+    assert learning_rate(tc, 50, 101) == pytest.approx(0.55)
+    assert learning_rate(tc, 100, 101) == pytest.approx(0.1)
+    assert learning_rate(dataclasses.replace(tc, lr_schedule="constant"), 70, 101) == 1.0
+
+    net = torch.nn.Linear(2, 2)
+    ema = EmaWeights(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update(net)
+    assert torch.allclose(ema.module.weight, start + 1.0)
+
+
+def test_blockiness_sees_grid_seams_at_any_phase() -> None:
+    # Slightly blurred so its JPEG grid (the packaged photo is a JPEG) does not count.
+    photo = F.avg_pool2d(_photo(136), 3, stride=1, padding=1, count_include_pad=False)
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.rand(1, 3, 17, 17, generator=g).repeat_interleave(8, -1).repeat_interleave(8, -2)
+    blocky = photo + (blocks - 0.5) * 0.15
+    natural = blockiness(photo[..., :128, :128])
+    assert natural < 1.2  # a real photo: about as sharp on the grid lines as off them
+    assert blockiness(blocky[..., :128, :128]) > natural + 0.2
+    # The grid 3 rows and 5 columns off the image's origin is found as well.
+    assert blockiness(blocky[..., 3:131, 5:133]) > natural + 0.2
+
+
+def test_flicker_is_relative_to_the_driving_video() -> None:
+    driving = torch.rand(5, 3, 16, 16)
+    assert flicker(driving, driving) == pytest.approx(1.0)
+    assert flicker(driving[:1].expand(5, -1, -1, -1), driving) == 0.0
+    assert flicker(driving * 2, driving) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        flicker(driving[:1], driving[:1])
