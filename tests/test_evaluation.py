@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from iwarp.config import get_config
 from iwarp.evaluation.metrics import (
     DlibFaces,
     PerceptualDistance,
@@ -22,6 +23,7 @@ from iwarp.evaluation.metrics import (
 )
 from iwarp.evaluation.protocol import (
     EvalSettings,
+    Evaluator,
     evaluate,
     source_positions,
     target_positions,
@@ -153,6 +155,33 @@ def test_protocol_methods_and_baselines() -> None:
         "relative",
     }
     assert len(run.pictures) == 2 and len(run.pictures[0].sources) == 3
+    # Seams and flicker on consecutive frames, beside the driving video's own.
+    temporal = report["temporal"]
+    assert [t["clip"] for t in temporal["per_clip"]] == ["a.mp4", "b.mp4"]
+    for t in temporal["per_clip"]:
+        assert t["frames"] == min(settings.temporal_frames, len(clips[0][2]) - 1)
+        assert t["blockiness"] > 0.5 and t["driving_blockiness"] > 0.5 and t["flicker"] >= 0.0
+    # A pixel-skip network has no flow to carry landmarks with.
+    assert report["landmark_transfer"]["pairs"] == 0
+
+
+def test_landmark_transfer_of_a_flow_network(shared_data: Path) -> None:
+    """On a real clip (dlib needs a face): the flow's carried landmarks are scored against
+    the targets', beside not moving them at all."""
+    from iwarp.face import FaceDetector
+    from iwarp.train.data import prepare_clip
+
+    clip = shared_data / "clips" / "fomm" / "demo_old" / "10.mp4"
+    with FaceDetector() as detector:
+        faces = prepare_clip(clip, 128, detector, max_frames=40)
+    torch.manual_seed(0)
+    net = ImplicitWarpingNetwork(get_config("tiny_flow", image_size=128).model).eval()
+    settings = EvalSettings(sources=(1,), targets_per_clip=3, image_size=128)
+    rows = Evaluator(net, settings).landmark_transfer("clip", faces)
+    assert rows, "dlib found no face in the source or targets of a real clip"
+    for row in rows:
+        # Untrained: the identity flow carries the source's landmarks where they were.
+        assert row["model_px"] == pytest.approx(row["copy_source_px"], abs=1.5)
 
 
 def test_eval_cli_on_generated_clips(tmp_path: Path) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from test_model import SIZE, small_config
 
 from iwarp.config import TrainConfig, get_config
-from iwarp.evaluation.metrics import blockiness, flicker
+from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker
 from iwarp.media import read_image
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.warp import render_flow, source_coordinates
@@ -44,7 +45,8 @@ def test_identity_attention_renders_the_photo() -> None:
     photo = _photo()
     side = 8
     coords = source_coordinates(1, side * side, photo)  # one-hot attention = the rows themselves
-    blended, unmatched = render_flow(coords, photo[:, None], side)
+    warp = render_flow(coords, photo[:, None], side)
+    blended, unmatched = warp.blended, warp.unmatched
     border = SIZE // side // 2
     inner = (slice(None), slice(None), slice(border, -border), slice(border, -border))
     assert torch.allclose(blended[inner], photo[inner], atol=1e-4)
@@ -57,9 +59,10 @@ def test_mass_blends_sources_and_marks_unmatched_queries() -> None:
     rows = source_coordinates(2, side * side, a)
     # Every query: 30 % on source a's own cell, 50 % on b's, 20 % on an extra token (zeros).
     sums = 0.3 * rows[:, : side * side] + 0.5 * rows[:, side * side :]
-    blended, unmatched = render_flow(sums, torch.stack([a, b], dim=1), side)
-    assert torch.allclose(blended, torch.full_like(blended, 0.5 / 0.8), atol=1e-5)
-    assert torch.allclose(unmatched, torch.full_like(unmatched, 0.2), atol=1e-5)
+    warp = render_flow(sums, torch.stack([a, b], dim=1), side)
+    assert torch.allclose(warp.blended, torch.full_like(warp.blended, 0.5 / 0.8), atol=1e-5)
+    assert torch.allclose(warp.unmatched, torch.full_like(warp.unmatched, 0.2), atol=1e-5)
+    assert torch.allclose(warp.mass[:, 0], torch.full_like(warp.mass[:, 0], 0.3), atol=1e-5)
 
 
 def test_flow_network_split_api_and_gradients() -> None:
@@ -86,7 +89,8 @@ def test_untrained_flow_network_starts_as_the_identity_warp() -> None:
     photo = _photo(128)
     with torch.no_grad():
         source = net.encode_sources(photo[:, None])
-        image, blended, unmatched = net.animate_with_warp(source, net.detect(photo))
+        image, warp = net.animate_with_warp(source, net.detect(photo))
+    blended, unmatched = warp.blended, warp.unmatched
 
     def psnr(x: torch.Tensor, border: int) -> float:
         inner = (..., slice(border, -border), slice(border, -border))
@@ -153,3 +157,13 @@ def test_flicker_is_relative_to_the_driving_video() -> None:
     assert flicker(driving * 2, driving) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         flicker(driving[:1], driving[:1])
+
+
+def test_carry_landmarks_follows_a_shift() -> None:
+    """A backward flow that reads the source 6 px to the right moves features 6 px left."""
+    h = w = 32
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    flow = torch.stack([(xs + 6) * 2 / w - 1, ys * 2 / h - 1])
+    points = np.array([[20.0, 10.0], [12.0, 25.0]])
+    carried = carry_landmarks(flow, points)  # pixel-index coordinates, as dlib gives them
+    assert np.allclose(carried, points - [6, 0])

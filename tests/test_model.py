@@ -239,7 +239,7 @@ def test_pixel_skip_reproduces_the_source_when_attention_is_the_identity() -> No
         keys = torch.randn(s.keys.shape, generator=g)
         keys = 40 * keys / keys.norm(dim=-1, keepdim=True)
         s = dataclasses.replace(s, keys=keys)
-        warped, warped_pixels = net.warp(keys, s)
+        warped, warped_pixels, _ = net.warp(keys, s)
         torch.testing.assert_close(warped_pixels, s.pixels, rtol=0, atol=1e-5)
         # A generator whose mask is saturated shows the warped patches as they are.
         net.generator.out.weight[3].zero_()

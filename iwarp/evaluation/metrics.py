@@ -197,3 +197,21 @@ def flicker(output: torch.Tensor, driving: torch.Tensor) -> float:
     out_change = (output[1:].float() - output[:-1].float()).abs().mean()
     drv_change = (driving[1:].float() - driving[:-1].float()).abs().mean()
     return float(out_change / drv_change.clamp_min(1e-8))
+
+
+LANDMARK_TRANSFER_NAME = (
+    "mean distance in pixels between the source photo's 68 dlib landmarks carried by the "
+    "model's flow and the driving frame's landmarks (copy_source: not carried at all)"
+)
+
+
+def carry_landmarks(flow: torch.Tensor, points: np.ndarray) -> np.ndarray:
+    """Where a backward flow puts source points: flow (2, H, W) gives, per output pixel, its
+    source (x, y) in grid_sample's [-1, 1] (align_corners=False); points (P, 2) in source
+    pixels. Each point lands on the output pixel whose flow points nearest to it."""
+    h, w = flow.shape[-2:]
+    src_x = ((flow[0] + 1) * w - 1) / 2
+    src_y = ((flow[1] + 1) * h - 1) / 2
+    sources = torch.stack([src_x.flatten(), src_y.flatten()], dim=1)  # (H*W, 2)
+    nearest = torch.cdist(torch.as_tensor(points, dtype=sources.dtype), sources).argmin(dim=1)
+    return np.stack([(nearest % w).numpy(), (nearest // w).numpy()], axis=1).astype(np.float64)

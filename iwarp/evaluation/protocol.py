@@ -33,11 +33,13 @@ from iwarp.evaluation.metrics import (
     BLOCKINESS_NAME,
     FLICKER_NAME,
     L1_NAME,
+    LANDMARK_TRANSFER_NAME,
     PSNR_NAME,
     SSIM_NAME,
     DlibFaces,
     PerceptualDistance,
     blockiness,
+    carry_landmarks,
     flicker,
     identity_scores,
     l1_255,
@@ -273,6 +275,36 @@ class Evaluator:
             "flicker": flicker(out, driving),
         }
 
+    @torch.no_grad()
+    def landmark_transfer(self, name: str, clip: np.ndarray) -> list[dict[str, Any]]:
+        """Flow models: the source photo's landmarks carried by the flow to each target vs the
+        target's own landmarks (one source, frame 0, the reconstruction targets)."""
+        frames = _resize(clip, self.size)
+        source_lm = self.faces.landmarks(frames[0])
+        if source_lm is None:
+            return []
+        targets = target_positions(
+            len(frames), self.settings.sources, self.settings.targets_per_clip
+        )
+        source_set = self.net.encode_sources(_to_tensor(frames[:1])[None])
+        rows = []
+        for t in targets:
+            target_lm = self.faces.landmarks(frames[t])
+            if target_lm is None:
+                continue
+            kp = self.net.detect(_to_tensor(frames[t : t + 1]))
+            _, warp = self.net.animate_with_warp(source_set, kp)
+            carried = carry_landmarks(warp.flow[0, 0], source_lm)
+            rows.append(
+                {
+                    "clip": name,
+                    "target": t,
+                    "model_px": float(np.linalg.norm(carried - target_lm, axis=1).mean()),
+                    "copy_source_px": float(np.linalg.norm(source_lm - target_lm, axis=1).mean()),
+                }
+            )
+        return rows
+
     # -- cross identity ----------------------------------------------------------------------
     @torch.no_grad()
     def cross_identity(
@@ -408,6 +440,11 @@ def evaluate(
         if settings.temporal_frames > 1
         else []
     )
+    transfer = (
+        [row for name, _, frames in clips for row in evaluator.landmark_transfer(name, frames)]
+        if net.config.flow_warp
+        else []
+    )
 
     order = {m: i for i, m in enumerate(METHODS)}
     results = [
@@ -467,6 +504,18 @@ def evaluate(
                     for k in ("blockiness", "driving_blockiness", "flicker")
                 }
                 if temporal
+                else {}
+            ),
+        },
+        "landmark_transfer": {
+            "metric": LANDMARK_TRANSFER_NAME,
+            "pairs": len(transfer),
+            **(
+                {
+                    k: float(np.mean([r[k] for r in transfer]))
+                    for k in ("model_px", "copy_source_px")
+                }
+                if transfer
                 else {}
             ),
         },

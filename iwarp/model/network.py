@@ -16,7 +16,7 @@ from iwarp.config import ModelConfig
 from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
 from iwarp.model.generator import Generator
 from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
-from iwarp.model.warp import ImplicitWarp, SourceSet, render_flow, tokens
+from iwarp.model.warp import FlowWarp, ImplicitWarp, SourceSet, render_flow, tokens
 
 
 class ImplicitWarpingNetwork(nn.Module):
@@ -51,9 +51,9 @@ class ImplicitWarpingNetwork(nn.Module):
 
     def animate_with_warp(
         self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`animate`, also returning the flow warp's blended photo and the extra tokens' share
-        (None without flow_warp): training puts a loss on the warp itself."""
+    ) -> tuple[torch.Tensor, FlowWarp | None]:
+        """`animate`, also returning the flow warp (None without flow_warp): training puts a
+        loss on the warp itself, evaluation carries landmarks with its flow."""
         kp_size = source.image_size // self.config.kp_downsample
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
         query_features = self.query_encoder(maps)
@@ -65,11 +65,11 @@ class ImplicitWarpingNetwork(nn.Module):
             return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
 
         if self.config.flow_warp:
-            blended, unmatched = render_flow(coordinate_sums, source.photos, g)
-            image = self.generator(grid(warped), torch.cat([blended, unmatched], dim=1))
-            return image, blended, unmatched
+            flow = render_flow(coordinate_sums, source.photos, g)
+            image = self.generator(grid(warped), torch.cat([flow.blended, flow.unmatched], dim=1))
+            return image, flow
         skip = grid(warped_pixels) if self.config.pixel_skip else None
-        return self.generator(grid(warped), skip), None, None
+        return self.generator(grid(warped), skip), None
 
     # -- per avatar ------------------------------------------------------------------------
     def encode_sources(self, images: torch.Tensor) -> SourceSet:

@@ -154,7 +154,8 @@ def source_coordinates(
 ) -> torch.Tensor:
     """(1, N*T, 3N): token j of source i carries [1, x, y] (its cell centre in [-1, 1], the
     grid_sample convention) in columns 3i..3i+2 and zeros elsewhere, so attention over these
-    rows gives, per source, its mass and the mass-weighted expected source coordinate."""
+    rows gives, per source, its mass and the mass-weighted expected source coordinate.
+    """
     side = round(tokens_per_source**0.5)
     centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) * (2 / side) - 1
     y, x = torch.meshgrid(centres, centres, indexing="ij")
@@ -165,15 +166,23 @@ def source_coordinates(
     return rows.reshape(1, num_sources * tokens_per_source, 3 * num_sources)
 
 
-def render_flow(
-    coordinate_sums: torch.Tensor, photos: torch.Tensor, grid_side: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class FlowWarp:
+    """The flow warp at full resolution: what the generator sees, and the flow behind it."""
+
+    blended: torch.Tensor  # (B, 3, H, W) the sources warped and blended by mass
+    unmatched: torch.Tensor  # (B, 1, H, W) the extra tokens' share: nothing matches here
+    flow: torch.Tensor  # (B, N, 2, H, W) per source: the source (x, y) in [-1, 1] per pixel
+    mass: torch.Tensor  # (B, N, 1, H, W) per source: its share of the attention
+
+
+def render_flow(coordinate_sums: torch.Tensor, photos: torch.Tensor, grid_side: int) -> FlowWarp:
     """Per-source attention mass and coordinate sums on the grid -> the full-resolution warp.
 
     coordinate_sums (B, g*g, 3N), photos (B, N, 3, H, W). Mass and mass-weighted coordinates
     are upsampled separately (bilinear) and divided afterwards, so the flow is a smooth,
     confidence-weighted field with sub-pixel motion. Returns the mass-blended warp of all
-    sources (B, 3, H, W) and the extra tokens' share (B, 1, H, W): where no source matches.
+    sources and the extra tokens' share: where no source matches.
     """
     b, n, _, h, w = photos.shape
     sums = coordinate_sums.transpose(1, 2).reshape(b, 3 * n, grid_side, grid_side)
@@ -190,7 +199,7 @@ def render_flow(
     ).reshape(b, n, 3, h, w)
     total = mass.sum(1)
     blended = (warped * mass).sum(1) / total.clamp_min(1e-4)
-    return blended, (1 - total).clamp(0.0, 1.0)
+    return FlowWarp(blended, (1 - total).clamp(0.0, 1.0), flow, mass)
 
 
 def attention(

@@ -55,13 +55,12 @@ class TrainStep(nn.Module):
         w = self.config.train.loss
         source = self.net.encode_sources(sources)
         kp = self.net.detect(driving)
-        output, blended, unmatched = self.net.animate_with_warp(
-            source, kp, self.config.train.source_dropout
-        )
+        output, flow = self.net.animate_with_warp(source, kp, self.config.train.source_dropout)
         losses = {"l1": (output - driving).abs().mean()}
-        if w.warp_l1 > 0 and blended is not None:
+        if w.warp_l1 > 0 and flow is not None:
             # Where the sources claim the pixel, their warp alone must already be right.
-            losses["warp_l1"] = ((blended - driving).abs() * (1 - unmatched.detach())).mean()
+            claimed = 1 - flow.unmatched.detach()
+            losses["warp_l1"] = ((flow.blended - driving).abs() * claimed).mean()
         if self.perceptual is not None:
             losses["perceptual"] = self.perceptual(output.float(), driving)
         if w.equivariance > 0:
