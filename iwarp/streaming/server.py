@@ -126,6 +126,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         return _error(exc.status, exc.reason, "")
+    except ConnectionResetError:
+        # The client went away mid-request (a closed tab during an upload): nobody to answer.
+        log.info("%s %s: the client disconnected", request.method, request.path)
+        return _error(400, "connection lost", "")
     except Exception as exc:
         log.error(
             "%s %s: internal error: %s: %s", request.method, request.path, type(exc).__name__, exc
