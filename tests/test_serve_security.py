@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 import os
 import signal
@@ -402,7 +403,9 @@ def _audio_only_offer_sdp() -> str:
     return run(make())
 
 
-def test_bad_offers_hold_no_slot_and_one_client_cannot_take_every_slot(small_animator, camera):
+def test_bad_offers_hold_no_slot_and_one_client_cannot_take_every_slot(
+    small_animator, camera, caplog
+):
     audio_only = _audio_only_offer_sdp()
 
     async def scenario():
@@ -411,12 +414,15 @@ def test_bad_offers_hold_no_slot_and_one_client_cannot_take_every_slot(small_ani
             stop = asyncio.Event()
 
             async def flood() -> None:
-                # Offers that aiortc would parse and set up (audio only) before failing.
+                # Offers that look like video offers but fail in aiortc (no ICE credentials),
+                # and well-formed audio-only ones that aiortc would set up before they fail.
+                bad = [audio_only, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\nm=video 9 RTP/AVP 9\r\n"]
                 async with aiohttp.ClientSession() as http:
-                    while not stop.is_set():
-                        async with http.post(
-                            url + "/offer", json={"sdp": audio_only, "type": "offer"}
-                        ) as r:
+                    for n in itertools.count():
+                        if stop.is_set():
+                            break
+                        offer = {"sdp": bad[n % 2], "type": "offer"}
+                        async with http.post(url + "/offer", json=offer) as r:
                             assert r.status == 400
 
             flooders = [asyncio.create_task(flood()) for _ in range(6)]
@@ -453,7 +459,11 @@ def test_bad_offers_hold_no_slot_and_one_client_cannot_take_every_slot(small_ani
                 assert status == 400 and "true or false" in body["error"], body
                 assert (await bob.session_info())["neutral"] is False
 
-    run(scenario(), timeout=120)
+    with caplog.at_level(logging.INFO, logger="iwarp.streaming"):
+        run(scenario(), timeout=120)
+    # A bad offer is refused before a session (and its slot) exists: none was set up and torn
+    # down again, which is what registering first and parsing after did.
+    assert not [r for r in caplog.records if "setup failed" in r.getMessage()]
 
 
 @pytest.mark.parametrize(
