@@ -29,7 +29,7 @@ class LocalEngine:
         self.animator = Animator.from_pretrained(backend, checkpoint, threads=threads)
         self.avatar_ids = [self.animator.add_avatar(list(a)) for a in avatars or [[DEFAULT_AVATAR]]]
         self.avatar_index = 0
-        self.stream = self.animator.stream()
+        self.stream = self.animator.stream(auto_reference=True)
         self.reconnects = 0
         self.frames_per_call: list[int] = []  # remote only
 

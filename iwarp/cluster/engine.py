@@ -125,7 +125,7 @@ class RayEngine:
 
     # -- sessions ---------------------------------------------------------------------------
     def stream(self) -> RayStream:
-        stream = RayStream(self.animator, smoothing=self.animator.smoothing)
+        stream = RayStream(self.animator, smoothing=self.animator.smoothing, auto_reference=True)
         stream.engine = self
         return stream
 

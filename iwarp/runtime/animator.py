@@ -11,6 +11,7 @@ stream for the single-user case.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -53,6 +54,12 @@ class StageTimes:
     total: float = 0.0
 
 
+# Automatic neutral pose: this many consecutive face frames whose keypoints move less than
+# AUTO_NEUTRAL_STEADY (mean per keypoint and frame, in [-1, 1] units: ~1 px at 256) are averaged.
+AUTO_NEUTRAL_FRAMES = 5
+AUTO_NEUTRAL_STEADY = 0.008
+
+
 @dataclass
 class DrivingStream:
     """Per-driving-video state: face tracker, neutral pose, smoothing, last good pose."""
@@ -64,6 +71,12 @@ class DrivingStream:
     last_pose: tuple[np.ndarray, np.ndarray] | None = None  # what was animated last
     last_driving: tuple[np.ndarray, np.ndarray] | None = None  # raw pose of the last face seen
     times: StageTimes = field(default_factory=StageTimes)
+    # Relative motion from the start (live use): the first face seen is the neutral pose at
+    # once, replaced by the mean of the first AUTO_NEUTRAL_FRAMES steady frames. A cross-identity
+    # driver in absolute mode pastes its own face geometry onto the avatar.
+    auto_reference: bool = False
+    reference_origin: str = "none"  # none | first face | steady frames | set
+    neutral_window: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     # Fields that stay with the process that made them (not part of `motion_state`).
     local_fields: ClassVar[tuple[str, ...]] = ("animator", "tracker", "times")
 
@@ -113,10 +126,31 @@ class DrivingStream:
         None with no pose seen yet clears it. Returns whether a reference is now set."""
         pose = self.driving_pose(frame) if frame is not None else self.last_driving
         self.reference = pose
+        self.reference_origin = "set" if pose is not None else "none"
         return pose is not None
 
     def clear_reference(self) -> None:
+        """Absolute motion from now on (also stops the automatic neutral pose)."""
         self.reference = None
+        self.reference_origin = "none"
+        self.auto_reference = False
+
+    def _take_neutral(self, pose: tuple[np.ndarray, np.ndarray]) -> None:
+        """Automatic neutral pose: the first face at once, then the first steady frames."""
+        if self.reference_origin in ("steady frames", "set"):
+            return
+        if self.reference is None:
+            self.reference, self.reference_origin = pose, "first face"
+        window = [*self.neutral_window, pose][-AUTO_NEUTRAL_FRAMES:]
+        steps = [float(np.abs(b[0] - a[0]).mean()) for a, b in itertools.pairwise(window)]
+        if len(window) == AUTO_NEUTRAL_FRAMES and max(steps) < AUTO_NEUTRAL_STEADY:
+            self.reference = (
+                np.mean([p[0] for p in window], axis=0).astype(np.float32),
+                np.mean([p[1] for p in window], axis=0).astype(np.float32),
+            )
+            self.reference_origin = "steady frames"
+            window = []
+        self.neutral_window = window
 
     def animate(self, avatar_id: str, frame: np.ndarray) -> np.ndarray:
         """One driving frame -> one avatar frame (model size). Never fails on a faceless frame:
@@ -137,6 +171,8 @@ class DrivingStream:
         """`animate` from the driver's raw keypoints on (None: no face in view)."""
         if pose is not None:
             self.last_driving = pose
+            if self.auto_reference:
+                self._take_neutral(pose)
             pose = self._relative(avatar, pose)
             if self.smoothing:
                 pose = (self.filter(pose[0]).astype(np.float32), pose[1])
@@ -287,9 +323,10 @@ class Animator:
             return [a.record for a in self._avatars.values()]
 
     # -- driving ----------------------------------------------------------------------------
-    def stream(self) -> DrivingStream:
-        """A new driving stream (one per webcam / video / session)."""
-        return DrivingStream(self, smoothing=self.smoothing)
+    def stream(self, auto_reference: bool = False) -> DrivingStream:
+        """A new driving stream (one per webcam / video / session). `auto_reference`: relative
+        motion from the first frames, the neutral pose taken automatically (live use)."""
+        return DrivingStream(self, smoothing=self.smoothing, auto_reference=auto_reference)
 
     @property
     def default_stream(self) -> DrivingStream:

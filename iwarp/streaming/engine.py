@@ -71,7 +71,7 @@ class LocalEngine:
         self.animator = animator
 
     def stream(self) -> FrameStream:
-        return self.animator.stream()
+        return self.animator.stream(auto_reference=True)
 
     def health(self) -> dict[str, Any]:
         return {"engine": self.name, "replicas_up": 0, "backend": self.animator.backend.describe()}
