@@ -378,8 +378,10 @@ def test_shipped_dispatch_table_means_sdpa_until_measured(monkeypatch):
     monkeypatch.delenv(fa.TABLE_ENV, raising=False)
     shipped = fa.load_table()
     assert "error" not in shipped and shipped["entries"] == []
-    d, dv = fa.attention_widths(Checkpoint(None).config.model)
-    assert (d, dv) == (64, 320)  # the shipped weights' attention: V' = [V 64 | P 192 | K 64]
+    model = Checkpoint(None).config.model
+    d, dv = fa.attention_widths(model)
+    if not model.flow_warp:
+        assert (d, dv) == (64, 320)  # pixel skip: V' = [V 64 | P 192 | K 64]
     choice = fa.choose("NVIDIA H200", "float16", 1, 1024, 1056, d, dv)
     assert choice.backend == "sdpa" and "no device measurement" in choice.reason
 
@@ -418,6 +420,37 @@ def test_dispatch_table_picks_the_measured_faster_one(monkeypatch, tmp_path):
     assert choice.backend == "sdpa" and "table.json" in choice.reason
 
 
+def test_attention_widths_follow_the_network(monkeypatch):
+    """(d, dv') as the network really concatenates V': checked against the values the
+    ImplicitWarp layer hands to attention(), for the pixel-skip and flow-warp presets."""
+    torch = pytest.importorskip("torch")
+    from iwarp.config import get_config
+    from iwarp.model import ImplicitWarpingNetwork
+    from iwarp.model import fused_attention as fa
+    from iwarp.model import warp as warp_module
+
+    seen = []
+    real = warp_module.attention
+
+    def spy(q, k, v, mask):
+        seen.append((q.shape[-1], v.shape[-1]))
+        return real(q, k, v, mask)
+
+    monkeypatch.setattr(warp_module, "attention", spy)
+    for name in ("tiny", "tiny_flow"):
+        try:
+            config = get_config(name)
+        except Exception:  # a preset another version does not have
+            continue
+        net = ImplicitWarpingNetwork(config.model).eval()
+        s = config.model.image_size
+        for sources in (1, 3):
+            seen.clear()
+            with torch.no_grad():
+                net(torch.rand(1, sources, 3, s, s), torch.rand(1, 3, s, s))
+            assert seen and seen[-1] == fa.attention_widths(config.model, sources), (name, sources)
+
+
 def test_tensorrt_build_uses_the_table_for_the_plugin(monkeypatch, tmp_path):
     pytest.importorskip("torch")
     import json
@@ -430,7 +463,8 @@ def test_tensorrt_build_uses_the_table_for_the_plugin(monkeypatch, tmp_path):
     config = Checkpoint(None).config
     table = tmp_path / "t.json"
     # The shipped shapes at 256 px: 1024 queries, 1024 keys per source + 32 extra tokens.
-    entry = fa.make_entry("GPU X", "float16", 1, 1024, 1056, 64, 320, 0.05, 0.08)
+    d, dv = fa.attention_widths(config.model, 1)
+    entry = fa.make_entry("GPU X", "float16", 1, 1024, 1056, d, dv, 0.05, 0.08)
     table.write_text(json.dumps(_table(entry)))
     monkeypatch.setenv(fa.TABLE_ENV, str(table))
     assert plugin_choice(config, "fp16", "GPU X").backend == "fused"

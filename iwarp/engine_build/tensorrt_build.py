@@ -420,7 +420,7 @@ def plugin_choice(config: Any, precision: str, gpu_name: str, opt_sources: int =
     from iwarp.model.fused_attention import attention_widths, choose
 
     m = config.model
-    d, dv = attention_widths(m)
+    d, dv = attention_widths(m, max(1, opt_sources))
     keys = m.tokens_per_source * max(1, opt_sources) + m.extra_tokens
     dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "float16")  # int8: fp16 attn
     return choose(gpu_name, dtype, 1, m.grid_size**2, keys, d, dv)
