@@ -145,9 +145,10 @@ def test_two_clients_stream_through_two_replicas(cluster, camera):
 def test_remote_stream_matches_the_local_one(cluster, camera):
     """All per-session state (neutral pose, smoothing, last pose) lives at the edge and travels
     with each frame, so frames animated on whichever replica equal those of a local
-    DrivingStream, neutral pose included (raw crops here: JPEG would differ slightly)."""
+    DrivingStream, neutral pose included, automatic or set (raw crops here: JPEG would differ
+    slightly)."""
     animator, engine = cluster
-    local, remote = animator.stream(), engine.stream()
+    local, remote = animator.stream(auto_reference=True), engine.stream()
     engine.codec = "raw"
     try:
         for i, frame in enumerate(camera[:12]):
