@@ -157,7 +157,9 @@ def prepare(
         except ImportError:
             say(f"{name} is not installed here: the fine-tune there runs without it")
             continue
-        shutil.copytree(Path(module.__file__).parent, site / name)
+        shutil.copytree(
+            Path(module.__file__).parent, site / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
     written = {
         "clips": len(entries),
         "clip_bytes": (out / CLIPS_FILE).stat().st_size,
