@@ -10,7 +10,7 @@ normal; an output moves by at most (tokens x 1.2e-38) x |value|, i.e. not at all
 
 Clamping the logits inside the model instead (probabilities below exp(-C) x max set to 0) was
 measured and is not cheap: it needs the logits outside the fused attention kernels, which made
-the ONNX Runtime attention 1.4x (1 source) to 1.8x (3 sources) slower and torch's 7-70 %, so
+the ONNX Runtime attention 1.4x (1 source) to 1.6x (3 sources) slower and torch's 7-70 %, so
 the exported graph keeps its one fused `Attention` node and the engines flush instead:
 
 - ONNX Runtime: the session option `session.set_denormal_as_zero` (its pool threads);
