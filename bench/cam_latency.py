@@ -28,8 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from iwarp.cam.app import CamSettings, run_cam
-from iwarp.media import video_info
-from iwarp.streaming.latency import default_clip
+from iwarp.media import default_driving_clip, video_info
 
 
 def free_port() -> int:
@@ -93,7 +92,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="model CPU threads (0: all cores)")
     p.add_argument("--json", action="store_true", help="one JSON object per mode")
     args = p.parse_args()
-    clip = Path(args.clip) if args.clip else default_clip()
+    clip = Path(args.clip) if args.clip else default_driving_clip()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or os.cpu_count() or 1))
     for mode in args.modes.split(","):
         server = None

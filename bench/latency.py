@@ -10,7 +10,7 @@ a band of black/white blocks along its bottom edge; the client asks the server (
 its offer) to copy that band onto the animated frame made from it, reads it back, and so knows
 each returned frame's send time. Reports round trip p50/p95/p99, output fps, frames
 sent/received/dropped; `--json` prints one JSON object per run (one run per --clients entry),
-`--plot` writes a PNG. Same as `iwarp bench --webrtc`. See iwarp/streaming/latency.py.
+`--plot` writes a PNG. Same as `iwarp bench --webrtc`. See iwarp/benchmarks/webrtc.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+    from iwarp.benchmarks.webrtc import main
     from iwarp.errors import IwarpError
-    from iwarp.streaming.latency import main
 
     try:
         sys.exit(main())

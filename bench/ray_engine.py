@@ -156,12 +156,13 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    from iwarp.benchmarks.webrtc import load_frames
     from iwarp.cluster.engine import _deploy, start_ray_engine
+    from iwarp.media import default_driving_clip
     from iwarp.runtime.animator import Animator
-    from iwarp.streaming.latency import default_clip, load_frames
     from iwarp.system import cpu_name
 
-    frames, _ = load_frames(args.clip or default_clip(), 256)
+    frames, _ = load_frames(args.clip or default_driving_clip(), 256)
     animator = Animator.from_pretrained(args.backend, threads=1, show_progress=False)
     animator.add_avatar([DEFAULT_AVATAR], avatar_id="default")
     batches = [int(b) for b in args.batch.split(",")]

@@ -53,11 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 import aiohttp
 from PIL import Image
 
-from iwarp.media import read_image
+from iwarp.benchmarks.webrtc import load_frames
+from iwarp.media import default_driving_clip, read_image
+from iwarp.metrics import latency_summary_ms
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
-from iwarp.streaming.latency import default_clip, latency_summary_ms, load_frames
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -423,7 +424,7 @@ def _line(sample: dict[str, Any]) -> str:
 
 async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     rtc.configure(loopback_only=True)
-    clip = args.clip or default_clip()
+    clip = args.clip or default_driving_clip()
     frames, _ = load_frames(clip, args.size, max_frames=150)
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60

@@ -1,10 +1,13 @@
-"""Image-difference numbers shared by the build, calibration and benchmark checks (numpy).
+"""Numbers shared by the build, calibration and benchmark checks (numpy): image differences,
+latency percentiles.
 
 `iwarp.evaluation.metrics` has the paper's metrics on torch tensors (PSNR per image, SSIM,
 perceptual, landmarks); these are the plain array forms used where no torch is loaded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,3 +24,20 @@ def frame_psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> np.ndarray:
     mse = diff.reshape(len(diff), -1).mean(axis=1)
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(peak * peak / mse)
+
+
+def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
+    """The q-th percentile of latencies given in seconds, in ms to 0.1 (None when empty)."""
+    return round(float(np.percentile(seconds, q)) * 1e3, 1) if len(seconds) else None
+
+
+def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/mean/max of latencies given in seconds, in ms (None when there are none):
+    the WebRTC benchmark, `iwarp cam`'s stats and the soak test report the same numbers."""
+    return {
+        "p50": percentile_ms(seconds, 50),
+        "p95": percentile_ms(seconds, 95),
+        "p99": percentile_ms(seconds, 99),
+        "mean": round(float(np.mean(seconds)) * 1e3, 1) if len(seconds) else None,
+        "max": round(max(seconds) * 1e3, 1) if len(seconds) else None,
+    }

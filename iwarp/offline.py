@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from iwarp.errors import InputError
 from iwarp.media import VideoWriter, default_driving_clip, iter_video_frames, video_info
+from iwarp.options import option
 from iwarp.runtime import Animator
 
-__all__ = ["animate_video", "default_driving_clip"]
+__all__ = ["AnimateOptions", "animate_video", "default_driving_clip"]
+
+
+@dataclass
+class AnimateOptions:
+    """`iwarp animate`: `animate_video`'s arguments as command-line options."""
+
+    sources: list[str] = option(
+        default_factory=list,
+        flag="--source",
+        help="avatar photo, repeatable (default: a packaged portrait)",
+    )
+    driving: str | None = option(
+        None, help="driving video (default: a clip from ../shared/data/clips, else a generated one)"
+    )
+    out: str = option("iwarp_animation.mp4", help="output video (.mp4)")
+    checkpoint: str | None = option(None, help="weights (default: the ones shipped in the package)")
+    relative: bool = option(False, help="relative motion from a reference frame")
+    reference_frame: int = option(0, help="driving frame used as neutral")
+    max_frames: int | None = option(None, help="stop after this many driving frames")
+    backend: str = option("auto", help="auto, torch, onnxruntime, openvino or tensorrt")
 
 
 def animate_video(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -27,13 +28,14 @@ from aiohttp import web
 from aiortc import RTCPeerConnection
 from PIL import Image
 
+from iwarp.benchmarks import webrtc as latency
 from iwarp.checkpoint import save_checkpoint
 from iwarp.config import get_config
 from iwarp.media import read_image, synthetic_driving_frames
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
-from iwarp.streaming import latency, rtc
+from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
 from iwarp.streaming.metrics import parse_samples
 from iwarp.streaming.server import API_KEY, ServerConfig, create_app
@@ -349,7 +351,6 @@ def test_token_and_avatar_ownership(small_animator, camera):
                 with pytest.raises(Exception, match="404"):
                     await bob.connect(avatar_id=mine)
                 # Bob's own session cannot be switched to Alice's avatar either...
-                bob.pc = None
                 await bob.connect()
                 status, _ = await bob.request(
                     "POST", f"/sessions/{bob.session_id}", json={"avatar_id": mine}
@@ -442,3 +443,23 @@ def test_latency_stays_flat_when_the_model_is_slower_than_the_camera(tmp_path, c
     # Queueing would add ~20 s x (1 - fps_out / fps) by the end; skipping keeps it flat.
     assert last <= 1.5 * first + 150, f"latency grew: {first} -> {last} ms"
     assert result["rtt_ms"]["p95"] < 2000
+
+
+def test_iwarp_bench_webrtc_measures_a_running_server(small_animator, capsys):
+    """`iwarp bench --webrtc` (iwarp.benchmarks.webrtc through the CLI's options) against a
+    real server: one JSON line per --clients entry, with frames that came back and their
+    round trip."""
+    from iwarp.cli import main
+
+    argv = ["bench", "--webrtc", "--clients", "1", "--seconds", "3", "--warmup", "1", "--json"]
+
+    async def scenario():
+        async with running(small_animator, ServerConfig()) as (url, _api):
+            return await asyncio.to_thread(main, [*argv, "--url", url])
+
+    assert run(scenario(), timeout=120) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    result = json.loads(lines[0])
+    assert result["clients"] == 1 and result["size"] == 256  # --size left out: 256
+    assert result["frames_received"] > 0 and result["rtt_ms"]["p50"] > 0

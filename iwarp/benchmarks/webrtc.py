@@ -17,6 +17,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ import numpy as np
 
 from iwarp.errors import InputError, IwarpError
 from iwarp.media import default_driving_clip, iter_video_frames, video_info
+from iwarp.metrics import latency_summary_ms, percentile_ms
+from iwarp.options import add_options, from_args, option
 from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
-
-default_clip = default_driving_clip  # the one default (iwarp.media), under its old name here
 
 
 def load_frames(
@@ -45,21 +46,6 @@ def load_frames(
     if not frames:
         raise InputError(f"no frames in {clip}", "give another --clip")
     return frames, fps
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1e3, 1) if len(values) else None
-
-
-def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99/mean/max of latencies given in seconds, in ms (None when there are none)."""
-    return {
-        "p50": _pct(seconds, 50),
-        "p95": _pct(seconds, 95),
-        "p99": _pct(seconds, 99),
-        "mean": round(float(np.mean(seconds)) * 1e3, 1) if len(seconds) else None,
-        "max": round(max(seconds) * 1e3, 1) if len(seconds) else None,
-    }
 
 
 def summarize(
@@ -94,7 +80,7 @@ def summarize(
                 "frames_sent": len(sent),
                 "frames_received": len(got),
                 "fps_out": round(len(got) / window, 2),
-                "rtt_ms": {"p50": _pct(latency, 50), "p95": _pct(latency, 95)},
+                "rtt_ms": {"p50": percentile_ms(latency, 50), "p95": percentile_ms(latency, 95)},
             }
         )
     fps = [p["fps_out"] for p in per_client]
@@ -104,8 +90,8 @@ def summarize(
         "fps_in": round(fps_in, 2),
         "rtt_ms": latency_summary_ms(all_latency),
         # Latency drift under load: p50 of frames sent in the first vs the last quarter.
-        "rtt_first_quarter_p50_ms": _pct(quarters[0], 50),
-        "rtt_last_quarter_p50_ms": _pct(quarters[3], 50),
+        "rtt_first_quarter_p50_ms": percentile_ms(quarters[0], 50),
+        "rtt_last_quarter_p50_ms": percentile_ms(quarters[3], 50),
         "fps_out": round(float(np.mean(fps)), 2) if fps else 0.0,
         "fps_out_min": round(min(fps), 2) if fps else 0.0,
         "frames_sent": sent_total,
@@ -270,7 +256,7 @@ def run(
     """One run per entry of `clients` (e.g. 1, 2, 4), one after the other."""
     logging.getLogger("aioice").setLevel(logging.WARNING)
     rtc.configure(loopback_only=rtc.is_loopback(_host(url)))
-    frames, fps = load_frames(clip or default_clip(), size)
+    frames, fps = load_frames(clip or default_driving_clip(), size)
     results = []
     for n in clients:
         r = asyncio.run(
@@ -282,7 +268,7 @@ def run(
                 ray_address=ray_address,
             )
         )
-        r["clip"] = str(clip or default_clip())
+        r["clip"] = str(clip or default_driving_clip())
         r["size"] = size
         results.append(r)
     return results
@@ -344,64 +330,64 @@ def format_result(r: dict[str, Any]) -> str:
     )
 
 
+@dataclass
+class WebrtcOptions:
+    """`bench/latency.py`'s options (`iwarp bench --webrtc` fills the ones it has)."""
+
+    url: str = option("http://127.0.0.1:8080", help="the iwarp serve address")
+    clip: str | None = option(None, help="driving clip (default: a real one from shared data)")
+    avatars: list[str] = option(
+        default_factory=list, flag="--avatar", help="avatar photo(s) to upload and use"
+    )
+    clients: str = option(
+        "1", help="concurrent clients; a comma list runs each in turn (e.g. 1,2,4)"
+    )
+    seconds: float = option(10.0, help="measured seconds per run")
+    warmup: float = option(2.0, help="seconds left out at the start")
+    size: int = option(256, help="sent frame size (square)")
+    token: str | None = option(
+        None, env="IWARP_TOKEN", help="the server's token (default: $IWARP_TOKEN)"
+    )
+    json: bool = option(False, help="one JSON object per run")
+    plot: str | None = option(None, help="write a PNG of latency and fps against clients")
+    kill_replica_at: float | None = option(
+        None,
+        help="against serve --engine ray: kill the busiest replica S seconds into each run "
+        "and report the freeze",
+    )
+    ray_address: str = option("auto", help="with --kill-replica-at: the Ray cluster (auto)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return run_from_args(args)
+    add_options(p, WebrtcOptions)
+    return run_options(from_args(WebrtcOptions, p.parse_args(argv)))
 
 
-def add_arguments(p: Any) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="the iwarp serve address")
-    p.add_argument("--clip", help="driving clip (default: a real one from shared data)")
-    p.add_argument("--avatar", action="append", help="avatar photo(s) to upload and use")
-    p.add_argument(
-        "--clients",
-        default="1",
-        help="concurrent clients; a comma list runs each in turn (e.g. 1,2,4)",
-    )
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds left out at the start")
-    p.add_argument("--size", type=int, default=256, help="sent frame size (square)")
-    p.add_argument("--token", help="the server's token (default: $IWARP_TOKEN)")
-    p.add_argument("--json", action="store_true", help="one JSON object per run")
-    p.add_argument("--plot", help="write a PNG of latency and fps against clients")
-    p.add_argument(
-        "--kill-replica-at",
-        type=float,
-        help="against serve --engine ray: kill the busiest replica S seconds into each run "
-        "and report the freeze",
-    )
-    p.add_argument(
-        "--ray-address", default="auto", help="with --kill-replica-at: the Ray cluster (auto)"
-    )
-
-
-def run_from_args(args: Any) -> int:
-    import os
-
+def run_options(o: WebrtcOptions) -> int:
+    """Runs one benchmark per --clients entry; prints (or plots) the results."""
     try:
-        counts = [int(x) for x in str(args.clients).split(",") if x.strip()]
+        counts = [int(x) for x in str(o.clients).split(",") if x.strip()]
     except ValueError:
-        raise IwarpError(f"bad --clients {args.clients!r}", "e.g. --clients 1,2,4") from None
+        raise IwarpError(f"bad --clients {o.clients!r}", "e.g. --clients 1,2,4") from None
     if not counts or min(counts) < 1:
         raise IwarpError("--clients needs numbers >= 1", "e.g. --clients 1,2,4")
     results = run(
-        args.url,
-        args.clip,
+        o.url,
+        o.clip,
         counts,
-        args.seconds,
-        args.warmup,
-        args.size,
-        args.token or os.environ.get("IWARP_TOKEN"),
-        args.avatar,
-        getattr(args, "kill_replica_at", None),  # iwarp bench --webrtc has no such flags
-        getattr(args, "ray_address", "auto"),
+        o.seconds,
+        o.warmup,
+        o.size,
+        o.token,
+        o.avatars or None,
+        o.kill_replica_at,
+        o.ray_address,
     )
     for r in results:
-        print(json.dumps(r) if args.json else format_result(r), flush=True)
-    if args.plot:
-        plot(results, args.plot)
+        print(json.dumps(r) if o.json else format_result(r), flush=True)
+    if o.plot:
+        plot(results, o.plot)
     return 0

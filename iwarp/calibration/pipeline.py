@@ -34,6 +34,7 @@ from iwarp.calibration import report as rep
 from iwarp.errors import CheckpointError, InputError, IwarpError
 from iwarp.graphs import GRAPHS, tensor_to_image
 from iwarp.metrics import psnr
+from iwarp.options import none_if_empty, option
 from iwarp.runtime.backends.ort_backend import OrtBackend
 from iwarp.system import cpu_name, physical_cores
 
@@ -63,40 +64,79 @@ class CalibrationGateError(IwarpError):
 class GateThresholds:
     """What the quantized graphs must reach against FP32 on the evaluation frames."""
 
-    min_animator_psnr_db: float = 30.0  # animator alone (FP32 inputs)
-    max_keypoint_error_px: float = 1.0  # keypoints graph: mean abs error, pixels at model size
-    min_source_psnr_db: float | None = 30.0  # FP32 animator fed the quantized avatar rows
-    min_end_to_end_psnr_db: float | None = None  # all three graphs quantized
+    min_animator_psnr_db: float = option(
+        30.0, flag="--min-animator-psnr", help="gate: animator alone (FP32 inputs), dB"
+    )
+    max_keypoint_error_px: float = option(
+        1.0,
+        flag="--max-keypoint-error",
+        help="gate: keypoints graph mean abs error, pixels at model size",
+    )
+    min_source_psnr_db: float | None = option(
+        30.0,
+        flag="--min-source-psnr",
+        help="gate: FP32 animator fed the quantized avatar rows, dB",
+    )
+    min_end_to_end_psnr_db: float | None = option(
+        None,
+        flag="--min-end-to-end-psnr",
+        help="gate: all three graphs quantized, dB (default: off)",
+    )
 
 
 @dataclass
 class CalibrationConfig:
-    data: str | Path
-    out: str | Path = "build"
-    mode: str = "int8"
-    split: str | None = "train"
-    eval_split: str = "val"
-    frames: int = 512
-    eval_frames: int = 32
-    sources_per_avatar: int = 3
-    checkpoint: str | Path | None = None
-    onnx_dir: str | Path | None = None
-    quantizer: str = "auto"  # auto, modelopt, ort
-    method: str | None = None  # calibration method (None: the quantizer's default)
-    exclusions: str = "auto"  # auto (measured), default, none, or "graph:group,..." / "group,..."
-    search_frames: int = 64
-    min_gain_db: float = 0.5  # PSNR graphs: exclusions must gain this much
-    min_gain_fraction: float = 0.1  # keypoints: exclusions must cut the error by this fraction
-    threads: int = 0  # ORT threads for evaluation and timing (0: physical cores)
-    timing_runs: int = 20
-    timing_warmup: int = 3
-    seed: int = 0
-    cache: str | Path | None = None
-    clip_cache: str | Path | None = None  # where ClipDataset keeps decoded clips
-    fp16: bool = True
-    grid_frames: int = 6
-    gate: GateThresholds = field(default_factory=GateThresholds)
-    show_progress: bool = True
+    """`iwarp calibrate`'s settings; each field with help is its command-line option."""
+
+    data: str | Path = option(help="folder of clips (manifest.csv optional)")
+    out: str | Path = option("build", help="build folder: OUT/<mode>/, report, cache")
+    mode: str = option("int8", choices=("int8", "fp8"), help="quantization")
+    split: str | None = option(
+        "train", parse=none_if_empty, help="manifest split to calibrate on ('' = all)"
+    )
+    eval_split: str = option("val", cli=False)
+    frames: int = option(512, help="calibration driving frames")
+    eval_frames: int = option(32, help="val frames for the gate")
+    sources_per_avatar: int = option(3, flag="--sources", help="source frames per avatar")
+    checkpoint: str | Path | None = option(
+        None, help="weights (default: the ones shipped in the package)"
+    )
+    onnx_dir: str | Path | None = option(
+        None, flag="--onnx", help="folder of the exported FP32 graphs (default: OUT/onnx)"
+    )
+    quantizer: str = option(
+        "auto",
+        choices=("auto", "modelopt", "ort"),
+        help="auto: ModelOpt if usable, else onnxruntime",
+    )
+    method: str | None = option(  # None: the quantizer's default
+        None, help="calibration method (modelopt: entropy/max; ort: minmax...)"
+    )
+    exclusions: str = option(  # "graph:group,..." / "group,..."
+        "auto",
+        flag="--exclude",
+        help="layers kept FP32: auto (measured), default, none, or graph:group,...",
+    )
+    search_frames: int = option(64, help="frames per exclusion trial")
+    min_gain_db: float = option(0.5, cli=False)  # PSNR graphs: exclusions must gain this much
+    # keypoints: exclusions must cut the error by this fraction
+    min_gain_fraction: float = option(0.1, cli=False)
+    threads: int = option(0, help="ORT/torch threads (0: all cores)")
+    timing_runs: int = option(20, help="latency: median of N runs")
+    timing_warmup: int = option(3, cli=False)
+    seed: int = option(0, help="calibration frame sampling seed")
+    cache: str | Path | None = option(
+        None, help="calibration cache (default OUT/calibration_cache.npz)"
+    )
+    clip_cache: str | Path | None = option(
+        None, help="decoded clips cache (default ~/.cache/iwarp/clips)"
+    )
+    fp16: bool = option(True, flag="--no-fp16", help="skip the FP16 comparison")
+    grid_frames: int = option(6, cli=False)
+    gate: GateThresholds = option(default_factory=GateThresholds)
+    show_progress: bool = option(
+        True, flag="--json", invert=True, help="no progress; print one JSON line"
+    )
 
 
 # --------------------------------------------------------------------------- the run's state

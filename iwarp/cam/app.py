@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +25,47 @@ from iwarp.cam.capture import Camera
 from iwarp.cam.frames import CameraFrame, NewestFrame, log
 from iwarp.cam.sinks import Sink, WindowSink, open_sink
 from iwarp.face import FaceTracker, crop_and_resize
-from iwarp.streaming.latency import latency_summary_ms
+from iwarp.metrics import latency_summary_ms
+from iwarp.options import comma_list, option
 
 
 @dataclass
 class CamSettings:
-    avatars: list[list[str]] = field(default_factory=list)  # each: the photos of one avatar
-    camera: str = "0"
-    server: str | None = None
-    token: str | None = None
-    sink: str = "virtualcam"
-    size: int = 256
-    fps: float = 30.0
-    backend: str = "auto"
-    checkpoint: str | None = None
-    threads: int = 0
-    control_port: int = 8765  # 0: no control endpoint
-    stats: bool = False  # a line on stderr every second
-    stats_json: str | None = None  # summary written at exit
-    loop: bool = False  # a file camera starts over at its end
-    lossless: bool = False  # wait for each avatar frame before reading the next camera frame
-    steady_file: bool = False  # a file sink recorded at --fps like a virtual camera
-    seconds: float | None = None  # stop after this long
-    connect_timeout: float = 15.0
+    """`iwarp cam`'s settings; each field is its command-line option (iwarp.options)."""
+
+    avatars: list[list[str]] = option(  # each: the photos of one avatar
+        default_factory=list,
+        flag="--avatar",
+        parse=comma_list(str),
+        metavar="PHOTO[,PHOTO...]",
+        help="one avatar (several photos of one face, comma-separated); repeat for avatars 1-9",
+    )
+    camera: str = option("0", help="camera index, /dev/videoN, or a video file")
+    server: str | None = option(
+        None, help="animate on an `iwarp serve` at this URL (default: locally)"
+    )
+    token: str | None = option(
+        None, env="IWARP_TOKEN", help="the server's token (default $IWARP_TOKEN)"
+    )
+    sink: str = option("virtualcam", help="virtualcam, window, or FILE.mp4")
+    size: int = option(256, choices=(256, 512), help="output side")
+    fps: float = option(30.0, help="camera and virtual camera rate")
+    backend: str = option("auto", help="local: auto, torch, onnxruntime, openvino, tensorrt")
+    checkpoint: str | None = option(None, help="local: weights (default: the shipped ones)")
+    threads: int = option(0, help="local: CPU threads (0: all cores)")
+    control_port: int = option(8765, help="local control endpoint (0: off)")
+    stats: bool = option(False, help="fps and latency on stderr every second")
+    stats_json: str | None = option(
+        None, help="write a summary (frames, fps, latency) here at exit"
+    )
+    lossless: bool = option(  # wait for each avatar frame before reading the next camera frame
+        False,
+        help="a file camera waits for each avatar frame (no frame skipped; for tests/renders)",
+    )
+    steady_file: bool = option(False, flag="--steady", help="a file sink recorded at --fps")
+    loop: bool = option(False, help="a file camera starts over at its end")
+    seconds: float | None = option(None, help="stop after this many seconds")
+    connect_timeout: float = option(15.0, help="remote: seconds to get a first call")
 
 
 class Stats:

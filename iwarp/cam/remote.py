@@ -21,14 +21,14 @@ from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 from PIL import Image
 
 from iwarp.cam.frames import CameraFrame, EngineError, NewestFrame, OutputCallback, log
 from iwarp.streaming import frameid, rtc
-from iwarp.streaming.client import ServerApi, video_frame
+from iwarp.streaming.client import OfferRefused, PeerCall, ServerApi, video_frame
 
 
 class ServerUnavailable(Exception):
@@ -145,77 +145,49 @@ class RemoteEngine:
     async def _call(self, slot: NewestFrame, on_output: OutputCallback, paused: Callable[[], bool]):
         # A server on this machine: offer only loopback candidates (ICE settles at once).
         rtc.configure(loopback_only=rtc.is_loopback(urlparse(self.url).hostname or ""))
-        pc = RTCPeerConnection(rtc.rtc_configuration())
         track = CameraTrack(slot, paused)
-        pc.addTrack(track)
         last_output = time.monotonic()
-        ended = asyncio.Event()
-        consumer: asyncio.Task | None = None
 
-        async def consume(remote: Any) -> None:
+        def on_frame(rgb: np.ndarray, _received_at: float) -> None:
             nonlocal last_output
-            with contextlib.suppress(MediaStreamError):
-                while True:
-                    frame = await remote.recv()
-                    rgb = frame.to_ndarray(format="rgb24")
-                    wrapped = frameid.read_id(rgb)
-                    source = track.resolve(wrapped) if wrapped is not None else None
-                    frameid.hide_band(rgb)
-                    last_output = time.monotonic()
-                    if not self.connected.is_set():
-                        self.connected.set()
-                        self.frames_per_call.append(0)
-                        if self._had_call:
-                            self.reconnects += 1
-                            log(f"reconnected to {self.url}")
-                        self._had_call = True
-                    self.frames_per_call[-1] += 1
-                    on_output(rgb, source)
-            ended.set()
+            wrapped = frameid.read_id(rgb)
+            source = track.resolve(wrapped) if wrapped is not None else None
+            frameid.hide_band(rgb)
+            last_output = time.monotonic()
+            if not self.connected.is_set():
+                self.connected.set()
+                self.frames_per_call.append(0)
+                if self._had_call:
+                    self.reconnects += 1
+                    log(f"reconnected to {self.url}")
+                self._had_call = True
+            self.frames_per_call[-1] += 1
+            on_output(rgb, source)
 
-        @pc.on("track")
-        def on_track(remote: Any) -> None:
-            nonlocal consumer
-            if remote.kind == "video" and consumer is None:
-                consumer = asyncio.ensure_future(consume(remote))
-
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                ended.set()
-
+        call = PeerCall(track, on_frame)
         try:
-            await pc.setLocalDescription(await pc.createOffer())
-            offer = {
-                "sdp": pc.localDescription.sdp,
-                "type": "offer",
-                "echo_id": True,
-                "avatar_id": self.avatar_ids[self.avatar_index],
-            }
             try:
-                status, body = await self.api.request("POST", "/offer", json=offer)
+                self.session_id = await call.start(
+                    self.api, echo_id=True, avatar_id=self.avatar_ids[self.avatar_index]
+                )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise ServerUnavailable(f"offer failed ({exc})") from exc
-            if status == 503:
-                raise ServerUnavailable("server full (503)")
-            if status != 200:
-                raise EngineError(f"the server refused the call ({status}): {body}", "see its log")
-            self.session_id = body["session_id"]
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+            except OfferRefused as exc:
+                if exc.status == 503:
+                    raise ServerUnavailable("server full (503)") from exc
+                raise EngineError(
+                    f"the server refused the call ({exc.status}): {exc.body}", "see its log"
+                ) from exc
             # Wait for the end: the peer closes, or no avatar frame for a while (a server that
             # vanished without a word; ICE consent would take ~30 s to notice).
-            while not ended.is_set():
+            while not call.ended.is_set():
                 await asyncio.sleep(0.25)
                 limit = self.stall_timeout if self.connected.is_set() else 10.0
                 if not paused() and time.monotonic() - last_output > limit:
                     break
         finally:
             self.session_id = None
-            track.stop()
-            if consumer is not None:
-                consumer.cancel()
-                await asyncio.gather(consumer, return_exceptions=True)
-            await pc.close()
+            await call.close()
 
     async def _post_session(self, body: dict[str, Any]) -> tuple[int, Any]:
         if self.session_id is None:

@@ -31,6 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from iwarp.graphs import (
     image_to_tensor,
 )
 from iwarp.graphs import feeds as graph_feeds
+from iwarp.options import option
 
 FORMAT = "iwarp-onnx/1"
 DEFAULT_OPSET = 23
@@ -156,6 +158,16 @@ def _tensor_info(value_info: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- export
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """`iwarp export`: `export_onnx`'s arguments as command-line options."""
+
+    checkpoint: str | None = option(None, help="weights (default: the ones shipped in the package)")
+    out: str = option(help="build folder for the graphs and metadata.json")
+    opset: int = option(DEFAULT_OPSET, help="ONNX opset (23: one Attention node)")
+    check: bool = option(True, flag="--no-check", help="skip the parity check vs PyTorch")
 
 
 def export_onnx(

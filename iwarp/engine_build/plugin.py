@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iwarp.errors import IwarpError
+from iwarp.options import option
 from iwarp.paths import PACKAGE_DIR, user_cache_dir
 
 PLUGIN_NAME = "IWarpAttention"
@@ -218,6 +219,21 @@ def default_cuda_archs() -> str:
     except ImportError:
         pass
     return DEFAULT_CUDA_ARCHS
+
+
+@dataclass
+class BuildPluginOptions:
+    """`iwarp build-plugin`: `build_plugin`'s arguments as command-line options."""
+
+    tensorrt_root: str | None = option(None, help="TensorRT folder with include/NvInferRuntime.h")
+    cuda_archs: str | None = option(
+        None, flag="--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES (default: this GPU or 80-90)"
+    )
+    kernels_only: bool = option(False, help="only the CUDA kernel library")
+    build_dir: str | None = option(None, help="cmake build folder (default: the user cache)")
+    jobs: int = option(2, help="parallel compile jobs")
+    clean: bool = option(False, help="start from an empty build folder")
+    install: bool = option(False, help="copy the library into the package")
 
 
 def build_plugin(

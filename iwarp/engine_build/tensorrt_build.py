@@ -26,10 +26,12 @@ Every `tensorrt` import is lazy: this module imports on machines without TensorR
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from iwarp.engine_build.fp16 import Fp16Result, convert_fp16, modelopt_available
 from iwarp.errors import CheckpointError, IwarpError
 from iwarp.graphs import GRAPHS
 from iwarp.metrics import psnr  # noqa: F401  (FP16 conversion, PSNR: own modules; names kept)
+from iwarp.options import option
 
 ENGINE_FORMAT = "iwarp-trt/1"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -424,6 +427,28 @@ def plugin_choice(config: Any, precision: str, gpu_name: str, opt_sources: int =
     keys = m.tokens_per_source * max(1, opt_sources) + m.extra_tokens
     dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "float16")  # int8: fp16 attn
     return choose(gpu_name, dtype, 1, m.grid_size**2, keys, d, dv)
+
+
+@dataclass
+class BuildOptions:
+    """`iwarp build`: `build_engines`'s arguments as command-line options."""
+
+    precision: str = option("fp16", choices=PRECISIONS, help="the engines' precision")
+    plugin: bool | None = option(
+        None,
+        action=argparse.BooleanOptionalAction,
+        help="fused IWarpAttention plugin for the animator (default: when its library exists)",
+    )
+    max_sources: int = option(4, help="largest avatar (photos)")
+    max_batch: int = option(1, help="largest batch (streams per call)")
+    opt_sources: int = option(1, help="sources the build optimises for")
+    checkpoint: str | None = option(None, help="weights (default: the shipped ones)")
+    build_dir: str | None = option(None, help="output folder (default: the user cache)")
+    rebuild: bool = option(False, help="rebuild engines that do not match")
+    plugin_library: str | None = option(
+        None, flag="--plugin-path", help="the plugin library (default: search, see docs)"
+    )
+    json: bool = option(False, help="print the engines' metadata as JSON")
 
 
 def build_engines(

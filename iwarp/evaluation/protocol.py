@@ -51,6 +51,7 @@ from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.model.warp import SourceSet
 from iwarp.motion import relative_motion
+from iwarp.options import comma_tuple, none_if_empty, option
 from iwarp.train.plots import to_uint8
 
 METHODS = ("model", "average", "copy_source", "copy_nearest")
@@ -60,15 +61,38 @@ FACE_METRICS = ("akd", "mkr")
 
 @dataclass
 class EvalSettings:
-    sources: tuple[int, ...] = (1, 2, 3)
-    targets_per_clip: int = 24
-    split: str | None = "val"
-    image_size: int | None = None  # default: the checkpoint's
-    cross_identity: bool = True
-    batch_size: int = 8
-    grid_targets: int = 4  # targets per clip kept as pictures
+    sources: tuple[int, ...] = option(
+        (1, 2, 3),
+        parse=comma_tuple(int),
+        metavar="SOURCES",
+        help="numbers of source frames, e.g. 1,2,3",
+    )
+    targets_per_clip: int = option(24, flag="--targets", help="driving/target frames per clip")
+    split: str | None = option("val", parse=none_if_empty, help="manifest split ('' = every clip)")
+    image_size: int | None = option(  # default: the checkpoint's
+        None, flag="--size", help="evaluation size (default: the checkpoint's)"
+    )
+    cross_identity: bool = option(
+        True, flag="--no-cross-identity", help="skip the cross-identity (reenactment) part"
+    )
+    batch_size: int = option(8, cli=False)
+    grid_targets: int = option(4, cli=False)  # targets per clip kept as pictures
     # Consecutive frames animated per clip for blockiness and flicker (0 or 1: skipped).
-    temporal_frames: int = 32
+    temporal_frames: int = option(32, cli=False)
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """`iwarp eval`: what to measure (`settings`), on which weights and clips, and the outputs."""
+
+    checkpoint: str | None = option(None, help="weights (default: the ones shipped in the package)")
+    data: str = option(help="folder of clips (manifest.csv optional)")
+    settings: EvalSettings = option(default_factory=EvalSettings)
+    max_clips: int | None = option(None, help="only the first N clips")
+    json: str | None = option(None, help="write the full report (aggregates and per clip) here")
+    grid: str | None = option(None, help="write picture grids here (PATH and PATH_<clip>.png)")
+    plot: str | None = option(None, help="write metrics against the number of sources (PNG) here")
+    quiet: bool = option(False, help="no progress bars")
 
 
 @dataclass

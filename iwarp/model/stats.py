@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iwarp.config import get_config
 from iwarp.model.network import ImplicitWarpingNetwork
+from iwarp.options import option
+
+
+@dataclass
+class InfoOptions:
+    """`iwarp info`: what `model_stats` counts, and how it is printed."""
+
+    config: str = option("tiny", help="tiny, paper or paper512")
+    size: int | None = option(None, help="image side (default: the config's)")
+    sources: int = option(1, help="source images for the per-frame cost")
+    json: bool = option(False, help="print one JSON object")
 
 
 def _gflop(fn) -> tuple[float, dict[str, float]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from iwarp.media import default_driving_clip, read_video
+from iwarp.options import comma_list, option
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
 from iwarp.system import machine_label
@@ -362,6 +364,52 @@ def plot_comparison(results: list[dict[str, Any]], out_png: str | Path) -> None:
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+@dataclass
+class BenchOptions:
+    """`iwarp bench`: `bench_engines`' arguments, and `--webrtc`'s (iwarp.benchmarks.webrtc)."""
+
+    backend: str = option(
+        "auto",
+        help="auto, torch, onnxruntime, openvino, tensorrt, optionally NAME:PRECISION "
+        "(openvino:bf16); comma-separated; 'all': every engine and precision installed here",
+    )
+    size: int | None = option(None, help="check that the model runs at this size")
+    sources: list[int] = option(
+        default_factory=lambda: [1],
+        parse=comma_list(int),
+        repeat=False,
+        help="number of avatar photos, comma-separated for several runs (e.g. 1,3)",
+    )
+    frames: int = option(200, help="frames to time (after warm-up)")
+    clip: str | None = option(
+        None, help="driving clip (default: a val clip from ../shared/data/clips)"
+    )
+    checkpoint: str | None = option(None, help="weights (default: the shipped ones)")
+    threads: int = option(0, help="CPU threads (0: all cores)")
+    precision: str | None = option(
+        None, help="fp32, bf16, fp16 or int8 (default: the backend's; int8 after calibrate)"
+    )
+    accuracy_frames: int = option(
+        30, help="frames compared with the FP32 torch pipeline, in dB (0: skip)"
+    )
+    json: bool = option(False, help="one JSON object per run")
+    plot: str | None = option(
+        None, help="write a PNG: where each frame's time goes, and histograms"
+    )
+    # WebRTC round trip against a running `iwarp serve` (same as bench/latency.py):
+    webrtc: bool = option(False, help="measure a running iwarp serve")
+    url: str = option("http://127.0.0.1:8080", help="with --webrtc: server URL")
+    clients: str = option("1", help="with --webrtc: e.g. 1,2,4 (one run each)")
+    seconds: float = option(10.0, help="with --webrtc: seconds per run")
+    warmup: float = option(2.0, help="with --webrtc: seconds left out")
+    avatars: list[str] = option(
+        default_factory=list, flag="--avatar", help="with --webrtc: avatar photo(s) to use"
+    )
+    token: str | None = option(
+        None, env="IWARP_TOKEN", help="with --webrtc: the server's token (default $IWARP_TOKEN)"
+    )
 
 
 def bench_engines(

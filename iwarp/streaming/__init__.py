@@ -1,4 +1,4 @@
-"""Streaming: the WebRTC server (`iwarp serve`), its browser page and the latency client.
+"""Streaming: the WebRTC server (`iwarp serve`), its browser page and its Python client.
 
 Modules, one concern each (see README.md in this folder for endpoints, auth and measurements):
 
@@ -11,11 +11,11 @@ Modules, one concern each (see README.md in this folder for endpoints, auth and 
     metrics.py     Prometheus text exposition
     frameid.py     the frame-id band that the latency benchmark reads back
     engine.py      the frame-engine interface (local Animator, or iwarp.cluster's Ray engine)
-    client.py      a pure-Python aiortc client (benchmark, tests and `iwarp cam`'s remote engine)
-    latency.py     the round-trip latency benchmark built on client.py
+    client.py      the pure-Python aiortc client: `ServerApi` (HTTP), `open_peer` (the WebRTC
+                   call), `StreamingClient` (iwarp.benchmarks, tests, `iwarp cam`'s remote engine)
     static/        the page: index.html, app.js, style.css
 
-`iwarp.cam` uses the client side (client, rtc, frameid, latency summary) and `iwarp.cluster`
+`iwarp.cam` and `iwarp.benchmarks` use the client side (client, rtc, frameid), `iwarp.cluster`
 implements the `engine.py` interface; nothing else in iwarp imports this package, and
 aiortc/aiohttp are imported only by these modules (docs/ARCHITECTURE.md, checked by
 tests/test_architecture.py).

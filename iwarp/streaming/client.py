@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -137,6 +137,71 @@ class ServerApi:
             self.http = None
 
 
+class OfferRefused(IwarpError):
+    """`iwarp serve` answered the offer with an error status (503: no free session)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"offer refused ({status}): {body}", "see the server's log")
+        self.status = status
+        self.body = body
+
+
+class PeerCall:
+    """One WebRTC call to `iwarp serve`: `track` goes out, every decoded avatar frame comes back
+    to `on_frame(rgb, received_at)`; `ended` is set when the peer stops sending or the
+    connection fails. The one peer-connection implementation (StreamingClient, `iwarp cam`)."""
+
+    def __init__(
+        self, track: MediaStreamTrack, on_frame: Callable[[np.ndarray, float], None]
+    ) -> None:
+        self.track = track
+        self.on_frame = on_frame
+        self.pc = RTCPeerConnection(rtc_configuration())
+        self.pc.addTrack(track)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+        self.ended = asyncio.Event()
+        self.session_id: str | None = None
+        self._consumer: asyncio.Task | None = None
+
+    async def start(self, api: ServerApi, timeout: float | None = None, **offer: Any) -> str:
+        """Offer (with `offer`'s extra fields: echo_id, avatar_id) / answer; returns the session
+        id once the answer is applied. Raises OfferRefused on an error status."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", **offer}
+        status, answer = await asyncio.wait_for(api.request("POST", "/offer", json=body), timeout)
+        if status != 200:
+            raise OfferRefused(status, answer)
+        self.session_id = answer["session_id"]
+        await self.pc.setRemoteDescription(
+            RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
+        )
+        return self.session_id
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video" and self._consumer is None:
+            self._consumer = asyncio.ensure_future(self._consume(track))
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.ended.set()
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                self.on_frame(frame.to_ndarray(format="rgb24"), now)
+        self.ended.set()
+
+    async def close(self) -> None:
+        self.track.stop()
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+        await self.pc.close()
+
+
 class StreamingClient(ServerApi):
     """One session: upload (optional), offer/answer over HTTP, stream, collect results."""
 
@@ -155,50 +220,35 @@ class StreamingClient(ServerApi):
         self.fps = fps
         self.echo_id = echo_id
         self.keep_every = keep_every  # keep every n-th received image (0: none) for inspection
-        self.pc: RTCPeerConnection | None = None
+        self.call: PeerCall | None = None
         self.track: ClipTrack | None = None
         self.session_id: str | None = None
         self.received: list[Received] = []
         self.kept: list[np.ndarray] = []
         self.first_frame = asyncio.Event()
-        self._consumer: asyncio.Task | None = None
 
     async def connect(self, avatar_id: str | None = None, timeout: float = 20.0) -> None:
         """Offer/answer; returns once the answer is applied (frames may take a moment)."""
-        self.pc = pc = RTCPeerConnection(rtc_configuration())
+        if self.call is not None:  # a refused or finished call: a new one replaces it
+            await self.call.close()
         self.track = ClipTrack(self.frames, self.fps, stamp=self.echo_id)
-        pc.addTrack(self.track)
-        pc.on("track", self._on_track)
-        await pc.setLocalDescription(await pc.createOffer())
-        offer = {"sdp": pc.localDescription.sdp, "type": "offer", "echo_id": self.echo_id}
+        self.call = PeerCall(self.track, self._on_frame)
+        offer: dict[str, Any] = {"echo_id": self.echo_id}
         if avatar_id:
             offer["avatar_id"] = avatar_id
-        status, body = await asyncio.wait_for(self.request("POST", "/offer", json=offer), timeout)
-        if status != 200:
-            raise IwarpError(f"offer refused ({status}): {body}", "see the server's log")
-        self.session_id = body["session_id"]
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        self.session_id = await self.call.start(self, timeout, **offer)
 
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "video" and self._consumer is None:
-            self._consumer = asyncio.ensure_future(self._consume(track))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                now = time.monotonic()
-                rgb = frame.to_ndarray(format="rgb24")
-                number = latency = None
-                if self.echo_id and self.track is not None:
-                    wrapped = frameid.read_id(rgb)
-                    number = self.track.resolve(wrapped) if wrapped is not None else None
-                    if number is not None:
-                        latency = now - self.track.sent[number]
-                self.received.append(Received(now, number, latency))
-                if self.keep_every and len(self.received) % self.keep_every == 0:
-                    self.kept.append(rgb)
-                self.first_frame.set()
+    def _on_frame(self, rgb: np.ndarray, now: float) -> None:
+        number = latency = None
+        if self.echo_id and self.track is not None:
+            wrapped = frameid.read_id(rgb)
+            number = self.track.resolve(wrapped) if wrapped is not None else None
+            if number is not None:
+                latency = now - self.track.sent[number]
+        self.received.append(Received(now, number, latency))
+        if self.keep_every and len(self.received) % self.keep_every == 0:
+            self.kept.append(rgb)
+        self.first_frame.set()
 
     async def session_info(self) -> dict[str, Any] | None:
         if self.session_id is None:
@@ -211,9 +261,7 @@ class StreamingClient(ServerApi):
             self.track.stop()
 
     async def close(self) -> None:
-        if self.pc is not None:
-            await self.pc.close()
-        if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+        if self.call is not None:
+            await self.call.close()
+            self.call = None
         await super().close()

@@ -45,6 +45,7 @@ from aiortc import RTCSessionDescription
 from PIL import Image
 
 from iwarp.errors import InputError, IwarpError
+from iwarp.options import option
 from iwarp.runtime.animator import Animator
 from iwarp.runtime.avatar_store import AvatarRecord
 from iwarp.streaming import rtc
@@ -564,6 +565,73 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
             "give a PEM certificate and its private key",
         ) from exc
     return context
+
+
+@dataclass
+class ServeOptions:
+    """`iwarp serve`: `serve`'s arguments as command-line options (same names)."""
+
+    avatars: list[str] = option(
+        default_factory=list,
+        flag="--avatar",
+        help="avatar photo, repeatable (default: a packaged one)",
+    )
+    backend: str = option("auto", help="auto, torch, onnxruntime, openvino or tensorrt")
+    checkpoint: str | None = option(None, help="weights (default: the ones shipped in the package)")
+    host: str = option("127.0.0.1", help="address to listen on")
+    port: int = option(8080, help="port to listen on")
+    token: str | None = option(
+        None, env="IWARP_TOKEN", help="require 'Authorization: Bearer TOKEN' (or $IWARP_TOKEN)"
+    )
+    max_sessions: int = option(4, help="concurrent streams")
+    max_sessions_per_client: int = option(
+        2, help="concurrent streams one client (X-Iwarp-Client) may hold"
+    )
+    max_avatars: int = option(
+        100, help="uploaded avatars kept in all; past it the least recently used unused one goes"
+    )
+    max_avatar_memory_mib: float = option(
+        256.0,
+        flag="--max-avatar-memory",
+        metavar="MIB",
+        help="memory for uploaded avatars (~1.5 MiB per photo at 256 px), evicted the same way",
+    )
+    allow_origins: list[str] = option(
+        default_factory=list,
+        flag="--allow-origin",
+        help="also accept requests from pages of this origin (e.g. https://app.example.com; "
+        "repeatable; '*' allows any). Default: only the server's own page",
+    )
+    allow_hosts: list[str] = option(
+        default_factory=list,
+        flag="--allow-host",
+        help="also answer to this Host name (repeatable). Default: IP addresses, localhost "
+        "and this machine's name",
+    )
+    cert: str | None = option(None, help="TLS certificate (PEM): serve HTTPS")
+    key: str | None = option(None, help="TLS private key (PEM)")
+    store: str | None = option(None, help="folder that keeps uploaded avatars across restarts")
+    workers: int = option(0, help="frames animated at once (0: auto)")
+    threads: int = option(0, help="CPU threads per frame (0: auto)")
+    idle_timeout: float = option(10.0, help="close a session after S s without video")
+    # Scale-out (docs/SCALING.md): the networks on Ray Serve replicas, WebRTC stays here.
+    engine: str = option(
+        "local",
+        choices=("local", "ray"),
+        help="local: animate in this process; ray: on Ray Serve replicas (the cluster extra)",
+    )
+    ray_address: str | None = option(
+        None,
+        help="with --engine ray: the cluster's head, HOST:PORT or auto (default: start one here)",
+    )
+    replicas: int = option(
+        2, help="with --engine ray: replicas to deploy (a GPU each where the cluster has GPUs)"
+    )
+    batch: int = option(
+        0,
+        help="with --engine ray: most frames of different sessions per replica call "
+        "(0: 8 on GPUs, 1 on CPUs)",
+    )
 
 
 def serve(

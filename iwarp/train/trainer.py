@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from iwarp.checkpoint import Checkpoint, save_checkpoint
-from iwarp.config import Config
-from iwarp.errors import CheckpointError
+from iwarp.config import Config, get_config
+from iwarp.errors import CheckpointError, IwarpError
 from iwarp.model import ImplicitWarpingNetwork
+from iwarp.options import option
 from iwarp.train.data import ClipDataset
 from iwarp.train.losses import (
     PatchDiscriminator,
@@ -97,6 +98,64 @@ def seeded_generator(seed: int, step: int, rank: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(np.random.default_rng([seed, step, rank, 7]).integers(2**62)))
     return g
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """`iwarp train`: the run, and overrides of the config's training settings (None: keep)."""
+
+    config: str = option("tiny", help="tiny, paper or paper512")
+    data: str = option(help="folder of clips (manifest.csv optional)")
+    out: str = option(help="run folder: checkpoints, samples, curves")
+    steps: int = option(10_000, help="total steps, resumed ones included")
+    resume: bool = option(False, help="continue from OUT/checkpoints/latest")
+    init: str | None = option(None, help="start from these weights (a fine-tune), not from scratch")
+    size: int | None = option(None, help="training crop size (default: the config's)")
+    batch_size: int | None = option(None, help="batch size (default: the config's)")
+    lr: float | None = option(None, help="learning rate (default: the config's)")
+    seed: int | None = option(None, help="data and initialisation seed (default: the config's)")
+    max_sources: int | None = option(
+        None, help="most source frames per sample (default: the config's)"
+    )
+    bf16: bool = option(False, help="bfloat16 autocast")
+    loss: list[str] = option(
+        default_factory=list, metavar="NAME=W", help="override a loss weight (repeatable)"
+    )
+    no_residual: bool = option(False, help="ablation: no residual branch")
+    extra_tokens: int | None = option(None, help="ablation: number of extra tokens (0 = off)")
+    device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
+    cache: str | None = option(
+        None, help="where prepared clips are cached (default ~/.cache/iwarp)"
+    )
+    sample_every: int | None = option(None, help="steps between sample grids")
+    checkpoint_every: int | None = option(None, help="steps between checkpoints")
+    val_every: int | None = option(None, help="steps between validation runs")
+    log_every: int | None = option(None, help="steps between log lines")
+
+    def to_config(self) -> Config:
+        """The named config with these overrides applied."""
+        config = get_config(self.config)
+        tc = config.train
+        for name in ("batch_size", "lr", "seed", "max_sources"):
+            if getattr(self, name) is not None:
+                setattr(tc, name, getattr(self, name))
+        if self.size is not None:
+            tc.train_size = self.size
+        if self.bf16:
+            tc.bf16 = True
+        for spec in self.loss:
+            key, _, value = spec.partition("=")
+            if not hasattr(tc.loss, key):
+                raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(tc.loss))}")
+            setattr(tc.loss, key, float(value))
+        for name in ("sample_every", "checkpoint_every", "val_every", "log_every"):
+            if getattr(self, name) is not None:
+                setattr(tc, name, getattr(self, name))
+        if self.no_residual:
+            config.model.residual_branch = False
+        if self.extra_tokens is not None:
+            config.model.extra_tokens = self.extra_tokens
+        return config
 
 
 def train(
