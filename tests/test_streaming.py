@@ -77,8 +77,11 @@ def camera() -> list[np.ndarray]:
 
 
 @contextlib.asynccontextmanager
-async def running(animator: Animator, config: ServerConfig) -> AsyncIterator[tuple[str, Any]]:
-    app = create_app(animator, "default", config)
+async def running(
+    animator: Animator, config: ServerConfig, engine: Any = None
+) -> AsyncIterator[tuple[str, Any]]:
+    """`iwarp serve`'s app on a free loopback port (engine: None = the local one)."""
+    app = create_app(animator, "default", config, engine)
     rtc.use_loopback_candidates(only=True)  # tests: offer 127.0.0.1 and nothing else
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
