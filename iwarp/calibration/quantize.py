@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from iwarp.engine_build.fp16 import quiet_lief_at_exit
 from iwarp.errors import IwarpError
 
 MODES = ("int8", "fp8")
@@ -64,6 +65,7 @@ def modelopt_status() -> tuple[bool, str]:
             from modelopt.onnx.quantization import quantize  # noqa: F401
     except Exception as exc:  # ImportError, or one of its optional dependencies missing
         return False, f"{type(exc).__name__}: {exc}"
+    quiet_lief_at_exit()
     return True, str(getattr(modelopt, "__version__", "?"))
 
 

@@ -26,7 +26,18 @@ def modelopt_available() -> bool:
         from modelopt.onnx.autocast import convert_to_mixed_precision  # noqa: F401
     except Exception:  # ImportError, or its optional dependencies missing
         return False
+    quiet_lief_at_exit()
     return True
+
+
+def quiet_lief_at_exit() -> None:
+    """ModelOpt imports LIEF, whose nanobind bindings print thousands of "leaked ..." lines
+    when the interpreter exits (harmless: the process is ending). Turn that report off."""
+    import sys
+
+    lief = sys.modules.get("lief")
+    if lief is not None and hasattr(lief, "disable_leak_warning"):
+        lief.disable_leak_warning()
 
 
 def convert_fp16(src: str | Path, dst: str | Path, method: str = "auto") -> Fp16Result:
