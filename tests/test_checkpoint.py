@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_model import small_config as model_small_config
 
 from iwarp.checkpoint import Checkpoint, file_sha256, load_network, save_checkpoint
 from iwarp.config import Config, ModelConfig
@@ -16,23 +17,8 @@ from iwarp.model import ImplicitWarpingNetwork
 
 
 def small_model_config(**overrides) -> ModelConfig:
-    base = dict(
-        image_size=32,
-        num_keypoints=4,
-        kp_channels=(8, 8),
-        query_channels=(8, 8),
-        key_channels=(8, 8),
-        attn_dim=8,
-        value_channels=(8, 8, 8),
-        value_dim=8,
-        extra_tokens=2,
-        residual_hidden=8,
-        generator_channels=8,
-        generator_res_blocks=1,
-        generator_up_channels=(8, 8, 8),
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
+    """test_model's small network at 32 px, without the pixel skip."""
+    return model_small_config(**{"image_size": 32, "pixel_skip": False, **overrides})
 
 
 def small_config(**overrides) -> Config:
@@ -118,7 +104,7 @@ def test_extra_and_modules_round_trip(tmp_path: Path) -> None:
 
 def test_mismatched_config_raises_readable_error(saved) -> None:
     path, _, _ = saved
-    other = ImplicitWarpingNetwork(small_model_config(attn_dim=16))
+    other = ImplicitWarpingNetwork(small_model_config(attn_dim=32))  # saved: 16
     with pytest.raises(CheckpointError) as info:
         Checkpoint(path).load_module(other)
     message = str(info.value)

@@ -27,14 +27,6 @@ import ray
 from ray import serve
 
 from iwarp.cluster import wire
-from iwarp.cluster.wire import (
-    AvatarSources,
-    FrameReply,
-    FrameRequest,
-    Pose,
-    pack_image,
-    unpack_image,
-)
 from iwarp.graphs import image_to_tensor
 from iwarp.runtime.animator import Animator, Avatar
 
@@ -76,7 +68,7 @@ class AnimatorDeployment:
             "image_size": self.animator.backend.image_size,
         }
 
-    async def animate(self, request: FrameRequest) -> FrameReply:
+    async def animate(self, request: wire.FrameRequest) -> wire.FrameReply:
         # Serve's loader takes only the key; it runs in this task, so it sees this request's
         # reference to the crops through the context (nothing kept once the avatar is built).
         wire.REQUEST_SOURCES.set(request.sources)
@@ -86,44 +78,46 @@ class AnimatorDeployment:
     @serve.multiplexed(max_num_models_per_replica=MAX_AVATARS_PER_REPLICA)
     async def avatar(self, avatar_key: str) -> Avatar:
         """A miss: fetch the face crops from the edge's object store and encode them."""
-        sources: AvatarSources = await wire.REQUEST_SOURCES.get()
+        sources: wire.AvatarSources = await wire.REQUEST_SOURCES.get()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._model, self.animator.avatar_from_crops, sources.record, sources.crops
         )
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
-    async def run_batch(self, jobs: list[tuple[Avatar, FrameRequest]]) -> list[FrameReply]:
+    async def run_batch(
+        self, jobs: list[tuple[Avatar, wire.FrameRequest]]
+    ) -> list[wire.FrameReply]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model, self._run, jobs)
 
-    def _run(self, jobs: list[tuple[Avatar, FrameRequest]]) -> list[FrameReply]:
+    def _run(self, jobs: list[tuple[Avatar, wire.FrameRequest]]) -> list[wire.FrameReply]:
         t0 = time.perf_counter()
-        poses = self._keypoints([unpack_image(request.crop) for _, request in jobs])
+        poses = self._keypoints([wire.unpack_image(request.crop) for _, request in jobs])
         replies = []
         for (avatar, request), pose in zip(jobs, poses, strict=True):
             if request.op == "pose":
-                replies.append(FrameReply(self.replica, pose=pose, motion=request.motion))
+                replies.append(wire.FrameReply(self.replica, pose=pose, motion=request.motion))
                 continue
             # The session's state for this one frame (its face tracker, unused here, only
             # starts MediaPipe when asked to track, which the edge did).
             stream = self.animator.stream()
             stream.restore_motion(request.motion)
             frame = stream.animate_pose(avatar, pose)
-            packed = pack_image(frame, request.codec)
-            replies.append(FrameReply(self.replica, packed, motion=stream.motion_state()))
+            packed = wire.pack_image(frame, request.codec)
+            replies.append(wire.FrameReply(self.replica, packed, motion=stream.motion_state()))
         share = (time.perf_counter() - t0) / len(jobs)
         for reply in replies:
             reply.model_s, reply.batch = share, len(jobs)
         return replies
 
-    def _keypoints(self, crops: list[np.ndarray | None]) -> list[Pose | None]:
+    def _keypoints(self, crops: list[np.ndarray | None]) -> list[wire.Pose | None]:
         """`DrivingStream.crop_pose` for a batch: the faces' keypoints in one network call."""
         faces = [c for c in crops if c is not None]
         if not faces:
             return [None] * len(crops)
         points, strength = self.animator.backend.detect(image_to_tensor(np.stack(faces)))
-        poses: list[Pose | None] = []
+        poses: list[wire.Pose | None] = []
         n = 0
         for crop in crops:
             if crop is None:

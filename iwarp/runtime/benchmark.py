@@ -198,35 +198,6 @@ class EngineRun:
         }
 
 
-def run_benchmark(
-    backend: str = "onnxruntime",
-    sources: int = 1,
-    frames: int = 200,
-    clip: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    threads: int = 0,
-    warmup: int = 20,
-    show_progress: bool = True,
-    precision: str | None = None,
-    keep_outputs: int = 0,
-    raw_runs: int = 40,
-) -> dict[str, Any]:
-    """One engine, one avatar size. `keep_outputs`: the first N output frames after the
-    warm-up are returned under "_outputs" (for accuracy against another engine)."""
-    return run_interleaved(
-        [(backend, precision)],
-        sources,
-        frames,
-        clip,
-        checkpoint,
-        threads,
-        warmup,
-        show_progress,
-        keep_outputs,
-        raw_runs,
-    )[0]
-
-
 def run_interleaved(
     engines: list[tuple[str, str | None]],
     sources: int = 1,
