@@ -79,8 +79,9 @@ class ModelConfig:
 
     @property
     def pixel_dim(self) -> int:
-        """Width of a source token's pixel row: its RGB patch, or its mean RGB."""
-        return 3 * self.attn_stride**2 if self.pixel_skip else 3
+        """Width of a source token's pixel row: its RGB patch (pixel skip, flow warp), or its
+        mean RGB."""
+        return 3 * self.attn_stride**2 if self.pixel_skip or self.flow_warp else 3
 
     def validate(self) -> None:
         if self.image_size % (self.attn_stride * self.spatial_reduction):
@@ -96,6 +97,8 @@ class ModelConfig:
             raise ValueError("query/key UNet is too deep for this image size")
         if self.pixel_skip and self.flow_warp:
             raise ValueError("pixel_skip and flow_warp are two ways to do one thing: pick one")
+        if self.flow_warp and self.spatial_reduction != 1:
+            raise ValueError("flow_warp resamples the photos from their pixel rows: no reduction")
         if self.multi_source_mode not in ("attention", "average"):
             raise ValueError(f"unknown multi_source_mode {self.multi_source_mode!r}")
 
@@ -110,6 +113,9 @@ class LossWeights:
     # Flow warp: L1 of the blended full-resolution warp against the target, where the sources
     # claim the pixel (the loss sees the warp itself, not only the generator's repair of it).
     warp_l1: float = 0.0
+    # Flow warp: edge-aware second-order smoothness of each source's flow (pixels per cell^2):
+    # lets affine head motion through, penalises folds (`losses.flow_smoothness_loss`).
+    flow_smoothness: float = 0.0
     # Keeps strengths from collapsing to 0 or saturating: penalises mean strength below a floor.
     strength_floor: float = 0.1
 
@@ -215,6 +221,7 @@ def _paper(size: int = 256) -> Config:
 def _tiny_flow() -> Config:
     config = Config(name="tiny_flow", model=ModelConfig(flow_warp=True, position_scale=3.0))
     config.train.loss.warp_l1 = 1.0
+    config.train.loss.flow_smoothness = 0.01
     config.train.lr_schedule = "cosine"
     config.train.ema_decay = 0.999
     return config

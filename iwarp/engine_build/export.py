@@ -295,7 +295,8 @@ def _graph_modules(net: Any) -> dict[str, Any]:
 
         def forward(self, keypoints, strength, keys, values, pixels, key_mask):
             # `source.keypoints` is not used per frame; all tokens share one softmax, so the
-            # number of sources does not matter to the graph (multi_source_mode="attention").
+            # number of sources matters to the graph only through the flow warp's per-source
+            # columns: N = tokens / T, a symbolic size (multi_source_mode="attention").
             driving = Keypoints(keypoints, strength)
             source = SourceSet(
                 keypoints=Keypoints(keypoints[:, None], strength[:, None]),
@@ -303,7 +304,7 @@ def _graph_modules(net: Any) -> dict[str, Any]:
                 values=values,
                 pixels=pixels,
                 mask=key_mask,
-                num_sources=1,
+                num_sources=keys.shape[1] // self.net.config.tokens_per_source,
                 image_size=self.net.config.image_size,
             )
             return self.net.animate(source, driving)

@@ -145,7 +145,6 @@ def expand_source(source: SourceSet, batch: int) -> SourceSet:
         values=source.values.expand(batch, -1, -1),
         pixels=source.pixels.expand(batch, -1, -1),
         mask=source.mask.expand(batch, -1),
-        photos=None if source.photos is None else source.photos.expand(batch, -1, -1, -1, -1),
     )
 
 

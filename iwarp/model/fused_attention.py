@@ -327,13 +327,14 @@ def describe() -> str:
 
 def attention_widths(model: Any, num_sources: int = 1) -> tuple[int, int]:
     """(d, dv') of a ModelConfig's attention call for an avatar of `num_sources` photos: keys
-    are d wide; V' = [V | P | C | K] holds the values, the pixel patches (pixel skip or residual
-    branch), 3 coordinate columns per source (flow warp) and the keys (residual branch), as
-    `iwarp.model.warp.ImplicitWarp._attend` concatenates them."""
+    are d wide; V' = [V | P | C | K] holds the values, the pixel rows (pixel skip or residual
+    branch; the flow warp's are mean colours), 3 coordinate columns per source (flow warp) and
+    the keys (residual branch), as `iwarp.model.warp.ImplicitWarp._attend` concatenates them."""
     dv = model.value_dim
+    flow = getattr(model, "flow_warp", False)
     if model.pixel_skip or model.residual_branch:
-        dv += model.pixel_dim
-    if getattr(model, "flow_warp", False):
+        dv += 3 if flow else model.pixel_dim
+    if flow:
         dv += 3 * num_sources
     if model.residual_branch:
         dv += model.attn_dim

@@ -16,7 +16,14 @@ from iwarp.config import ModelConfig
 from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
 from iwarp.model.generator import Generator
 from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
-from iwarp.model.warp import FlowWarp, ImplicitWarp, SourceSet, render_flow, tokens
+from iwarp.model.warp import (
+    FlowWarp,
+    ImplicitWarp,
+    SourceSet,
+    photos_from_pixels,
+    render_flow,
+    tokens,
+)
 
 
 class ImplicitWarpingNetwork(nn.Module):
@@ -65,7 +72,8 @@ class ImplicitWarpingNetwork(nn.Module):
             return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
 
         if self.config.flow_warp:
-            flow = render_flow(coordinate_sums, source.photos, g)
+            photos = photos_from_pixels(source.pixels, self.warp.grid_side)
+            flow = render_flow(coordinate_sums, photos, g)
             image = self.generator(grid(warped), torch.cat([flow.blended, flow.unmatched], dim=1))
             return image, flow
         skip = grid(warped_pixels) if self.config.pixel_skip else None
@@ -89,10 +97,11 @@ class ImplicitWarpingNetwork(nn.Module):
         maps = keypoint_maps(kp, kp_size, cfg.kp_variance)
         key_features = self.key_encoder(torch.cat([maps, downsample_to(flat, kp_size)], dim=1))
         value_features = self.value_encoder(flat)
-        # Pixel rows: each grid cell's RGB patch (pixel skip) or its mean RGB.
+        # Pixel rows: each grid cell's RGB patch (pixel skip; flow warp: the photo the flow
+        # resamples, in token layout so an avatar stays keys + values + pixels) or its mean.
         pixels = (
             nn.functional.pixel_unshuffle(flat, cfg.attn_stride)
-            if cfg.pixel_skip
+            if cfg.pixel_skip or cfg.flow_warp
             else downsample_to(flat, grid)
         )
         r = cfg.spatial_reduction
@@ -120,7 +129,6 @@ class ImplicitWarpingNetwork(nn.Module):
             mask=torch.ones(batch, num_sources * t, dtype=torch.bool, device=flat.device),
             num_sources=num_sources,
             image_size=flat.shape[-1],
-            photos=flat.reshape(batch, num_sources, *flat.shape[1:]) if cfg.flow_warp else None,
         )
 
     # -- both --------------------------------------------------------------------------------

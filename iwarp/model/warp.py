@@ -1,9 +1,11 @@
 """Implicit warping: one cross-attention layer from driving queries to source keys/values.
 
 A = softmax(Q K^T / sqrt(d)) over every token of every source plus learned extra tokens;
-warped = A V + MLP([A P | A K | Q]). One attention call over V' = [V | P | K] computes A V,
-A P and A K together, so the (queries x keys) matrix is never needed outside the kernel.
-With the pixel skip, P holds each token's RGB patch and A P is also handed to the generator.
+warped = A V + MLP([A P | A K | Q]). One attention call over V' = [V | P | C | K] computes
+A V, A P, A C and A K together, so the (queries x keys) matrix is never needed outside the
+kernel. P is each token's RGB patch (pixel skip: A P is also handed to the generator) or, for
+the flow warp, its mean colour; C carries each token's source and place (`source_coordinates`),
+so A C is a per-source mass and expected source coordinate: the flow (`render_flow`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class SourceSet:
 
     Tokens of all sources are concatenated: source i owns rows [i*T, (i+1)*T).
     keys (B, N*T, d) are projected and position-encoded; values (B, N*T, dv);
-    pixels (B, N*T, p) with p = ModelConfig.pixel_dim; mask (B, N*T) is True where a token may
-    be attended to.
+    pixels (B, N*T, p) with p = ModelConfig.pixel_dim: each token's RGB patch (pixel skip, flow
+    warp: the full-resolution photo itself, `photos_from_pixels`) or its mean RGB; mask
+    (B, N*T) is True where a token may be attended to.
     """
 
     keypoints: Keypoints  # points (B, N, K, 2), strength (B, N, K)
@@ -36,8 +39,6 @@ class SourceSet:
     mask: torch.Tensor
     num_sources: int
     image_size: int
-    # Flow warp: the full-resolution source photos (B, N, 3, H, W) the flow resamples.
-    photos: torch.Tensor | None = None
 
     @property
     def tokens_per_source(self) -> int:
@@ -69,7 +70,11 @@ class ImplicitWarp(nn.Module):
                 nn.init.zeros_(proj.bias)
         self.extra_keys = nn.Parameter(torch.randn(e, d) * 0.02)
         self.extra_values = nn.Parameter(torch.randn(e, dv) * 0.02)
-        self.extra_pixels = nn.Parameter(torch.full((e, config.pixel_dim), 0.5))
+        # The extra tokens' pixel rows: a patch (pixel skip) or a colour (flow warp: the
+        # attention carries the sources' mean colours, not their patches).
+        colours = 3 if config.flow_warp else config.pixel_dim
+        self.extra_pixels = nn.Parameter(torch.full((e, colours), 0.5))
+        self.grid_side = config.grid_size // config.spatial_reduction
         if self.residual_branch:
             self.residual = nn.Sequential(
                 nn.Linear(3 + d + d, config.residual_hidden),
@@ -127,17 +132,20 @@ class ImplicitWarp(nn.Module):
         keys = torch.cat([source.keys, self.extra_keys.expand(b, e, -1)], dim=1)
         parts = [torch.cat([source.values, self.extra_values.expand(b, e, -1)], dim=1)]
         uses_pixels = self.residual_branch or self.pixel_skip
+        pixels = source.pixels
+        if self.flow_warp:  # the patches' mean colours: A (mean P) = mean (A P), 64x narrower
+            pixels = pixels.unflatten(-1, (3, -1)).mean(-1)
         if uses_pixels:
-            parts.append(torch.cat([source.pixels, self.extra_pixels.expand(b, e, -1)], dim=1))
+            parts.append(torch.cat([pixels, self.extra_pixels.expand(b, e, -1)], dim=1))
         c = 3 * source.num_sources if self.flow_warp else 0
         if self.flow_warp:
-            coords = source_coordinates(source.num_sources, source.tokens_per_source, keys)
-            parts.append(torch.cat([coords.expand(b, -1, -1), coords.new_zeros(b, e, c)], dim=1))
+            coords = source_coordinates(source.num_sources, self.grid_side, keys, extra_rows=e)
+            parts.append(coords.expand(b, -1, -1))
         if self.residual_branch:
             parts.append(keys)
         full_mask = torch.cat([mask, mask.new_ones(b, e)], dim=1)
         out = attention(queries, keys, torch.cat(parts, dim=2), full_mask)
-        dv, p = self.value_dim, source.pixels.shape[-1] if uses_pixels else 0
+        dv, p = self.value_dim, pixels.shape[-1] if uses_pixels else 0
         warped, warped_pixels = out[..., :dv], out[..., dv : dv + p]
         coordinate_sums = out[..., dv + p : dv + p + c]
         if self.residual_branch:
@@ -150,20 +158,42 @@ class ImplicitWarp(nn.Module):
 
 
 def source_coordinates(
-    num_sources: int, tokens_per_source: int, like: torch.Tensor
+    num_sources: int, grid_side: int, like: torch.Tensor, extra_rows: int = 0
 ) -> torch.Tensor:
-    """(1, N*T, 3N): token j of source i carries [1, x, y] (its cell centre in [-1, 1], the
-    grid_sample convention) in columns 3i..3i+2 and zeros elsewhere, so attention over these
-    rows gives, per source, its mass and the mass-weighted expected source coordinate.
+    """(1, N*T + extra_rows, 3N), T = grid_side^2: token j of source i carries [1, x, y] (its
+    cell centre in [-1, 1], the grid_sample convention) in columns 3i..3i+2 and zeros
+    elsewhere, so attention over these rows gives, per source, its mass and the mass-weighted
+    expected source coordinate; the extra tokens' rows are all zeros.
+
+    Built from comparisons and a Where (no torch.eye, no cast, no zeros of a computed shape),
+    so that N may be a symbolic size in the exported animator graph (N = tokens / T) and FP16
+    converters see no float32 constant they cannot convert.
     """
-    side = round(tokens_per_source**0.5)
-    centres = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) * (2 / side) - 1
+    t = grid_side * grid_side
+    centres = (torch.arange(grid_side, device=like.device, dtype=like.dtype) + 0.5) * (
+        2 / grid_side
+    ) - 1
     y, x = torch.meshgrid(centres, centres, indexing="ij")
-    one = torch.stack([torch.ones_like(x), x, y], dim=-1).reshape(tokens_per_source, 3)
-    eye = torch.eye(num_sources, device=like.device, dtype=like.dtype)
-    # (N, T, 1, 3) * (N, 1, N, 1) -> (N*T, N*3): block diagonal.
-    rows = one[None, :, None, :] * eye[:, None, :, None]
-    return rows.reshape(1, num_sources * tokens_per_source, 3 * num_sources)
+    one = torch.stack([torch.ones_like(x), x, y], dim=-1).reshape(t, 3)
+    rows = torch.arange(num_sources * t + extra_rows, device=like.device)
+    owner_row = torch.where(rows < num_sources * t, rows // t, -1)  # extra rows: no source
+    owner_col = torch.arange(3 * num_sources, device=like.device) // 3
+    tiled = torch.cat(
+        [one.repeat(num_sources, num_sources), one[:1, :1].expand(extra_rows, 3 * num_sources)]
+    )  # the extra rows' values are never picked (their owner matches no column)
+    block = owner_row[:, None] == owner_col[None, :]
+    return torch.where(block, tiled, 0.0).unsqueeze(0)
+
+
+def photos_from_pixels(pixels: torch.Tensor, grid_side: int) -> torch.Tensor:
+    """Pixel rows (B, N*T, 3 s^2), each token's s x s RGB patch, -> photos (B, N, 3, H, W): the
+    inverse of the source encoder's pixel_unshuffle, lossless. N may be symbolic (export)."""
+    b, rows, width = pixels.shape
+    stride = round((width // 3) ** 0.5)
+    n = rows // (grid_side * grid_side)
+    grid = pixels.reshape(b * n, grid_side, grid_side, width).permute(0, 3, 1, 2)
+    photos = F.pixel_shuffle(grid, stride)
+    return photos.reshape(b, n, 3, grid_side * stride, grid_side * stride)
 
 
 @dataclass

@@ -39,9 +39,15 @@ class ClipEntry:
     identity: str
 
 
+# Share of the train split's frames held out as the selection split: checkpoints are chosen on
+# it, so the val split stays a number nothing was tuned on.
+SELECTION_SHARE = 0.1
+
+
 def find_clips(root: str | Path, split: str | None = None) -> list[ClipEntry]:
     """Clips under `root`: from its manifest.csv when there is one, else every video file and
-    every folder of frames. `split` filters on the manifest's split column."""
+    every folder of frames. `split` filters on the manifest's split column; "select" is the
+    selection split (`selection_identities`), which "train" then leaves out."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"data folder {root} does not exist", "pass a folder of video clips")
@@ -53,6 +59,14 @@ def find_clips(root: str | Path, split: str | None = None) -> list[ClipEntry]:
             ClipEntry(root / r["path"], r.get("split", "train"), r.get("identity", r["path"]))
             for r in rows
         ]
+        if split in ("train", "select") and not any(c.split == "select" for c in clips):
+            chosen = selection_identities(rows)
+            clips = [
+                ClipEntry(c.path, "select", c.identity)
+                if c.split == "train" and c.identity in chosen
+                else c
+                for c in clips
+            ]
         if split is not None:
             clips = [c for c in clips if c.split == split]
     else:
@@ -68,6 +82,28 @@ def find_clips(root: str | Path, split: str | None = None) -> list[ClipEntry]:
             "the folder needs video files (mp4, mov, ...) or folders of frames",
         )
     return clips
+
+
+def selection_identities(rows: list[dict[str, str]]) -> set[str]:
+    """Whole train identities, in the order of their name's hash (stable, not alphabetical),
+    until SELECTION_SHARE of the train frames (the manifest's `frames` column, else clips).
+    A manifest with its own "select" rows is used as it is."""
+    train = [r for r in rows if r.get("split", "train") == "train"]
+
+    def frames(r: dict[str, str]) -> int:
+        return int(r.get("frames") or 1)
+
+    total = sum(frames(r) for r in train)
+    names = sorted({r.get("identity", r["path"]) for r in train})
+    names.sort(key=lambda i: hashlib.sha1(i.encode()).hexdigest())
+    chosen: set[str] = set()
+    held = 0
+    for name in names[:-1]:  # never the whole split
+        if held >= SELECTION_SHARE * total:
+            break
+        chosen.add(name)
+        held += sum(frames(r) for r in train if r.get("identity", r["path"]) == name)
+    return chosen
 
 
 def _frame_files(folder: Path) -> list[Path]:
@@ -162,6 +198,8 @@ class ClipDataset:
         x = torch.from_numpy(image_to_tensor(frames))
         if augment:
             x = _augment(x, rng)
+            if rng.random() < DRIVING_MOTION_SHARE:
+                x[num_sources] = _move(x[num_sources], rng)
         return x[:num_sources], x[num_sources]
 
     def batch(
@@ -185,6 +223,26 @@ def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
     return (x * brightness).clamp(0.0, 1.0)
+
+
+# Share of samples whose driving frame (input and target) is also zoomed, turned and shifted:
+# more head motion than the clips hold, the sources unchanged.
+DRIVING_MOTION_SHARE = 0.25
+
+
+def _move(frame: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random similarity transform of one (3, S, S) frame: zoom 0.95-1.1, turn +-6 degrees,
+    shift +-4 %; reflected at the border (background, not a smeared edge)."""
+    scale = rng.uniform(0.95, 1.1)
+    angle = np.deg2rad(rng.uniform(-6.0, 6.0))
+    shift = rng.uniform(-0.04, 0.04, size=2)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=frame.dtype)
+    grid = torch.nn.functional.affine_grid(theta[None], [1, *frame.shape], align_corners=False)
+    moved = torch.nn.functional.grid_sample(
+        frame[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    return moved[0]
 
 
 def _cache_path(cache: Path, path: Path, size: int, max_frames: int) -> Path:

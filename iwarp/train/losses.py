@@ -240,3 +240,28 @@ def equivariance_loss(
     transform = RandomTransform(image.shape[0], generator)
     warped_points = detector(transform.warp_image(image)).points
     return (transform.warp_coordinates(warped_points) - points).abs().mean()
+
+
+def flow_smoothness_loss(
+    flow: torch.Tensor, mass: torch.Tensor, image: torch.Tensor, cell: int
+) -> torch.Tensor:
+    """Edge-aware second-order smoothness of a per-source flow, in pixels, on its cells.
+
+    flow (B, N, 2, H, W) source coordinates in [-1, 1], mass (B, N, 1, H, W) the source's
+    attention share, image (B, 3, H, W) the driving frame. Second differences leave affine
+    motion (head zoom, turn, shift) free and catch folds: a flow that bends back on itself
+    inside the face. Weighted by the source's mass (only where it is used) and down across
+    the image's edges (motion may break there).
+    """
+    n, w = flow.shape[1], flow.shape[-1]
+    pixels = F.avg_pool2d(flow.flatten(0, 1), cell) * (w / 2)  # (B*N, 2, g, g)
+    weight = F.avg_pool2d(mass.flatten(0, 1), cell)
+    grey = F.avg_pool2d(image.mean(1, keepdim=True), cell).repeat_interleave(n, dim=0)
+    total = pixels.new_zeros(())
+    for dim in (-1, -2):
+        a, mid, c = (pixels.narrow(dim, i, pixels.shape[dim] - 2) for i in range(3))
+        bend = (a - 2 * mid + c).abs().sum(1, keepdim=True)
+        ga, gc = grey.narrow(dim, 0, grey.shape[dim] - 2), grey.narrow(dim, 2, grey.shape[dim] - 2)
+        edge = torch.exp(-10 * (gc - ga).abs())
+        total = total + (bend * edge * weight.narrow(dim, 1, weight.shape[dim] - 2)).mean()
+    return total / 2

@@ -30,6 +30,7 @@ from iwarp.train.losses import (
     PerceptualLoss,
     equivariance_loss,
     feature_matching_loss,
+    flow_smoothness_loss,
     gan_discriminator_loss,
     gan_generator_loss,
 )
@@ -62,6 +63,10 @@ class TrainStep(nn.Module):
             # Where the sources claim the pixel, their warp alone must already be right.
             claimed = 1 - flow.unmatched.detach()
             losses["warp_l1"] = ((flow.blended - driving).abs() * claimed).mean()
+        if w.flow_smoothness > 0 and flow is not None:
+            losses["flow_smoothness"] = flow_smoothness_loss(
+                flow.flow, flow.mass, driving, self.config.model.attn_stride
+            )
         if self.perceptual is not None:
             losses["perceptual"] = self.perceptual(output.float(), driving)
         if w.equivariance > 0:
@@ -339,10 +344,10 @@ def train(
             shipped = ema.module if ema is not None else module.net
             val = validate(shipped, val_data, tc, dev)
             if ddp.main:
-                with (out / "val.jsonl").open("a") as f:
+                with (out / "selection.jsonl").open("a") as f:
                     f.write(json.dumps({"step": done, **val}) + "\n")
                 progress.write(
-                    f"step {done}: val l1 {val['l1']:.4f} "
+                    f"step {done}: selection l1 {val['l1']:.4f} "
                     f"(copy-source {val['copy_source_l1']:.4f}), "
                     f"psnr {val['psnr']:.2f} dB (copy-source {val['copy_source_psnr']:.2f})"
                 )
@@ -437,11 +442,13 @@ def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
 
 
 def _maybe_val_data(data, size, cache_dir, show_progress) -> ClipDataset | None:
+    """The selection split (held-out train identities, `data.find_clips`): checkpoints are
+    validated and chosen on it; the val split is left for `iwarp eval` to report."""
     if not (Path(data) / "manifest.csv").is_file():
         return None
     try:
         return ClipDataset(
-            data, size, split="val", cache_dir=cache_dir, show_progress=show_progress
+            data, size, split="select", cache_dir=cache_dir, show_progress=show_progress
         )
     except Exception:
         return None
