@@ -312,14 +312,22 @@ def plugin_enqueue(build: dict[str, Any]) -> list[str]:
     return ["```", *lines, "```"]
 
 
-def finetune(run: Run, train_set: Any, val_set: Any, seconds: float, device: str) -> dict[str, Any]:
-    """Fine-tunes the shipped weights for `seconds` (the trainer's loop and losses)."""
+def finetune(
+    run: Run,
+    train_set: Any,
+    val_set: Any,
+    seconds: float,
+    device: str,
+    start: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tunes `start` (default: the shipped weights) for `seconds` with the trainer's loop
+    and the losses of the checkpoint's own config (e.g. the flow warp's of issue 17)."""
     import torch
 
     from iwarp.checkpoint import Checkpoint, load_network
     from iwarp.train.trainer import train, validate
 
-    ckpt = Checkpoint(None)
+    ckpt = Checkpoint(start)
     config = ckpt.config
     tc = config.train
     if run.dry_run:  # a CPU: the smallest run that still takes real steps
@@ -328,7 +336,7 @@ def finetune(run: Run, train_set: Any, val_set: Any, seconds: float, device: str
     else:
         tc.sample_every, tc.val_every = 10**9, 10**9  # validated below, before and after
     work = Path(tempfile.mkdtemp(prefix="iwarp_finetune_"))
-    net, _ = load_network(None, device)
+    net, _ = load_network(ckpt.path, device)
     before = validate(net, val_set, tc, torch.device(device)) if val_set is not None else None
     del net
     steps = 2 if run.dry_run else 10**7  # counted from 0: the time budget ends a GPU run
@@ -381,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-clips", type=int, default=None, help="--prepare: at most N clips")
     parser.add_argument("--max-frames", type=int, default=2000, help="frames per clip")
     parser.add_argument("--quick", action="store_true", help="fewer timing iterations")
+    parser.add_argument(
+        "--finetune",
+        type=Path,
+        default=None,
+        help="checkpoint to fine-tune in the time left (default: the shipped weights)",
+    )
     args = parser.parse_args(argv)
 
     if args.prepare:
@@ -419,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from iwarp.checkpoint import Checkpoint
 
-    size = Checkpoint(None).config.train.train_size
+    size = Checkpoint(args.finetune).config.train.train_size
 
     # 1. builds (GPU only) in parallel with decoding the clips.
     builds: dict[str, Any] = {}
@@ -530,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"fine-tuning for {left:.0f} s" if cuda else "fine-tuning: 2 CPU steps")
         tuned = run.step(
             "fine-tune the shipped weights",
-            lambda: finetune(run, clips[0], clips[1], left, "cuda" if cuda else "cpu"),
+            lambda: finetune(
+                run, clips[0], clips[1], left, "cuda" if cuda else "cpu", args.finetune
+            ),
         )
         if tuned is not None:
             run.results["finetune"] = tuned

@@ -54,6 +54,7 @@ def _cmd_train(o: Any) -> int:
         device=o.device,
         init_checkpoint=o.init,
         cache_dir=o.cache,
+        stills=o.stills,
     )
     print(json.dumps(last))
     return 0

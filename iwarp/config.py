@@ -132,6 +132,8 @@ class TrainConfig:
     # Training crops are made at this size (may be smaller than model.image_size: the network is
     # fully convolutional, so a curriculum can start small).
     train_size: int = 256
+    # Share of samples made from portrait stills with synthetic motion (`iwarp train --stills`).
+    still_share: float = 0.15
     # Perceptual loss backbone: "efficientnet_lite0" (ships offline) or "vgg19:PATH".
     perceptual_backbone: str = "efficientnet_lite0"
     perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25)

@@ -302,3 +302,31 @@ def test_flow_graph_converts_to_fp16(flow_build, tmp_path, method) -> None:
         got, ref = half.run(None, feeds)[0], full.run(None, feeds)[0]
         assert got.dtype == np.float32 and np.isfinite(got).all()
         assert psnr(got, ref) > 30.0
+
+
+def test_stills_become_pairs_with_synthetic_motion(tmp_path) -> None:
+    """Portrait stills: face-cropped like the clips (a photo without a face is skipped with a
+    warning), then each sample moves one still into sources and a driving frame."""
+    import cv2
+
+    from iwarp.media import make_test_clip
+    from iwarp.train.data import ClipDataset, load_stills
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    portrait = read_image(DEFAULT_AVATAR)
+    cv2.imwrite(str(photos / "portrait.png"), cv2.cvtColor(portrait, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(photos / "wall.png"), np.full((200, 200, 3), 128, np.uint8))
+    with pytest.warns(UserWarning, match="wall.png: no face"):
+        stills = load_stills(photos, 64, cache_dir=tmp_path / "cache", show_progress=False)
+    assert stills.shape == (1, 64, 64, 3) and stills.dtype == np.uint8
+    assert np.array_equal(load_stills(photos, 64, tmp_path / "cache", False), stills)  # cached
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_test_clip(clips / "a.mp4", frames=6, size=128, image=portrait)
+    data = ClipDataset(clips, 64, split=None, cache_dir=tmp_path / "cache", show_progress=False)
+    data.add_stills(stills, share=1.0)
+    sources, driving = data.sample(np.random.default_rng(0), 2)
+    assert sources.shape == (2, 3, 64, 64) and driving.shape == (3, 64, 64)
+    assert float((sources[0] - driving).abs().mean()) > 0.005  # moved apart

@@ -182,6 +182,8 @@ class ClipDataset:
             raise InputError(
                 f"none of the clips in {root} could be used", "see the warnings above for why"
             )
+        self.stills: np.ndarray | None = None
+        self.still_share = 0.0
         # Sample clips in proportion to sqrt(length): long clips count more, not overwhelmingly.
         weights = np.sqrt([len(c) for c in self.clips])
         self.clip_weights = weights / weights.sum()
@@ -189,8 +191,21 @@ class ClipDataset:
     def __len__(self) -> int:
         return sum(len(c) for c in self.clips)
 
+    def add_stills(self, stills: np.ndarray, share: float) -> None:
+        """Mixes in portrait stills (K, S, S, 3) uint8 (`load_stills`) as `share` of the
+        samples: the still is every source and the driving frame, each moved by its own random
+        similarity transform (motion the clips may not hold, on faces they do not show)."""
+        if stills.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"stills are {stills.shape[1:]}, the clips {self.size}px")
+        self.stills, self.still_share = stills, share
+
     def sample(self, rng: np.random.Generator, num_sources: int, augment: bool = True):
         """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1]."""
+        if augment and self.stills is not None and rng.random() < self.still_share:
+            still = self.stills[rng.integers(len(self.stills))]
+            x = _augment(torch.from_numpy(image_to_tensor(still)), rng)[0]
+            moved = torch.stack([_move(x, rng) for _ in range(num_sources + 1)])
+            return moved[:num_sources], moved[num_sources]
         clip = self.clips[rng.choice(len(self.clips), p=self.clip_weights)]
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
@@ -209,6 +224,40 @@ class ClipDataset:
         rng = np.random.default_rng([seed, step, rank])
         samples = [self.sample(rng, num_sources, augment) for _ in range(batch_size)]
         return torch.stack([s for s, _ in samples]), torch.stack([d for _, d in samples])
+
+
+def load_stills(
+    root: str | Path, size: int, cache_dir: str | Path | None = None, show_progress: bool = True
+) -> np.ndarray:
+    """Every photo under `root` with a face, cropped as the clips are, (K, size, size, 3)
+    uint8; cached like the clips. Photos without a face or unreadable are skipped, said."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise InputError(f"no photos under {root}", "pass a folder of portrait photos")
+    cache = Path(cache_dir) if cache_dir else user_cache_dir() / "clips"
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}" for p in paths) + f"|{size}|v1"
+    cache_file = cache / f"stills-{hashlib.sha1(key.encode()).hexdigest()[:12]}-{size}.npy"
+    if cache_file.is_file():
+        return np.load(cache_file)
+    detector = FaceDetector()
+    crops = []
+    for path in tqdm(paths, desc="preparing stills", disable=not show_progress):
+        try:
+            image = read_image(path)
+        except (InputError, OSError, ValueError) as exc:
+            warnings.warn(f"skipping still {path}: {exc}", stacklevel=2)
+            continue
+        box = clip_crop_box([detector.detect(image)], scale=1.8)
+        if box is None:
+            warnings.warn(f"skipping still {path}: no face found", stacklevel=2)
+            continue
+        crops.append(crop_and_resize(image, box, size))
+    if not crops:
+        raise InputError(f"none of the photos under {root} shows a face", "see the warnings")
+    stills = np.stack(crops)
+    _save_atomic(cache_file, stills)
+    return stills
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

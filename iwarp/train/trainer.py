@@ -24,7 +24,7 @@ from iwarp.config import Config, get_config
 from iwarp.errors import CheckpointError, IwarpError
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.options import option
-from iwarp.train.data import ClipDataset
+from iwarp.train.data import ClipDataset, load_stills
 from iwarp.train.losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -129,6 +129,9 @@ class TrainOptions:
     no_residual: bool = option(False, help="ablation: no residual branch")
     extra_tokens: int | None = option(None, help="ablation: number of extra tokens (0 = off)")
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
+    stills: str | None = option(
+        None, help="folder of portrait photos mixed in with synthetic motion (still_share)"
+    )
     cache: str | None = option(
         None, help="where prepared clips are cached (default ~/.cache/iwarp)"
     )
@@ -175,12 +178,14 @@ def train(
     show_progress: bool = True,
     val_data: ClipDataset | None = None,
     max_seconds: float | None = None,
+    stills: str | Path | None = None,
 ) -> dict[str, float]:
     """Trains for `steps` total steps (counting any resumed ones); returns the last losses.
 
     `data` is a folder of clips or clips already in memory (a ClipDataset, e.g. decoded by the
     GPU check; then `val_data` is used as given). `max_seconds` ends the run early, after the
     step that passes it, with the usual last-step log, samples, validation and checkpoint.
+    `stills`: a folder of portrait photos, `tc.still_share` of the samples (synthetic motion).
     """
     out = Path(out)
     t_start = time.perf_counter()
@@ -203,6 +208,9 @@ def train(
             show_progress=ddp.main and show_progress,
         )
         val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
+    if stills is not None and tc.still_share > 0:
+        photos = load_stills(stills, tc.train_size, cache_dir, ddp.main and show_progress)
+        train_data.add_stills(photos, tc.still_share)
 
     module = TrainStep(config).to(dev)
     params = [p for p in module.net.parameters()]
