@@ -87,11 +87,18 @@ def test_fp16_graph_psnr(exported, tmp_path, method):
     assert result.method == method
     fp32, fp16 = _ort(out / "animator.onnx"), _ort(result.path)
     config = Config.from_dict(meta["config"])
-    cases = [_real_feeds(meta, 1), _real_feeds(meta, 3), example_inputs(config, "animator", 2, 2)]
-    for feeds in cases:
+    # Real avatars and driving frames: the gate. Random avatar rows (near-uniform attention
+    # over random keys) move the flow warp's coordinates with every rounding of the logits:
+    # 35-41 dB there (tests/test_flow_warp.py), so they only check that nothing broke.
+    cases = [
+        (_real_feeds(meta, 1), tb.FP16_MIN_PSNR_DB),
+        (_real_feeds(meta, 3), tb.FP16_MIN_PSNR_DB),
+        (example_inputs(config, "animator", 2, 2), 30.0),
+    ]
+    for feeds, limit in cases:
         ref, got = fp32.run(None, feeds)[0], fp16.run(None, feeds)[0]
         assert got.dtype == np.float32  # keep_io_types
-        assert tb.psnr(got, ref) >= tb.FP16_MIN_PSNR_DB, f"{tb.psnr(got, ref):.1f} dB"
+        assert tb.psnr(got, ref) >= limit, f"{tb.psnr(got, ref):.1f} dB"
 
     for graph in ("keypoints", "source_encoder"):
         res = tb.convert_fp16(out / f"{graph}.onnx", tmp_path / f"{graph}.onnx", method)
@@ -248,9 +255,9 @@ def test_engines_match_onnxruntime(tmp_path, precision):
         None, tmp_path / "trt", show_progress=False, precision=precision, max_sources=3
     )
     ort_backend = OrtBackend.from_checkpoint(None, tmp_path / "trt" / "onnx", show_progress=False)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 1, (2, 3, trt_backend.image_size, trt_backend.image_size))
-    images = images.astype(np.float32)
+    from iwarp.engine_build.export import _real_images
+
+    images = _real_images(trt_backend.image_size)[1][:2]  # two real photos: the flow's gate
     a_trt = trt_backend.encode_avatar(images)
     a_ort = ort_backend.encode_avatar(images)
     for i in range(3):

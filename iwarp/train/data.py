@@ -140,6 +140,11 @@ def prepare_clip(
 class ClipDataset:
     """Face-cropped clips held in memory, cached on disk between runs."""
 
+    # Portrait stills mixed in by `add_stills` (class defaults: subclasses that hold clips
+    # already decoded, like the GPU check's, skip __init__).
+    stills: np.ndarray | None = None
+    still_share: float = 0.0
+
     def __init__(
         self,
         root: str | Path,
@@ -182,8 +187,6 @@ class ClipDataset:
             raise InputError(
                 f"none of the clips in {root} could be used", "see the warnings above for why"
             )
-        self.stills: np.ndarray | None = None
-        self.still_share = 0.0
         # Sample clips in proportion to sqrt(length): long clips count more, not overwhelmingly.
         weights = np.sqrt([len(c) for c in self.clips])
         self.clip_weights = weights / weights.sum()
