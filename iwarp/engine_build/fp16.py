@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from iwarp.errors import IwarpError
-from iwarp.graphs import TOKENS
 
 
 @dataclass
@@ -43,30 +42,17 @@ def quiet_lief_at_exit() -> None:
         lief.disable_leak_warning()
 
 
-def reference_inputs(graph_path: str | Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Valid inputs for one exported graph: batch 1, and one source's tokens (the export's
-    metadata.json beside it says how many; 1 without it). Images and pixel rows in [0, 1]."""
-    import json
-
-    import onnx
+def reference_inputs(graph_path: str | Path) -> dict[str, np.ndarray] | None:
+    """`export.example_inputs` for one exported graph (batch 1, one source), from the
+    metadata.json beside it; None for a graph that has none."""
+    from iwarp.config import Config
+    from iwarp.engine_build.export import example_inputs, load_metadata
 
     graph_path = Path(graph_path)
-    meta_file = graph_path.with_name("metadata.json")
-    tokens = json.loads(meta_file.read_text())["tokens_per_source"] if meta_file.is_file() else 1
-    model = onnx.load(str(graph_path), load_external_data=False)
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in model.graph.input:
-        tensor = value.type.tensor_type
-        shape = [
-            d.dim_value if d.HasField("dim_value") else (tokens if d.dim_param == TOKENS else 1)
-            for d in tensor.shape.dim
-        ]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        feeds[value.name] = (
-            np.ones(shape, dtype) if dtype == np.bool_ else rng.uniform(size=shape).astype(dtype)
-        )
-    return feeds
+    if not (graph_path.parent / "metadata.json").is_file():
+        return None
+    config = Config.from_dict(load_metadata(graph_path.parent)["config"])
+    return example_inputs(config, graph_path.stem, 1, 1)
 
 
 def convert_fp16(src: str | Path, dst: str | Path, method: str = "auto") -> Fp16Result:
@@ -86,14 +72,16 @@ def convert_fp16(src: str | Path, dst: str | Path, method: str = "auto") -> Fp16
             # AutoCast runs the graph once to see its value ranges; left alone it sets every
             # symbolic dim to 1, which the flow warp's animator cannot reshape (its token
             # axis is N whole sources).
+            feeds = reference_inputs(src)
             inputs = Path(tmp) / "inputs.npz"
-            np.savez(inputs, **reference_inputs(src))
+            if feeds is not None:
+                np.savez(inputs, **feeds)
             model = convert_to_mixed_precision(
                 str(src),
                 low_precision_type="fp16",
                 keep_io_types=True,
                 providers=["cpu"],
-                calibration_data=str(inputs),
+                calibration_data=str(inputs) if feeds is not None else None,
             )
         # AutoCast's shape inference can give two tensors of different sizes one symbolic
         # dim (the flow warp's mass and flow slices), which ONNX Runtime then refuses at
