@@ -136,6 +136,7 @@ def _cmd_eval(o: Any) -> int:
         plot_metrics_vs_sources,
         save_cross_grid,
         save_grids,
+        temporal_summary,
     )
 
     net, ckpt = load_network(o.checkpoint)
@@ -171,6 +172,8 @@ def _cmd_eval(o: Any) -> int:
         title = f"{Path(ckpt.path).name}, {settings.split or 'all'} split, {size}x{size}"
         print(f"wrote {plot_metrics_vs_sources(report, o.plot, title)}", file=sys.stderr)
     print(markdown_table(report))
+    for line in temporal_summary(report):
+        print(line)
     for r in report["cross_identity"]["results"]:
         print(
             f"cross-identity {r['mode']:<13s} identity cos {r['identity']:.3f}, "

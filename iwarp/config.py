@@ -118,6 +118,10 @@ class LossWeights:
     flow_smoothness: float = 0.0
     # Keeps strengths from collapsing to 0 or saturating: penalises mean strength below a floor.
     strength_floor: float = 0.1
+    # Ties some learned keypoints to dlib landmark groups of the driving frame (eye lids, lips,
+    # nose, chin; `iwarp.landmarks.LANDMARK_GROUPS`), as LivePortrait guides its keypoints:
+    # geometry the network need not discover. Landmarks are found once per frame, offline.
+    landmark_guidance: float = 0.0
 
 
 @dataclass
@@ -152,6 +156,13 @@ class TrainConfig:
     checkpoint_every: int = 250
     val_every: int = 500
     val_batches: int = 4
+    # Landmark guidance: the keypoint tied to each landmark group, in LANDMARK_GROUPS order.
+    # Empty: chosen when the run starts, each group getting the keypoint that already sits
+    # nearest to it (least disruption to trained weights), then kept in the run's config.
+    guided_keypoints: tuple[int, ...] = ()
+    # What chooses best.safetensors on the selection split: "l1" or "perceptual" (the training
+    # perceptual loss; a GAN fine-tune trades L1 for it).
+    select_on: str = "l1"
 
 
 @dataclass

@@ -360,6 +360,13 @@ def crop_and_resize(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- smoothing, tracking
 
 
+def keypoint_filter() -> OneEuroFilter:
+    """The live paths' keypoint smoothing (and the evaluation's measure of it). Keypoints move
+    in [-1, 1]; a low cutoff removes detector jitter, beta keeps fast motion (a quick turn, a
+    mouth opening) from lagging."""
+    return OneEuroFilter(min_cutoff=1.5, beta=8.0)
+
+
 class OneEuroFilter:
     """One-Euro low-pass filter (Casiez et al., CHI 2012) for numpy arrays of any fixed shape.
 

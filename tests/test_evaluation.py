@@ -14,7 +14,6 @@ import torch
 
 from iwarp.config import get_config
 from iwarp.evaluation.metrics import (
-    DlibFaces,
     PerceptualDistance,
     identity_scores,
     l1_255,
@@ -22,12 +21,14 @@ from iwarp.evaluation.metrics import (
     ssim,
 )
 from iwarp.evaluation.protocol import (
+    TEMPORAL_KEYS,
     EvalSettings,
     Evaluator,
     evaluate,
     source_positions,
     target_positions,
 )
+from iwarp.landmarks import DlibFaces
 from iwarp.media import make_test_clip, read_image, read_video
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.paths import DEFAULT_AVATAR
@@ -161,6 +162,10 @@ def test_protocol_methods_and_baselines() -> None:
     for t in temporal["per_clip"]:
         assert t["frames"] == min(settings.temporal_frames, len(clips[0][2]) - 1)
         assert t["blockiness"] > 0.5 and t["driving_blockiness"] > 0.5 and t["flicker"] >= 0.0
+        assert t["temporal_error"] >= 0.0
+    assert {"blockiness", "flicker", "temporal_error"} <= set(temporal["metrics"])
+    for k in TEMPORAL_KEYS:
+        assert temporal[k] == pytest.approx(np.mean([t[k] for t in temporal["per_clip"]]))
     # A pixel-skip network has no flow to carry landmarks with.
     assert report["landmark_transfer"]["pairs"] == 0
 
@@ -227,3 +232,7 @@ def test_eval_cli_on_generated_clips(tmp_path: Path) -> None:
     for name in ("grid.png", "grid_clip0.png", "grid_clip1.png", "plot.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "| model | 1 |" in proc.stdout
+    # The shipped (flow) weights: seams, flicker and landmark transfer printed under the table.
+    t, lt = report["temporal"], report["landmark_transfer"]
+    assert f"flicker {t['flicker']:.3f}, temporal error {t['temporal_error']:.3f}" in proc.stdout
+    assert f"landmark transfer {lt['model_px']:.2f} px" in proc.stdout

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_model import SIZE, small_config
 
 from iwarp.config import TrainConfig, get_config
-from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker
+from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker, temporal_error
 from iwarp.media import read_image
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.warp import photos_from_pixels, render_flow, source_coordinates
@@ -84,14 +84,16 @@ def test_flow_network_split_api_and_gradients() -> None:
     assert not missing
 
 
-def test_untrained_flow_network_starts_as_the_identity_warp() -> None:
+@pytest.mark.parametrize("size", [128, 96])
+def test_untrained_flow_network_starts_as_the_identity_warp(size: int) -> None:
     """The identity start: queries and keys begin as the positional code alone, so each
     query's expected source coordinate is its own position and the warp copies the photo.
     Exact away from the border; in the outer cell the attention's truncated neighbourhood
-    pulls the coordinate inward by a fraction of a cell."""
+    pulls the coordinate inward by a fraction of a cell. A 128-px network given 96-px photos
+    (training crops smaller than the config's) warps on a 12x12 grid, not its own 16x16."""
     torch.manual_seed(0)
     net = ImplicitWarpingNetwork(get_config("tiny_flow", image_size=128).model).eval()
-    photo = _photo(128)
+    photo = _photo(size)
     with torch.no_grad():
         source = net.encode_sources(photo[:, None])
         image, warp = net.animate_with_warp(source, net.detect(photo))
@@ -164,6 +166,20 @@ def test_flicker_is_relative_to_the_driving_video() -> None:
         flicker(driving[:1], driving[:1])
 
 
+def test_temporal_error_tells_jitter_from_followed_motion() -> None:
+    """Following the video is 0, a still output is 1; jitter on top of followed motion scores
+    above 0 while flicker calls the jittery and the faithful output nearly the same."""
+    driving = torch.cumsum(torch.rand(6, 3, 16, 16) * 0.05, dim=0)  # steady drift
+    still = driving[:1].expand(6, -1, -1, -1)
+    assert temporal_error(driving, driving) == pytest.approx(0.0, abs=1e-6)
+    assert temporal_error(still, driving) == pytest.approx(1.0)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0]).view(6, 1, 1, 1)
+    jittery = driving + 0.01 * sign
+    assert temporal_error(jittery, driving) > 0.5
+    with pytest.raises(ValueError):
+        temporal_error(driving[:1], driving[:1])
+
+
 def test_carry_landmarks_follows_a_shift() -> None:
     """A backward flow that reads the source 6 px to the right moves features 6 px left."""
     h = w = 32
@@ -215,7 +231,7 @@ def test_driving_motion_moves_the_frame_and_keeps_its_range() -> None:
 
     frame = torch.from_numpy(read_image(DEFAULT_AVATAR)[:128, :128].copy()).permute(2, 0, 1)
     frame = frame.float() / 255
-    moved = [_move(frame, np.random.default_rng(seed)) for seed in range(4)]
+    moved = [_move(frame, np.random.default_rng(seed))[0] for seed in range(4)]
     assert all(m.shape == frame.shape and 0 <= float(m.min()) <= float(m.max()) <= 1 for m in moved)
     assert all(float((m - frame).abs().mean()) > 0.005 for m in moved)
 
@@ -327,6 +343,7 @@ def test_stills_become_pairs_with_synthetic_motion(tmp_path) -> None:
     make_test_clip(clips / "a.mp4", frames=6, size=128, image=portrait)
     data = ClipDataset(clips, 64, split=None, cache_dir=tmp_path / "cache", show_progress=False)
     data.add_stills(stills, share=1.0)
-    sources, driving = data.sample(np.random.default_rng(0), 2)
+    sources, driving, landmarks = data.sample(np.random.default_rng(0), 2)
     assert sources.shape == (2, 3, 64, 64) and driving.shape == (3, 64, 64)
+    assert np.isnan(landmarks).all()  # a still: no landmarks to guide with
     assert float((sources[0] - driving).abs().mean()) > 0.005  # moved apart

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from iwarp.checkpoint import Checkpoint, load_network
 from iwarp.config import Config, get_config
-from iwarp.errors import CheckpointError, InputError
+from iwarp.errors import CheckpointError, InputError, IwarpError
 from iwarp.media import make_test_clip, read_image
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.train.data import ClipDataset, find_clips
@@ -211,6 +211,31 @@ def test_resume_with_another_model_config_fails(clip_dir: Path, tmp_path: Path, 
         train(
             config, clip_dir, tmp_path / "run", 2, resume=True, cache_dir=cache, show_progress=False
         )
+
+
+def test_checkpoints_can_be_chosen_on_the_perceptual_distance(
+    clip_dir: Path, tmp_path: Path, cache: Path
+):
+    """A GAN fine-tune trades L1 for realism, so it is chosen on the perceptual loss: every
+    validation logs it and best.safetensors is the validation where it was lowest."""
+    import json
+
+    config = small_train_config()
+    config.train.val_every = 1
+    config.train.select_on = "perceptual"
+    data = ClipDataset(clip_dir, SIZE, split=None, cache_dir=cache, show_progress=False)
+    run = tmp_path / "run"
+    train(config, data, run, 3, val_data=data, cache_dir=cache, show_progress=False)
+    rows = [json.loads(line) for line in (run / "selection.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    best = min(rows, key=lambda r: r["perceptual"])
+    chosen = Checkpoint(run / "checkpoints" / "best.safetensors")
+    assert chosen.step == best["step"]
+    assert chosen.extra["val"]["perceptual"] == pytest.approx(best["perceptual"])
+
+    config.train.loss.perceptual = 0.0  # nothing to choose on
+    with pytest.raises(IwarpError, match="perceptual"):
+        train(config, data, tmp_path / "bad", 1, val_data=data, show_progress=False)
 
 
 # ------------------------------------------------------------------------------------ torchrun

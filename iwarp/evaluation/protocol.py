@@ -36,7 +36,7 @@ from iwarp.evaluation.metrics import (
     LANDMARK_TRANSFER_NAME,
     PSNR_NAME,
     SSIM_NAME,
-    DlibFaces,
+    TEMPORAL_ERROR_NAME,
     PerceptualDistance,
     blockiness,
     carry_landmarks,
@@ -45,8 +45,11 @@ from iwarp.evaluation.metrics import (
     l1_255,
     psnr,
     ssim,
+    temporal_error,
 )
+from iwarp.face import keypoint_filter
 from iwarp.graphs import image_to_tensor
+from iwarp.landmarks import DlibFaces
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.model.warp import SourceSet
@@ -56,6 +59,14 @@ from iwarp.train.plots import to_uint8
 
 METHODS = ("model", "average", "copy_source", "copy_nearest")
 PIXEL_METRICS = ("psnr", "l1", "ssim", "perceptual")
+TEMPORAL_KEYS = (
+    "blockiness",
+    "driving_blockiness",
+    "flicker",
+    "temporal_error",
+    "flicker_smoothed",
+    "temporal_error_smoothed",
+)
 FACE_METRICS = ("akd", "mkr")
 
 
@@ -283,19 +294,31 @@ class Evaluator:
 
         Blockiness of the output is reported beside the driving frames' own (the camera's
         compression has a grid too); flicker is the output's frame-to-frame change relative to
-        the driving video's.
+        the driving video's, and the temporal error how far that change is from the video's
+        (jitter raises it, followed motion lowers it).
         """
         frames = _resize(clip, self.size)
         run = frames[1 : 1 + self.settings.temporal_frames]
         driving = _to_tensor(run)
         source_set = self.net.encode_sources(_to_tensor(frames[:1])[None])
-        out = self._animate(source_set, driving)
+        kp = self.net.detect(driving)
+        out = self._animate(source_set, driving, kp)
+        # The live paths smooth the keypoints over time (`keypoint_filter`); the same filter
+        # here shows how much of the flicker is detector jitter the product already removes.
+        smoothing = keypoint_filter()
+        points = np.stack([smoothing(p) for p in kp.points.numpy()])
+        smoothed = self._animate(
+            source_set, driving, Keypoints(torch.from_numpy(points).float(), kp.strength)
+        )
         return {
             "clip": name,
             "frames": len(run),
             "blockiness": blockiness(out),
             "driving_blockiness": blockiness(driving),
             "flicker": flicker(out, driving),
+            "temporal_error": temporal_error(out, driving),
+            "flicker_smoothed": flicker(smoothed, driving),
+            "temporal_error_smoothed": temporal_error(smoothed, driving),
         }
 
     @torch.no_grad()
@@ -518,14 +541,17 @@ def evaluate(
         "results": results,
         "per_clip": per_clip,
         "temporal": {
-            "blockiness": BLOCKINESS_NAME,
-            "flicker": FLICKER_NAME,
+            # What each means; the means over clips follow under the same names.
+            "metrics": {
+                "blockiness": BLOCKINESS_NAME,
+                "flicker": FLICKER_NAME,
+                "temporal_error": TEMPORAL_ERROR_NAME,
+                "*_smoothed": "the same with the live paths' keypoint smoothing "
+                "(iwarp.face.keypoint_filter) over the driving keypoints",
+            },
             "per_clip": temporal,
             **(
-                {
-                    k: float(np.mean([t[k] for t in temporal]))
-                    for k in ("blockiness", "driving_blockiness", "flicker")
-                }
+                {k: float(np.mean([t[k] for t in temporal])) for k in TEMPORAL_KEYS}
                 if temporal
                 else {}
             ),

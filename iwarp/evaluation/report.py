@@ -115,3 +115,23 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{r['ssim']:.4f} | {r['perceptual']:.4f} | {r['akd']:.2f} | {r['mkr']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def temporal_summary(report: dict[str, Any]) -> list[str]:
+    """What people see over time, one line each: seams, flicker and temporal error (raw and
+    with the live paths' keypoint smoothing), and the flow's landmark transfer."""
+    t, lines = report["temporal"], []
+    if "flicker" in t:
+        lines.append(
+            f"blockiness {t['blockiness']:.2f} (driving {t['driving_blockiness']:.2f}); "
+            f"flicker {t['flicker']:.3f}, temporal error {t['temporal_error']:.3f}; "
+            f"with keypoint smoothing {t['flicker_smoothed']:.3f} / "
+            f"{t['temporal_error_smoothed']:.3f}"
+        )
+    lt = report["landmark_transfer"]
+    if lt["pairs"]:
+        lines.append(
+            f"landmark transfer {lt['model_px']:.2f} px (copy-the-source "
+            f"{lt['copy_source_px']:.2f} px, {lt['pairs']} pairs)"
+        )
+    return lines

@@ -72,7 +72,7 @@ class ImplicitWarpingNetwork(nn.Module):
             return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
 
         if self.config.flow_warp:
-            photos = photos_from_pixels(source.pixels, self.warp.grid_side)
+            photos = photos_from_pixels(source.pixels, self.warp.grid_side(source))
             flow = render_flow(coordinate_sums, photos, g)
             image = self.generator(grid(warped), torch.cat([flow.blended, flow.unmatched], dim=1))
             return image, flow

@@ -74,7 +74,8 @@ class ImplicitWarp(nn.Module):
         # attention carries the sources' mean colours, not their patches).
         colours = 3 if config.flow_warp else config.pixel_dim
         self.extra_pixels = nn.Parameter(torch.full((e, colours), 0.5))
-        self.grid_side = config.grid_size // config.spatial_reduction
+        # Pixels per attention cell; the grid side follows the image (training may run smaller).
+        self.cell_size = config.attn_stride * config.spatial_reduction
         if self.residual_branch:
             self.residual = nn.Sequential(
                 nn.Linear(3 + d + d, config.residual_hidden),
@@ -82,6 +83,10 @@ class ImplicitWarp(nn.Module):
                 nn.Linear(config.residual_hidden, dv),
             )
         self._pe_cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def grid_side(self, source: SourceSet) -> int:
+        """Side of the source's attention grid (T = side^2 tokens per source)."""
+        return source.image_size // self.cell_size
 
     def position_encoding(self, size: int, like: torch.Tensor) -> torch.Tensor:
         key = (size, like.shape[-1], str(like.device))
@@ -139,7 +144,8 @@ class ImplicitWarp(nn.Module):
             parts.append(torch.cat([pixels, self.extra_pixels.expand(b, e, -1)], dim=1))
         c = 3 * source.num_sources if self.flow_warp else 0
         if self.flow_warp:
-            coords = source_coordinates(source.num_sources, self.grid_side, keys, extra_rows=e)
+            side = self.grid_side(source)
+            coords = source_coordinates(source.num_sources, side, keys, extra_rows=e)
             parts.append(coords.expand(b, -1, -1))
         if self.residual_branch:
             parts.append(keys)

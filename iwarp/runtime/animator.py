@@ -25,10 +25,10 @@ from iwarp.errors import InputError
 from iwarp.face import (
     FaceDetector,
     FaceTracker,
-    OneEuroFilter,
     crop_and_resize,
     detect_face_or_raise,
     face_crop_box,
+    keypoint_filter,
 )
 from iwarp.graphs import image_to_tensor, tensor_to_image
 from iwarp.media import read_image, to_rgb
@@ -81,9 +81,7 @@ class DrivingStream:
     local_fields: ClassVar[tuple[str, ...]] = ("animator", "tracker", "times")
 
     def __post_init__(self) -> None:
-        # Keypoints move in [-1, 1]; a low cutoff removes detector jitter, beta keeps fast
-        # motion (a quick turn, a mouth opening) from lagging.
-        self.filter = OneEuroFilter(min_cutoff=1.5, beta=8.0)
+        self.filter = keypoint_filter()
 
     # The frame path in three steps: face_crop (face tracking, no network) -> crop_pose
     # (keypoints) -> animate_pose (relative motion, smoothing, the animator network). A remote

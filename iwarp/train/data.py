@@ -23,6 +23,7 @@ from tqdm import tqdm
 from iwarp.errors import InputError
 from iwarp.face import FaceDetector, clip_crop_box, crop_and_resize
 from iwarp.graphs import image_to_tensor
+from iwarp.landmarks import mirror_landmarks, move_landmarks
 from iwarp.media import iter_video_frames, read_image
 from iwarp.paths import user_cache_dir
 
@@ -144,6 +145,9 @@ class ClipDataset:
     # already decoded, like the GPU check's, skip __init__).
     stills: np.ndarray | None = None
     still_share: float = 0.0
+    # Per clip, dlib's 68 landmarks of every frame, (T, 68, 2) in [-1, 1], NaN where no face
+    # was found (`load_landmarks`, for landmark guidance); None: not loaded.
+    landmarks: list[np.ndarray] | None = None
 
     def __init__(
         self,
@@ -160,6 +164,7 @@ class ClipDataset:
         cache = Path(cache_dir) if cache_dir else user_cache_dir() / "clips"
         self.clips: list[np.ndarray] = []
         self.names: list[str] = []
+        self.cache_files: list[Path] = []
         detector: FaceDetector | None = None
         for entry in tqdm(
             entries, desc=f"preparing clips ({split or 'all'})", disable=not show_progress
@@ -183,6 +188,7 @@ class ClipDataset:
                 continue
             self.clips.append(frames)
             self.names.append(str(entry.path))
+            self.cache_files.append(cache_file)
         if not self.clips:
             raise InputError(
                 f"none of the clips in {root} could be used", "see the warnings above for why"
@@ -202,31 +208,82 @@ class ClipDataset:
             raise ValueError(f"stills are {stills.shape[1:]}, the clips {self.size}px")
         self.stills, self.still_share = stills, share
 
-    def sample(self, rng: np.random.Generator, num_sources: int, augment: bool = True):
-        """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1]."""
+    def load_landmarks(self, cache_dir: str | Path | None = None, show_progress: bool = True):
+        """dlib's 68 landmarks of every frame of every clip (`landmarks`), found once and
+        cached beside the clip's frames; frames where dlib finds no face get NaN."""
+        from iwarp.landmarks import DlibFaces, to_unit
+
+        if len(getattr(self, "cache_files", ())) != len(self.clips):
+            raise InputError(
+                "these clips were not prepared from a folder, so they have no landmark cache",
+                "build the ClipDataset from a folder of clips for landmark guidance",
+            )
+        faces: DlibFaces | None = None
+        self.landmarks = []
+        for frames, cache_file in tqdm(
+            list(zip(self.clips, self.cache_files, strict=True)),
+            desc="landmarks",
+            disable=not show_progress,
+        ):
+            lm_file = cache_file.with_name(cache_file.stem + "-lm68.npy")
+            if lm_file.is_file():
+                self.landmarks.append(np.load(lm_file))
+                continue
+            faces = faces or DlibFaces()
+            points = np.full((len(frames), 68, 2), np.nan, dtype=np.float32)
+            for i, frame in enumerate(frames):
+                found = faces.landmarks(np.asarray(frame))
+                if found is not None:
+                    points[i] = to_unit(found, self.size)
+            _save_atomic(lm_file, points)
+            self.landmarks.append(points)
+
+    def sample(
+        self, rng: np.random.Generator, num_sources: int, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1], and the
+        driving frame's landmarks (68, 2) in [-1, 1] as it was flipped and moved (NaN when
+        not loaded, not found, or a still)."""
+        landmarks = np.full((68, 2), np.nan, dtype=np.float32)
         if augment and self.stills is not None and rng.random() < self.still_share:
             still = self.stills[rng.integers(len(self.stills))]
-            x = _augment(torch.from_numpy(image_to_tensor(still)), rng)[0]
-            moved = torch.stack([_move(x, rng) for _ in range(num_sources + 1)])
-            return moved[:num_sources], moved[num_sources]
-        clip = self.clips[rng.choice(len(self.clips), p=self.clip_weights)]
+            x = _augment(torch.from_numpy(image_to_tensor(still)), rng)[0][0]
+            moved = torch.stack([_move(x, rng)[0] for _ in range(num_sources + 1)])
+            return moved[:num_sources], moved[num_sources], landmarks
+        c = rng.choice(len(self.clips), p=self.clip_weights)
+        clip = self.clips[c]
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
         frames = np.asarray(clip[[*np.sort(idx[:num_sources]).tolist(), idx[-1]]])
+        if self.landmarks is not None:
+            landmarks = self.landmarks[c][idx[-1]].copy()
         x = torch.from_numpy(image_to_tensor(frames))
         if augment:
-            x = _augment(x, rng)
+            x, flipped = _augment(x, rng)
+            if flipped:
+                landmarks = mirror_landmarks(landmarks)
             if rng.random() < DRIVING_MOTION_SHARE:
-                x[num_sources] = _move(x[num_sources], rng)
-        return x[:num_sources], x[num_sources]
+                x[num_sources], theta = _move(x[num_sources], rng)
+                landmarks = move_landmarks(landmarks, theta)
+        return x[:num_sources], x[num_sources], landmarks
 
     def batch(
         self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A deterministic batch for (seed, step, rank): sources (B, N, 3, S, S), driving."""
+        return self.batch_with_landmarks(seed, step, batch_size, num_sources, rank, augment)[:2]
+
+    def batch_with_landmarks(
+        self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`batch`, and the driving frames' landmarks (B, 68, 2) (NaN where unknown)."""
         rng = np.random.default_rng([seed, step, rank])
         samples = [self.sample(rng, num_sources, augment) for _ in range(batch_size)]
-        return torch.stack([s for s, _ in samples]), torch.stack([d for _, d in samples])
+        return (
+            torch.stack([s[0] for s in samples]),
+            torch.stack([s[1] for s in samples]),
+            torch.from_numpy(np.stack([s[2] for s in samples])),
+        )
 
 
 def load_stills(
@@ -263,9 +320,11 @@ def load_stills(
     return stills
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The same flip and colour jitter for all frames of a sample (they are one scene)."""
-    if rng.random() < 0.5:
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+    """The same flip and colour jitter for all frames of a sample (they are one scene); also
+    says whether it flipped."""
+    flipped = bool(rng.random() < 0.5)
+    if flipped:
         x = x.flip(-1)
     brightness = rng.uniform(0.85, 1.15)
     contrast = rng.uniform(0.85, 1.15)
@@ -274,7 +333,7 @@ def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     x = gray + (x - gray) * saturation
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
-    return (x * brightness).clamp(0.0, 1.0)
+    return (x * brightness).clamp(0.0, 1.0), flipped
 
 
 # Share of samples whose driving frame (input and target) is also zoomed, turned and shifted:
@@ -282,9 +341,10 @@ def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 DRIVING_MOTION_SHARE = 0.25
 
 
-def _move(frame: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def _move(frame: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
     """A random similarity transform of one (3, S, S) frame: zoom 0.95-1.1, turn +-6 degrees,
-    shift +-4 %; reflected at the border (background, not a smeared edge)."""
+    shift +-4 %; reflected at the border (background, not a smeared edge). Also returns theta
+    (2, 3), output -> input coordinates in [-1, 1] (`iwarp.landmarks.move_landmarks`)."""
     scale = rng.uniform(0.95, 1.1)
     angle = np.deg2rad(rng.uniform(-6.0, 6.0))
     shift = rng.uniform(-0.04, 0.04, size=2)
@@ -294,7 +354,7 @@ def _move(frame: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     moved = torch.nn.functional.grid_sample(
         frame[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
     )
-    return moved[0]
+    return moved[0], theta.numpy().astype(np.float64)
 
 
 def _cache_path(cache: Path, path: Path, size: int, max_frames: int) -> Path:

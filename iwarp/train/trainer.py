@@ -28,11 +28,13 @@ from iwarp.train.data import ClipDataset, load_stills
 from iwarp.train.losses import (
     PatchDiscriminator,
     PerceptualLoss,
+    assign_guided_keypoints,
     equivariance_loss,
     feature_matching_loss,
     flow_smoothness_loss,
     gan_discriminator_loss,
     gan_generator_loss,
+    landmark_guidance_loss,
 )
 from iwarp.train.plots import plot_loss_curves, save_sample_grid
 
@@ -52,8 +54,14 @@ class TrainStep(nn.Module):
         )
 
     def forward(
-        self, sources: torch.Tensor, driving: torch.Tensor, generator: torch.Generator
+        self,
+        sources: torch.Tensor,
+        driving: torch.Tensor,
+        generator: torch.Generator,
+        landmarks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's output and losses; `landmarks` (B, 68, 2), the driving frames' (NaN
+        where unknown), are needed only for landmark guidance."""
         w = self.config.train.loss
         source = self.net.encode_sources(sources)
         kp = self.net.detect(driving)
@@ -75,6 +83,10 @@ class TrainStep(nn.Module):
             )
         if w.strength_floor > 0:
             losses["strength_floor"] = torch.relu(0.2 - kp.strength.mean(dim=1)).mean()
+        if w.landmark_guidance > 0 and landmarks is not None:
+            losses["landmark_guidance"] = landmark_guidance_loss(
+                kp.points, landmarks, self.config.train.guided_keypoints
+            )
         return output, losses
 
 
@@ -138,6 +150,9 @@ class TrainOptions:
     sample_every: int | None = option(None, help="steps between sample grids")
     checkpoint_every: int | None = option(None, help="steps between checkpoints")
     val_every: int | None = option(None, help="steps between validation runs")
+    select_on: str | None = option(
+        None, help="l1 or perceptual: what chooses best.safetensors (default: the config's)"
+    )
     log_every: int | None = option(None, help="steps between log lines")
 
     def to_config(self) -> Config:
@@ -156,7 +171,7 @@ class TrainOptions:
             if not hasattr(tc.loss, key):
                 raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(tc.loss))}")
             setattr(tc.loss, key, float(value))
-        for name in ("sample_every", "checkpoint_every", "val_every", "log_every"):
+        for name in ("sample_every", "checkpoint_every", "val_every", "select_on", "log_every"):
             if getattr(self, name) is not None:
                 setattr(tc, name, getattr(self, name))
         if self.no_residual:
@@ -190,6 +205,13 @@ def train(
     out = Path(out)
     t_start = time.perf_counter()
     tc = config.train
+    if tc.select_on not in ("l1", "perceptual") or (
+        tc.select_on == "perceptual" and tc.loss.perceptual <= 0
+    ):
+        raise IwarpError(
+            f"cannot choose checkpoints on {tc.select_on!r}",
+            "use select_on l1, or perceptual with a perceptual loss weight above 0",
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
     if dev.type == "cuda":
@@ -238,6 +260,7 @@ def train(
             ckpt.load_optimizer("discriminator", opt_d)
         start = ckpt.step
         best_val = ckpt.extra.get("best_val", math.inf)
+        tc.guided_keypoints = ckpt.config.train.guided_keypoints  # the run's, not a new choice
     elif init_checkpoint:
         init = Checkpoint(init_checkpoint)
         if init.config.model == config.model:
@@ -246,6 +269,13 @@ def train(
             adapted = load_compatible(module.net, init.state_dict())
             if ddp.main:
                 print(f"init from {init_checkpoint}: adapted {adapted}")
+
+    if tc.loss.landmark_guidance > 0:
+        train_data.load_landmarks(cache_dir, ddp.main and show_progress)
+        if not tc.guided_keypoints:
+            tc.guided_keypoints = _assign_guided_keypoints(module.net, train_data, tc, dev)
+            if ddp.main:
+                print(f"landmark guidance: keypoints {tc.guided_keypoints} for the groups")
 
     ema = EmaWeights(module.net, tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None and resume and latest.is_file():
@@ -278,13 +308,16 @@ def train(
     for step in range(start, steps):
         module.train()
         num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
-        sources, driving = train_data.batch(tc.seed, step, tc.batch_size, num_sources, ddp.rank)
+        sources, driving, landmarks = train_data.batch_with_landmarks(
+            tc.seed, step, tc.batch_size, num_sources, ddp.rank
+        )
         sources, driving = sources.to(dev), driving.to(dev)
+        guide = landmarks.to(dev) if tc.loss.landmark_guidance > 0 else None
         gen = seeded_generator(tc.seed, step, ddp.rank)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
 
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            output, losses = model(sources, driving, gen)
+            output, losses = model(sources, driving, gen, guide)
             use_gan = disc is not None and step >= tc.gan_start_step
             if use_gan:
                 # Generator side: the discriminator is a frozen judge (no DDP, no grads).
@@ -350,7 +383,7 @@ def train(
             plot_loss_curves(log_path, out / "loss_curves.png")
         if val_data is not None and (done % tc.val_every == 0 or done == steps):
             shipped = ema.module if ema is not None else module.net
-            val = validate(shipped, val_data, tc, dev)
+            val = validate(shipped, val_data, tc, dev, module.perceptual)
             if ddp.main:
                 with (out / "selection.jsonl").open("a") as f:
                     f.write(json.dumps({"step": done, **val}) + "\n")
@@ -359,8 +392,8 @@ def train(
                     f"(copy-source {val['copy_source_l1']:.4f}), "
                     f"psnr {val['psnr']:.2f} dB (copy-source {val['copy_source_psnr']:.2f})"
                 )
-                if val["l1"] < best_val:
-                    best_val = val["l1"]
+                if val[tc.select_on] < best_val:
+                    best_val = val[tc.select_on]
                     save_checkpoint(
                         out / "checkpoints" / "best.safetensors",
                         config,
@@ -449,6 +482,22 @@ def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return adapted
 
 
+@torch.no_grad()
+def _assign_guided_keypoints(
+    net: ImplicitWarpingNetwork, data: ClipDataset, tc, device: torch.device, frames: int = 64
+) -> tuple[int, ...]:
+    """Each landmark group gets the keypoint that sits nearest to it over `frames` driving
+    frames (fixed draws, no augmentation)."""
+    _, driving, landmarks = data.batch_with_landmarks(20_000 + tc.seed, 0, frames, 1, augment=False)
+    was_training = net.training
+    net.eval()  # no batch-norm statistics updated by looking
+    points = torch.cat(
+        [net.detect(chunk.to(device)).points.float().cpu() for chunk in driving.split(16)]
+    )
+    net.train(was_training)
+    return assign_guided_keypoints(points, landmarks)
+
+
 def _maybe_val_data(data, size, cache_dir, show_progress) -> ClipDataset | None:
     """The selection split (held-out train identities, `data.find_clips`): checkpoints are
     validated and chosen on it; the val split is left for `iwarp eval` to report."""
@@ -464,11 +513,16 @@ def _maybe_val_data(data, size, cache_dir, show_progress) -> ClipDataset | None:
 
 @torch.no_grad()
 def validate(
-    net: ImplicitWarpingNetwork, data: ClipDataset, tc, device: torch.device
+    net: ImplicitWarpingNetwork,
+    data: ClipDataset,
+    tc,
+    device: torch.device,
+    perceptual: PerceptualLoss | None = None,
 ) -> dict[str, float]:
-    """Fixed val batches (same every time): model L1/PSNR beside copy-the-source."""
+    """Fixed val batches (same every time): model L1/PSNR beside copy-the-source, and the
+    training perceptual loss when there is one (a GAN fine-tune is chosen on it)."""
     net.eval()
-    l1, copy_l1, psnr, copy_psnr, n = 0.0, 0.0, 0.0, 0.0, 0
+    l1, copy_l1, psnr, copy_psnr, percept, n = 0.0, 0.0, 0.0, 0.0, 0.0, 0
     for i in range(tc.val_batches):
         sources, driving = data.batch(10_000 + tc.seed, i, tc.batch_size, 1, augment=False)
         sources, driving = sources.to(device), driving.to(device)
@@ -478,8 +532,11 @@ def validate(
         copy_l1 += float((copy - driving).abs().mean())
         psnr += float(_psnr(output, driving).mean())
         copy_psnr += float(_psnr(copy, driving).mean())
+        if perceptual is not None:
+            percept += float(perceptual(output.float(), driving))
         n += 1
     return {
+        **({"perceptual": percept / n} if perceptual is not None else {}),
         "l1": l1 / n,
         "copy_source_l1": copy_l1 / n,
         "psnr": psnr / n,
