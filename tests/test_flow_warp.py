@@ -128,6 +128,22 @@ def test_load_compatible_takes_pixel_skip_weights() -> None:
     assert torch.equal(new.query_encoder.out.weight, old.query_encoder.out.weight)
 
 
+def test_load_compatible_into_an_ablation_without_extra_tokens() -> None:
+    """The flow ablations start from trained weights with a part removed: no extra tokens
+    means empty extra rows, left as they are; everything else is copied."""
+    trained = ImplicitWarpingNetwork(get_config("tiny_flow").model)
+    config = get_config("tiny_flow")
+    config.model.extra_tokens = 0
+    ablated = ImplicitWarpingNetwork(config.model)
+    adapted = load_compatible(ablated, trained.state_dict())
+    assert sorted(adapted) == sorted(
+        f"warp.{n} (shape (32, {w}): left new)"
+        for n, w in (("extra_keys", 64), ("extra_values", 64), ("extra_pixels", 3))
+    )
+    assert ablated.warp.extra_pixels.shape == (0, 3)
+    assert torch.equal(ablated.generator.out.weight, trained.generator.out.weight)
+
+
 def test_cosine_schedule_and_ema() -> None:
     tc = dataclasses.replace(TrainConfig(), lr=1.0, lr_schedule="cosine", lr_min_ratio=0.1)
     assert learning_rate(tc, 0, 101) == pytest.approx(1.0)

@@ -470,7 +470,11 @@ def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
                 adapted.append(f"{name} (new)")
             elif value.shape == target.shape:
                 target.copy_(value)
-            elif name.endswith("extra_pixels") and value.shape[1] % 3 == 0:
+            elif (
+                name.endswith("extra_pixels")
+                and value.shape[0] == target.shape[0]
+                and value.shape[1] % 3 == 0
+            ):
                 target.copy_(value.reshape(value.shape[0], 3, -1).mean(-1)[:, : target.shape[1]])
                 adapted.append(f"{name} (patch -> mean colour)")
             elif value.dim() == target.dim() and value.shape[0] == target.shape[0]:
