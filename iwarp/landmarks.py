@@ -131,8 +131,3 @@ def move_landmarks(points: np.ndarray, theta: np.ndarray) -> np.ndarray:
     `affine_grid(theta)` (theta (2, 3) maps output coordinates to input coordinates)."""
     a, t = theta[:, :2], theta[:, 2]
     return ((np.asarray(points) - t) @ np.linalg.inv(a).T).astype(np.float32)
-
-
-def group_targets(points: np.ndarray) -> np.ndarray:
-    """(..., 68, 2) landmarks -> (..., G, 2) targets, one per LANDMARK_GROUPS entry."""
-    return np.stack([points[..., list(idx), :].mean(-2) for idx in LANDMARK_GROUPS.values()], -2)

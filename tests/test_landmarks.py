@@ -21,7 +21,6 @@ from iwarp.landmarks import (
     LANDMARK_GROUPS,
     MIRROR_68,
     DlibFaces,
-    group_targets,
     mirror_landmarks,
     move_landmarks,
     to_unit,
@@ -46,6 +45,14 @@ def portrait() -> np.ndarray:
     image = read_image(DEFAULT_AVATAR)
     box = clip_crop_box([FaceDetector().detect(image)], scale=1.8)
     return crop_and_resize(image, box, SIZE)
+
+
+def group_centres(landmarks: torch.Tensor) -> torch.Tensor:
+    """The reference: each group's mean point, (B, G, 2)."""
+    return torch.stack(
+        [torch.stack([landmarks[:, i] for i in idx]).mean(0) for idx in LANDMARK_GROUPS.values()],
+        dim=1,
+    )
 
 
 def test_mirror_map_swaps_sides_and_is_its_own_inverse() -> None:
@@ -78,7 +85,7 @@ def test_landmarks_follow_the_driving_motion(faces: DlibFaces, portrait: np.ndar
 
 def test_guidance_pulls_only_the_guided_keypoints() -> None:
     landmarks = torch.rand(3, 68, 2) * 2 - 1
-    targets = torch.from_numpy(group_targets(landmarks.numpy()))
+    targets = group_centres(landmarks)
     guided = tuple(range(19, 19 - len(LANDMARK_GROUPS), -1))
     points = torch.rand(3, 20, 2) * 2 - 1
     points[:, list(guided)] = targets
@@ -97,7 +104,7 @@ def test_guidance_pulls_only_the_guided_keypoints() -> None:
 
 def test_assignment_gives_each_group_its_nearest_free_keypoint() -> None:
     landmarks = torch.rand(4, 68, 2) * 2 - 1
-    targets = torch.from_numpy(group_targets(landmarks.numpy()))
+    targets = group_centres(landmarks)
     order = torch.randperm(20)[: len(LANDMARK_GROUPS)]
     points = torch.rand(4, 20, 2) * 4 + 3  # far from every target...
     points[:, order] = targets + 0.01  # ...but these, each next to its group

@@ -271,14 +271,18 @@ def flow_smoothness_loss(
     return total / 2
 
 
+def _group_centres(landmarks: torch.Tensor) -> torch.Tensor:
+    """(B, 68, 2) landmarks -> (B, G, 2), the mean of each LANDMARK_GROUPS entry's points."""
+    return torch.stack([landmarks[:, list(i)].mean(1) for i in LANDMARK_GROUPS.values()], dim=1)
+
+
 def landmark_guidance_loss(
     points: torch.Tensor, landmarks: torch.Tensor, guided: tuple[int, ...]
 ) -> torch.Tensor:
     """L1 between guided keypoints (B, K, 2) and their landmark groups' centres, from the
     driving frames' 68 landmarks (B, 68, 2) in [-1, 1]; samples with no landmarks (NaN: no
     face found, or a still) are left out. `guided[g]` is group g's keypoint."""
-    groups = list(LANDMARK_GROUPS.values())
-    targets = torch.stack([landmarks[:, list(idx)].mean(1) for idx in groups], dim=1)
+    targets = _group_centres(landmarks)
     chosen = points[:, list(guided)]  # (B, G, 2)
     valid = ~torch.isnan(targets).any(-1)  # (B, G)
     if not bool(valid.any()):
@@ -292,16 +296,16 @@ def assign_guided_keypoints(points: torch.Tensor, landmarks: torch.Tensor) -> tu
     """One distinct keypoint per landmark group: the pair nearest on average over frames is
     taken first, then the next among the rest (greedy; K >= G). points (B, K, 2), landmarks
     (B, 68, 2) with NaN rows for frames without a face."""
-    groups = list(LANDMARK_GROUPS.values())
-    targets = torch.stack([landmarks[:, list(idx)].mean(1) for idx in groups], dim=1)
+    targets = _group_centres(landmarks)
     known = ~torch.isnan(targets).any(-1).any(-1)
     if not bool(known.any()):
         raise ValueError("no frame with landmarks to assign keypoints from")
-    if points.shape[1] < len(groups):
-        raise ValueError(f"{points.shape[1]} keypoints cannot cover {len(groups)} landmark groups")
+    groups = targets.shape[1]
+    if points.shape[1] < groups:
+        raise ValueError(f"{points.shape[1]} keypoints cannot cover {groups} landmark groups")
     cost = (points[known][:, :, None] - targets[known][:, None]).norm(dim=-1).mean(0)  # (K, G)
-    chosen = [-1] * len(groups)
-    for _ in groups:
+    chosen = [-1] * groups
+    for _ in range(groups):
         k, g = divmod(int(cost.argmin()), cost.shape[1])
         chosen[g] = k
         cost[k, :] = math.inf
