@@ -54,6 +54,10 @@ class ModelConfig:
     # photos are warped with grid_sample and blended by mass; the extra tokens' mass tells the
     # generator where nothing in the sources matches. Replaces the pixel skip's 8x8 patches.
     flow_warp: bool = False
+    # Frozen ImageNet features of each source (EfficientNet-Lite0's first blocks) added to its
+    # keys and values through zero-initialised projections (`model.source_features`): source
+    # side only, computed once per avatar.
+    source_features: bool = False
     # Keys/values/pixels average-pooled by this factor before attention (1 = off).
     spatial_reduction: int = 1
     # "attention": one softmax over all sources (the paper). "average": warp each source
@@ -95,6 +99,8 @@ class ModelConfig:
             raise ValueError("value_channels needs one entry per 2x step down to the grid")
         if self.kp_size // 2 ** (len(self.query_channels) - 1) < 1:
             raise ValueError("query/key UNet is too deep for this image size")
+        if self.source_features and self.attn_stride != 8:
+            raise ValueError("source_features are taken at stride 8: they need attn_stride 8")
         if self.pixel_skip and self.flow_warp:
             raise ValueError("pixel_skip and flow_warp are two ways to do one thing: pick one")
         if self.flow_warp and self.spatial_reduction != 1:
@@ -122,6 +128,11 @@ class LossWeights:
     # nose, chin; `iwarp.landmarks.LANDMARK_GROUPS`), as LivePortrait guides its keypoints:
     # geometry the network need not discover. Landmarks are found once per frame, offline.
     landmark_guidance: float = 0.0
+    # Temporal consistency: batches become pairs of driving frames a few frames apart with the
+    # same sources, and the output's change between them is held to the video's change
+    # (L1 of the difference), so that error which changes from frame to frame, seen as flicker,
+    # costs more than error that stays put.
+    temporal: float = 0.0
 
 
 @dataclass
@@ -163,6 +174,8 @@ class TrainConfig:
     # What chooses best.safetensors on the selection split: "l1" or "perceptual" (the training
     # perceptual loss; a GAN fine-tune trades L1 for it).
     select_on: str = "l1"
+    # Temporal loss: the most frames between a pair's two driving frames (1..gap, uniform).
+    temporal_gap: int = 2
 
 
 @dataclass

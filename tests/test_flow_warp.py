@@ -363,3 +363,72 @@ def test_stills_become_pairs_with_synthetic_motion(tmp_path) -> None:
     assert sources.shape == (2, 3, 64, 64) and driving.shape == (3, 64, 64)
     assert np.isnan(landmarks).all()  # a still: no landmarks to guide with
     assert float((sources[0] - driving).abs().mean()) > 0.005  # moved apart
+
+
+# ------------------------------------------------------------------ temporal pairs and loss
+
+
+def _clip_dataset(clips: list[np.ndarray]):
+    """A ClipDataset over frames already in memory, as the GPU check builds one."""
+    from iwarp.train.data import ClipDataset
+
+    data = ClipDataset.__new__(ClipDataset)
+    data.clips, data.size = clips, clips[0].shape[1]
+    weights = np.sqrt([len(c) for c in clips])
+    data.clip_weights = weights / weights.sum()
+    return data
+
+
+def test_temporal_pairs_share_sources_and_neighbour_in_one_clip() -> None:
+    """Frames carry their clip and index in their pixels: a pair's two driving frames come
+    from one clip, 1..gap frames apart, and both samples of a pair have the same sources."""
+    clips = [
+        np.stack([np.full((16, 16, 3), (c, i, 0), np.uint8) for i in range(n)])
+        for c, n in ((10, 40), (20, 2), (30, 25))
+    ]
+    data = _clip_dataset(clips)
+    sources, driving, landmarks = data.batch_with_landmarks(
+        0, 7, 8, 2, augment=False, temporal_gap=2
+    )
+    assert sources.shape == (8, 2, 3, 16, 16) and driving.shape == (8, 3, 16, 16)
+    assert landmarks.shape == (8, 68, 2) and torch.isnan(landmarks).all()
+    code = (driving[:, :2, 0, 0] * 255).round().long()  # (clip, index) of each frame
+    gaps = []
+    for a in range(0, 8, 2):
+        assert torch.equal(sources[a], sources[a + 1])
+        assert code[a, 0] == code[a + 1, 0] != 20  # one clip, never the 2-frame one (no gap-2 pair)
+        gaps.append(int(code[a + 1, 1] - code[a, 1]))
+    assert set(gaps) <= {1, 2} and len(set(gaps)) >= 1
+    with pytest.raises(ValueError, match="even batch"):
+        data.batch_with_landmarks(0, 0, 3, 1, temporal_gap=2)
+
+
+def test_temporal_pairs_get_one_augmentation() -> None:
+    """A clip of one repeated photo: whatever flip, colour change and driving-frame move a pair
+    gets, its two driving frames must come out equal, or the loss would price the augmentation."""
+    photo = read_image(DEFAULT_AVATAR)[:96, :96]
+    data = _clip_dataset([np.stack([photo] * 6)])
+    moved = 0
+    for step in range(12):
+        _, driving, _ = data.batch_with_landmarks(0, step, 2, 1, temporal_gap=2)
+        torch.testing.assert_close(driving[0], driving[1], atol=0, rtol=0)
+        unmoved = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+        moved += float((driving[0].mean(0) - unmoved.mean(0)).abs().mean()) > 0.02
+    assert moved > 0  # some pairs were moved or recoloured, and still match
+
+
+def test_temporal_loss_prices_only_error_that_changes() -> None:
+    from iwarp.train.losses import temporal_loss
+
+    torch.manual_seed(0)
+    driving = torch.rand(4, 3, 8, 8)
+    steady_error = torch.rand(2, 1, 3, 8, 8).expand(2, 2, 3, 8, 8).flatten(0, 1) * 0.3
+    assert float(temporal_loss(driving + steady_error, driving)) < 1e-6
+    jitter = torch.zeros(4, 3, 8, 8)
+    jitter[1::2] = 0.1  # the second frame of each pair is off by 0.1 everywhere
+    assert float(temporal_loss(driving + jitter, driving)) == pytest.approx(0.1, abs=1e-6)
+    still = driving[::2].repeat_interleave(2, dim=0)  # output stuck at the first frame
+    change = (driving[1::2] - driving[::2]).abs().mean()
+    assert float(temporal_loss(still, driving)) == pytest.approx(float(change), rel=1e-5)
+    with pytest.raises(ValueError, match="pairs"):
+        temporal_loss(driving[:3], driving[:3])

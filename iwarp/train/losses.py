@@ -311,3 +311,14 @@ def assign_guided_keypoints(points: torch.Tensor, landmarks: torch.Tensor) -> tu
         cost[k, :] = math.inf
         cost[:, g] = math.inf
     return tuple(chosen)
+
+
+def temporal_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+    """L1 between the output's change and the video's change over temporal pairs: samples
+    2i and 2i+1 of the batch (`ClipDataset.sample_pair`). Zero when the error is the same in
+    both frames, however large: this term only prices error that moves, i.e. flicker."""
+    if output.shape[0] % 2:
+        raise ValueError(f"the temporal loss needs pairs: batch of {output.shape[0]}")
+    out = output.float().unflatten(0, (-1, 2))
+    drv = driving.float().unflatten(0, (-1, 2))
+    return ((out[:, 1] - out[:, 0]) - (drv[:, 1] - drv[:, 0])).abs().mean()

@@ -35,6 +35,7 @@ from iwarp.train.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
     landmark_guidance_loss,
+    temporal_loss,
 )
 from iwarp.train.plots import plot_loss_curves, save_sample_grid
 
@@ -83,6 +84,8 @@ class TrainStep(nn.Module):
             )
         if w.strength_floor > 0:
             losses["strength_floor"] = torch.relu(0.2 - kp.strength.mean(dim=1)).mean()
+        if w.temporal > 0:
+            losses["temporal"] = temporal_loss(output, driving)
         if w.landmark_guidance > 0 and landmarks is not None:
             losses["landmark_guidance"] = landmark_guidance_loss(
                 kp.points, landmarks, self.config.train.guided_keypoints
@@ -140,6 +143,9 @@ class TrainOptions:
     )
     no_residual: bool = option(False, help="ablation: no residual branch")
     extra_tokens: int | None = option(None, help="ablation: number of extra tokens (0 = off)")
+    source_features: bool = option(
+        False, help="add frozen ImageNet features of the sources to keys and values"
+    )
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     stills: str | None = option(
         None, help="folder of portrait photos mixed in with synthetic motion (still_share)"
@@ -178,6 +184,8 @@ class TrainOptions:
             config.model.residual_branch = False
         if self.extra_tokens is not None:
             config.model.extra_tokens = self.extra_tokens
+        if self.source_features:
+            config.model.source_features = True
         return config
 
 
@@ -261,14 +269,21 @@ def train(
         start = ckpt.step
         best_val = ckpt.extra.get("best_val", math.inf)
         tc.guided_keypoints = ckpt.config.train.guided_keypoints  # the run's, not a new choice
-    elif init_checkpoint:
-        init = Checkpoint(init_checkpoint)
-        if init.config.model == config.model:
-            init.load_module(module.net)
-        else:
-            adapted = load_compatible(module.net, init.state_dict())
-            if ddp.main:
-                print(f"init from {init_checkpoint}: adapted {adapted}")
+    else:
+        init_state: dict[str, torch.Tensor] = {}
+        if init_checkpoint:
+            init = Checkpoint(init_checkpoint)
+            init_state = init.state_dict()
+            if init.config.model == config.model:
+                init.load_module(module.net)
+            else:
+                adapted = load_compatible(module.net, init_state)
+                if ddp.main:
+                    print(f"init from {init_checkpoint}: adapted {adapted}")
+        if config.model.source_features and not any(
+            name.startswith("source_features.") for name in init_state
+        ):
+            module.net.source_features.load_imagenet_weights()
 
     if tc.loss.landmark_guidance > 0:
         train_data.load_landmarks(cache_dir, ddp.main and show_progress)
@@ -309,7 +324,12 @@ def train(
         module.train()
         num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
         sources, driving, landmarks = train_data.batch_with_landmarks(
-            tc.seed, step, tc.batch_size, num_sources, ddp.rank
+            tc.seed,
+            step,
+            tc.batch_size,
+            num_sources,
+            ddp.rank,
+            temporal_gap=tc.temporal_gap if tc.loss.temporal > 0 else 0,
         )
         sources, driving = sources.to(dev), driving.to(dev)
         guide = landmarks.to(dev) if tc.loss.landmark_guidance > 0 else None
