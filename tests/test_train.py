@@ -265,6 +265,10 @@ def test_temporal_pairs_and_imagenet_source_features_train(
         config, clip_dir, run, 2, init_checkpoint=init, cache_dir=cache, show_progress=False
     )
     assert last["temporal"] > 0 and math.isfinite(last["temporal"])
+    config.train.batch_size = 3  # pairs: said before any data is read
+    with pytest.raises(IwarpError, match="batch size 3 is odd"):
+        train(config, tmp_path / "missing", tmp_path / "odd", 1, show_progress=False)
+    config.train.batch_size = 2
     imagenet = SourceFeatures()
     imagenet.load_imagenet_weights()
     trained = Checkpoint(run / "checkpoints" / "latest.safetensors").state_dict()

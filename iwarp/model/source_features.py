@@ -25,8 +25,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # EfficientNet-Lite0's stem and first five blocks: (expand ratio, kernel, stride, in, out).
-_BLOCKS = ((1, 3, 1, 32, 16), (6, 3, 2, 16, 24), (6, 3, 1, 24, 24), (6, 5, 2, 24, 40))
-_BLOCKS = (*_BLOCKS, (6, 5, 1, 40, 40))
+_BLOCKS = (
+    (1, 3, 1, 32, 16),
+    (6, 3, 2, 16, 24),
+    (6, 3, 1, 24, 24),
+    (6, 5, 2, 24, 40),
+    (6, 5, 1, 40, 40),
+)
 # Outputs taken: block 2 (stride 4, 24 channels) and block 4 (stride 8, 40 channels).
 _TAPS = (2, 4)
 CHANNELS = 24 + 40

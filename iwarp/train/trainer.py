@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,11 @@ def train(
             f"cannot choose checkpoints on {tc.select_on!r}",
             "use select_on l1, or perceptual with a perceptual loss weight above 0",
         )
+    if tc.loss.temporal > 0 and tc.batch_size % 2:
+        raise IwarpError(
+            f"the temporal loss trains on pairs of frames: batch size {tc.batch_size} is odd",
+            "use an even --batch-size",
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
     if dev.type == "cuda":
@@ -238,7 +244,13 @@ def train(
             show_progress=ddp.main and show_progress,
         )
         val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
-    if stills is not None and tc.still_share > 0:
+    if stills is not None and tc.still_share > 0 and tc.loss.temporal > 0:
+        warnings.warn(
+            "the temporal loss trains on pairs of neighbouring clip frames: the stills are not "
+            "used (drop --stills, or the temporal loss)",
+            stacklevel=2,
+        )
+    elif stills is not None and tc.still_share > 0:
         photos = load_stills(stills, tc.train_size, cache_dir, ddp.main and show_progress)
         train_data.add_stills(photos, tc.still_share)
 
