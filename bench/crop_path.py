@@ -10,12 +10,12 @@ right edge, and (for comparison) the numpy index-clamping the crop used before.
 from __future__ import annotations
 
 import argparse
-import time
 
 import cv2
 import numpy as np
 
 from iwarp.face import CropBox, crop_and_resize
+from iwarp.metrics import median_call_ms
 
 
 def numpy_clamp_crop(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
@@ -26,16 +26,6 @@ def numpy_clamp_crop(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     cols = np.clip(np.arange(x0, x1), 0, w - 1)
     patch = frame[rows[:, None], cols[None, :]]
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -55,10 +45,10 @@ def main() -> None:
             "past right": CropBox(w - 0.1 * side, h / 2, side),
         }
         for name, box in boxes.items():
-            new = median_ms(lambda b=box, f=frame: crop_and_resize(f, b, args.size), args.runs)
+            new = median_call_ms(lambda b=box, f=frame: crop_and_resize(f, b, args.size), args.runs)
             old = "-"
             if name != "inside":
-                ms = median_ms(lambda b=box, f=frame: numpy_clamp_crop(f, b, args.size), 20)
+                ms = median_call_ms(lambda b=box, f=frame: numpy_clamp_crop(f, b, args.size), 20)
                 old = f"{ms:.2f} ms"
             print(f"| {w}x{h} | {name} | {new:.2f} ms | {old} |")
 

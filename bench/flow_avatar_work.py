@@ -13,23 +13,13 @@ change.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from iwarp.checkpoint import load_network
+from iwarp.metrics import median_call_ms
 from iwarp.model.warp import photos_from_pixels, source_coordinates
 from iwarp.system import cpu_name
-
-
-def _ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3  # median
 
 
 def main() -> None:
@@ -55,8 +45,11 @@ def main() -> None:
                 source.pixels.unflatten(-1, (3, -1)).mean(-1)
                 source_coordinates(n, side, source.keys, extra_rows=extra)
 
-            whole = _ms(lambda source=source, pose=pose: net.animate(source, pose), args.repeats)
-            part = _ms(per_avatar, args.repeats)
+            def step(source=source, pose=pose) -> None:
+                net.animate(source, pose)
+
+            whole = median_call_ms(step, args.repeats)
+            part = median_call_ms(per_avatar, args.repeats)
             print(
                 f"{n} source(s): animate {whole:.2f} ms, per-avatar pieces {part:.3f} ms "
                 f"({100 * part / whole:.1f} %)"

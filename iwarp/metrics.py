@@ -1,5 +1,5 @@
 """Numbers shared by the build, calibration and benchmark checks (numpy): image differences,
-latency percentiles.
+latency percentiles, the median time of a call.
 
 `iwarp.evaluation.metrics` has the paper's metrics on torch tensors (PSNR per image, SSIM,
 perceptual, landmarks); these are the plain array forms used where no torch is loaded.
@@ -7,7 +7,8 @@ perceptual, landmarks); these are the plain array forms used where no torch is l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,3 +42,15 @@ def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float | None]:
         "mean": round(float(np.mean(seconds)) * 1e3, 1) if len(seconds) else None,
         "max": round(max(seconds) * 1e3, 1) if len(seconds) else None,
     }
+
+
+def median_call_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls, after one warm-up call (the
+    benchmarks' per-piece timings)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3

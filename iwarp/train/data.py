@@ -254,18 +254,10 @@ class ClipDataset:
         clip = self.clips[c]
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
-        frames = np.asarray(clip[[*np.sort(idx[:num_sources]).tolist(), idx[-1]]])
-        if self.landmarks is not None:
-            landmarks = self.landmarks[c][idx[-1]].copy()
-        x = torch.from_numpy(image_to_tensor(frames))
-        if augment:
-            x, flipped = _augment(x, rng)
-            if flipped:
-                landmarks = mirror_landmarks(landmarks)
-            if rng.random() < DRIVING_MOTION_SHARE:
-                x[num_sources], theta = _move(x[num_sources], rng)
-                landmarks = move_landmarks(landmarks, theta)
-        return x[:num_sources], x[num_sources], landmarks
+        sources, driving, landmarks = self._clip_frames(
+            rng, c, np.sort(idx[:num_sources]).tolist(), [int(idx[-1])], augment
+        )
+        return sources, driving[0], landmarks[0]
 
     def sample_pair(
         self, rng: np.random.Generator, num_sources: int, max_gap: int, augment: bool = True
@@ -275,7 +267,6 @@ class ClipDataset:
         their landmarks (2, 68, 2). Flip, colour and any driving-frame move are the same for
         both frames, so the only change between them is the video's. Clips only: a still has
         no neighbouring frame."""
-        landmarks = np.full((2, 68, 2), np.nan, dtype=np.float32)
         usable = [i for i, clip in enumerate(self.clips) if len(clip) > max_gap]
         if not usable:
             raise InputError(
@@ -289,18 +280,34 @@ class ClipDataset:
         first = int(rng.integers(len(clip) - gap))
         driving = [first, first + gap]
         idx = rng.choice(len(clip), size=num_sources, replace=len(clip) < num_sources)
-        frames = np.asarray(clip[[*np.sort(idx).tolist(), *driving]])
+        return self._clip_frames(rng, c, np.sort(idx).tolist(), driving, augment)
+
+    def _clip_frames(
+        self,
+        rng: np.random.Generator,
+        c: int,
+        sources: list[int],
+        driving: list[int],
+        augment: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Frames of clip `c` as sources (N, 3, S, S) and driving frames (D, 3, S, S), with
+        the driving frames' landmarks (D, 68, 2). One flip and colour change for all frames
+        (one scene), and on DRIVING_MOTION_SHARE of samples one move for all driving frames."""
+        frames = np.asarray(self.clips[c][[*sources, *driving]])
         if self.landmarks is not None:
             landmarks = self.landmarks[c][driving].copy()
+        else:
+            landmarks = np.full((len(driving), 68, 2), np.nan, dtype=np.float32)
         x = torch.from_numpy(image_to_tensor(frames))
+        n = len(sources)
         if augment:
             x, flipped = _augment(x, rng)
             if flipped:
-                landmarks = np.stack([mirror_landmarks(lm) for lm in landmarks])
+                landmarks = mirror_landmarks(landmarks)
             if rng.random() < DRIVING_MOTION_SHARE:
-                x[num_sources:], theta = _move(x[num_sources:], rng)
-                landmarks = np.stack([move_landmarks(lm, theta) for lm in landmarks])
-        return x[:num_sources], x[num_sources:], landmarks
+                x[n:], theta = _move(x[n:], rng)
+                landmarks = move_landmarks(landmarks, theta)
+        return x[:n], x[n:], landmarks
 
     def batch(
         self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True

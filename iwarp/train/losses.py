@@ -19,9 +19,7 @@ from iwarp.errors import CheckpointError
 from iwarp.landmarks import LANDMARK_GROUPS
 from iwarp.model.blocks import make_coordinate_grid
 from iwarp.model.keypoints import KeypointDetector
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from iwarp.model.source_features import IMAGENET_MEAN, IMAGENET_STD
 
 
 class _EfficientNetLite0Features(nn.Module):
