@@ -20,7 +20,8 @@ OpenCV) it
      program, --enqueue);
   5. times one whole frame of the shipped weights (SDPA / fused, eager / CUDA graph);
   6. fine-tunes the shipped weights for the minutes left (iwarp.train.trainer), validating
-     before and after;
+     before and after; --loss NAME=W and --source-features change the recipe as they do for
+     `iwarp train` (e.g. --loss temporal=20 --loss stillness=100 --source-features);
   7. writes report.json, report.md, the checkpoint, the table and the log into the output.
 Each step reports its own failure and the rest go on. --dry-run runs steps 1 (clips only), 5
 (CPU, eager SDPA) and 6 (two CPU steps) and the report, on the CPU, quickly.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -42,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +321,13 @@ def finetune(
     seconds: float,
     device: str,
     start: Path | None = None,
+    losses: Sequence[str] = (),
+    source_features: bool = False,
 ) -> dict[str, Any]:
     """Fine-tunes `start` (default: the shipped weights) for `seconds` with the trainer's loop
-    and the losses of the checkpoint's own config (e.g. the flow warp's of issue 17)."""
+    and the losses of the checkpoint's own config (e.g. the flow warp's of issue 17), changed
+    by `losses` ("NAME=W", as `iwarp train --loss`); `source_features` adds the frozen
+    ImageNet source features (`iwarp train --source-features`)."""
     import torch
 
     from iwarp.checkpoint import Checkpoint, load_network
@@ -330,8 +336,11 @@ def finetune(
     ckpt = Checkpoint(start)
     config = ckpt.config
     tc = config.train
-    if run.dry_run:  # a CPU: the smallest run that still takes real steps
-        tc.batch_size, tc.log_every, tc.sample_every, tc.val_every = 1, 1, 10**9, 10**9
+    tc.loss.override(losses)
+    config.model.source_features = config.model.source_features or source_features
+    if run.dry_run:  # a CPU: the smallest run that still takes real steps (pairs need 2)
+        tc.batch_size = 2 if tc.loss.needs_pairs else 1
+        tc.log_every, tc.sample_every, tc.val_every = 1, 10**9, 10**9
         tc.val_batches = 1
     else:
         tc.sample_every, tc.val_every = 10**9, 10**9  # validated below, before and after
@@ -367,6 +376,8 @@ def finetune(
         "seconds": round(train_s, 1),
         "batch_size": tc.batch_size,
         "samples_per_s": round(tc.batch_size * tuned.step / max(train_s, 1e-9), 1),
+        "loss_weights": dataclasses.asdict(tc.loss),
+        "source_features": config.model.source_features,
         "last_losses": last,
         "val_before": before,
         "val_after": after,
@@ -394,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="checkpoint to fine-tune in the time left (default: the shipped weights)",
+    )
+    parser.add_argument(
+        "--loss",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="fine-tune with this loss weight (repeatable; as iwarp train --loss)",
+    )
+    parser.add_argument(
+        "--source-features",
+        action="store_true",
+        help="fine-tune with frozen ImageNet source features (as iwarp train --source-features)",
     )
     args = parser.parse_args(argv)
 
@@ -545,7 +568,14 @@ def main(argv: list[str] | None = None) -> int:
         tuned = run.step(
             "fine-tune the shipped weights",
             lambda: finetune(
-                run, clips[0], clips[1], left, "cuda" if cuda else "cpu", args.finetune
+                run,
+                clips[0],
+                clips[1],
+                left,
+                "cuda" if cuda else "cpu",
+                args.finetune,
+                args.loss,
+                args.source_features,
             ),
         )
         if tuned is not None:
@@ -583,9 +613,12 @@ def finetune_rows(t: dict[str, Any]) -> list[str]:
         return "n/a" if not v else f"{v[key]:.4f}" if "l1" in key else f"{v[key]:.2f}"
 
     b, a = t.get("val_before"), t.get("val_after")
+    weights = ", ".join(f"{k} {v:g}" for k, v in t.get("loss_weights", {}).items() if v)
+    features = "; frozen ImageNet source features" if t.get("source_features") else ""
     return [
         f"{t['steps']} steps from the shipped weights in {t['seconds']} s, batch "
         f"{t['batch_size']}, {t['train_clips']} train / {t['val_clips']} val clips.",
+        f"Loss weights: {weights}{features}.",
         "",
         "| val | before | after | copy-the-source |",
         "|---|---|---|---|",

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from iwarp.errors import CheckpointError
+from iwarp.errors import CheckpointError, IwarpError
 
 MultiSourceMode = Literal["attention", "average"]
 
@@ -133,6 +134,32 @@ class LossWeights:
     # (L1 of the difference), so that error which changes from frame to frame, seen as flicker,
     # costs more than error that stays put.
     temporal: float = 0.0
+    # Stillness, on the same pairs: the output's change where the video does not change
+    # (`losses.stillness_loss`). Half the flow warp's frame-to-frame error sits in such pixels
+    # (background, a head held still) and none of it is motion to follow. Moving parts cost
+    # nothing here, but a generator that blurs everything still lowers it.
+    stillness: float = 0.0
+    # Flow warp: the same, on the blended warp before the generator, so that the flow itself
+    # holds still there instead of the generator smoothing over it.
+    warp_stillness: float = 0.0
+
+    @property
+    def needs_pairs(self) -> bool:
+        """Whether batches must be temporal pairs of driving frames."""
+        return self.temporal > 0 or self.stillness > 0 or self.warp_stillness > 0
+
+    def override(self, specs: Iterable[str]) -> None:
+        """Sets weights from "NAME=W" strings (`iwarp train --loss`, the GPU check)."""
+        for spec in specs:
+            key, _, value = spec.partition("=")
+            if key not in vars(self):
+                raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(self))}")
+            try:
+                setattr(self, key, float(value))
+            except ValueError:
+                raise IwarpError(
+                    f"loss weight {spec!r} is not NAME=NUMBER", f"e.g. {key}=1.0"
+                ) from None
 
 
 @dataclass
@@ -174,7 +201,8 @@ class TrainConfig:
     # What chooses best.safetensors on the selection split: "l1" or "perceptual" (the training
     # perceptual loss; a GAN fine-tune trades L1 for it).
     select_on: str = "l1"
-    # Temporal loss: the most frames between a pair's two driving frames (1..gap, uniform).
+    # Temporal and stillness losses: the most frames between a pair's two driving frames
+    # (1..gap, uniform).
     temporal_gap: int = 2
 
 

@@ -3,8 +3,9 @@
 `--prepare` packs a few real clips with their crop boxes (OpenCV decode, MediaPipe boxes) into
 a folder; `--dry-run` then decodes them with OpenCV and crops with the prepared boxes, times
 one frame of the shipped weights on the CPU and fine-tunes them for two steps through the real
-trainer, writing report.json/report.md and a checkpoint, all with PyAV and MediaPipe blocked
-(the GPU machine has neither).
+trainer with the recipe a GPU session is to try (temporal and stillness losses on frame pairs,
+frozen ImageNet source features), writing report.json/report.md and a checkpoint, all with PyAV
+and MediaPipe blocked (the GPU machine has neither).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def test_prepare_then_dry_run(tmp_path):
         "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]),
     }
+    recipe = ["--loss", "temporal=20", "--loss", "stillness=100", "--source-features"]
     result = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run", "--prepared", str(prepared)],
+        ["bash", str(SCRIPT), "--dry-run", "--prepared", str(prepared), *recipe],
         capture_output=True,
         text=True,
         timeout=600,
@@ -81,8 +83,18 @@ def test_prepare_then_dry_run(tmp_path):
     tuned = report["finetune"]
     assert tuned["steps"] == 2 and tuned["train_clips"] >= 1 and tuned["val_clips"] >= 1
     assert tuned["val_after"]["psnr"] > 10.0  # a real image came out, not noise or NaN
+    assert tuned["batch_size"] == 2  # one temporal pair
+    assert (tuned["loss_weights"]["temporal"], tuned["loss_weights"]["stillness"]) == (20, 100)
+    assert {"temporal", "stillness"} <= tuned["last_losses"].keys()
+    assert tuned["source_features"] is True
+    from iwarp.checkpoint import Checkpoint
+
+    tensors = Checkpoint(out / "finetuned.safetensors").state_dict()
+    assert "source_features.stem.1.weight" in tensors and "source_key_proj.weight" in tensors
     assert (out / "finetuned.safetensors").stat().st_size > 1_000_000
-    assert "Fine-tuning the shipped weights" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "Fine-tuning the shipped weights" in report_md
+    assert "temporal 20, stillness 100; frozen ImageNet source features" in report_md
     assert (out / "device_check.log").is_file()
 
 

@@ -432,3 +432,44 @@ def test_temporal_loss_prices_only_error_that_changes() -> None:
     assert float(temporal_loss(still, driving)) == pytest.approx(float(change), rel=1e-5)
     with pytest.raises(ValueError, match="pairs"):
         temporal_loss(driving[:3], driving[:3])
+
+
+def test_stillness_loss_prices_change_only_where_the_video_is_still() -> None:
+    from iwarp.train.losses import stillness_loss
+
+    torch.manual_seed(0)
+    frame = torch.rand(1, 3, 32, 32)
+    moved = frame.clone()
+    moved[..., :, 16:] = torch.rand(1, 3, 32, 16)  # the right half changes, the left stays
+    driving = torch.cat([frame, moved])
+    assert float(stillness_loss(driving, driving)) < 1e-6  # following the video costs nothing
+    frozen = frame.expand(2, 3, 32, 32)  # not following the moving half costs nothing either
+    assert float(stillness_loss(frozen, driving)) < 1e-6
+    wobble = driving.clone()
+    wobble[1, :, :, :4] += 0.2  # the still left edge changes by 0.2 in the second frame
+    assert float(stillness_loss(wobble, driving)) == pytest.approx(0.2 * 4 * 32 / 1024, rel=1e-5)
+    right_only = driving.clone()
+    right_only[1, :, :, 24:] += 0.2  # change inside the moving half: not priced
+    assert float(stillness_loss(right_only, driving)) < 1e-6
+    with pytest.raises(ValueError, match="pairs"):
+        stillness_loss(driving[:1], driving[:1])
+
+
+def test_temporal_split_adds_up_to_flicker_and_temporal_error() -> None:
+    from iwarp.evaluation.metrics import temporal_split
+
+    torch.manual_seed(0)
+    driving = torch.rand(1, 3, 32, 32).repeat(5, 1, 1, 1)
+    driving[:, :, :, 16:] = torch.rand(5, 3, 32, 16)  # the right half moves, the left is still
+    output = driving + 0.05 * torch.randn_like(driving)  # follows, with jitter everywhere
+    parts = temporal_split(output, driving)
+    for name, total in (("flicker", flicker), ("temporal_error", temporal_error)):
+        whole = parts[f"{name}_still"] + parts[f"{name}_moving"]
+        assert whole == pytest.approx(total(output, driving), rel=1e-5)
+    # The still left half, less the 4-px band the 9x9 window blurs the moving half into: 3/8
+    # of the pixels (a few more at the corners, where the window reaches over the border).
+    assert parts["still_share"] == pytest.approx(12 / 32, abs=0.005)
+    assert parts["flicker_still"] > 0  # jitter where the video is still shows up there
+    assert temporal_split(driving, driving)["temporal_error_still"] == 0.0
+    with pytest.raises(ValueError, match="same number"):
+        temporal_split(output[:1], driving[:1])

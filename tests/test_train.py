@@ -253,18 +253,28 @@ def test_temporal_pairs_and_imagenet_source_features_train(
     start = train(base, clip_dir, tmp_path / "base", 1, cache_dir=cache, show_progress=False)
     assert "temporal" not in start
     options = TrainOptions(
-        config="tiny_flow", data=str(clip_dir), out="", loss=["temporal=1"], source_features=True
+        config="tiny_flow",
+        data=str(clip_dir),
+        out="",
+        loss=["temporal=1", "stillness=2", "warp_stillness=3"],
+        source_features=True,
     )
     config = options.to_config()
+    weights = config.train.loss
+    assert (weights.temporal, weights.stillness, weights.warp_stillness) == (1.0, 2.0, 3.0)
     config.model.image_size = SIZE
     config.train = small_train_config().train
     config.train.loss.temporal = 1.0
+    config.train.loss.stillness = 2.0
+    config.train.loss.warp_stillness = 3.0
     run = tmp_path / "features"
     init = tmp_path / "base" / "checkpoints" / "latest.safetensors"
     last = train(
         config, clip_dir, run, 2, init_checkpoint=init, cache_dir=cache, show_progress=False
     )
     assert last["temporal"] > 0 and math.isfinite(last["temporal"])
+    for name in ("stillness", "warp_stillness"):
+        assert last[name] >= 0 and math.isfinite(last[name])
     config.train.batch_size = 3  # pairs: said before any data is read
     with pytest.raises(IwarpError, match="batch size 3 is odd"):
         train(config, tmp_path / "missing", tmp_path / "odd", 1, show_progress=False)
@@ -397,3 +407,26 @@ def test_training_beats_copy_source_on_a_real_clip(shared_data: Path, tmp_path: 
     assert copy_l1 > 0.04, report  # the clip really moves
     assert model_l1 < 0.8 * copy_l1, report
     assert model_l1 < mean_l1, report
+
+
+def test_loss_flag_takes_loss_weights_only(tmp_path: Path) -> None:
+    """`--loss NAME=W` sets a weight of `LossWeights`; other names (its `needs_pairs`
+    property included) are refused, and the stillness loss alone already needs pairs, as
+    far apart as `--temporal-gap` says."""
+    from iwarp.train.trainer import TrainOptions
+
+    for bad in ("needs_pairs=1", "nonsense=1"):
+        with pytest.raises(IwarpError, match="unknown loss"):
+            TrainOptions(config="tiny_flow", data="", out="", loss=[bad]).to_config()
+    with pytest.raises(IwarpError, match="not NAME=NUMBER"):
+        TrainOptions(config="tiny_flow", data="", out="", loss=["l1=one"]).to_config()
+    config = TrainOptions(
+        config="tiny_flow", data="", out="", loss=["stillness=5"], batch_size=3, temporal_gap=8
+    ).to_config()
+    assert config.train.loss.needs_pairs and not config.train.loss.temporal
+    assert config.train.temporal_gap == 8
+    with pytest.raises(IwarpError, match="batch size 3 is odd"):
+        train(config, tmp_path / "missing", tmp_path / "odd", 1, show_progress=False)
+    config.train.batch_size, config.train.temporal_gap = 2, 0
+    with pytest.raises(IwarpError, match="temporal gap 0"):
+        train(config, tmp_path / "missing", tmp_path / "gap", 1, show_progress=False)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iwarp.train.losses import still_pixels
+
 PSNR_NAME = "PSNR in dB on [0, 1] RGB, per frame, then averaged"
 L1_NAME = "mean absolute error on the 0-255 scale (the paper's L1)"
 SSIM_NAME = "SSIM, 11x11 Gaussian window (sigma 1.5), per channel on [0, 1], averaged"
@@ -149,6 +151,27 @@ def temporal_error(output: torch.Tensor, driving: torch.Tensor) -> float:
     out_change = output[1:].float() - output[:-1].float()
     drv_change = driving[1:].float() - driving[:-1].float()
     return float((out_change - drv_change).abs().mean() / drv_change.abs().mean().clamp_min(1e-8))
+
+
+def temporal_split(output: torch.Tensor, driving: torch.Tensor) -> dict[str, float]:
+    """`flicker` and `temporal_error` of (T, 3, H, W) output frames, each split into pixels
+    where the driving video is still between two frames (`iwarp.train.losses.still_pixels`,
+    the stillness loss's own test) and pixels where it moves; the two parts of a measure add
+    up to its total. Also the share of still pixels."""
+    if output.shape[0] < 2 or driving.shape[0] != output.shape[0]:
+        raise ValueError("temporal_split needs the same number (>= 2) of output and driving frames")
+    video_change = driving[1:].float() - driving[:-1].float()
+    change = output[1:].float() - output[:-1].float()
+    still = still_pixels(driving[:-1], driving[1:])
+    scale = float(video_change.abs().mean().clamp_min(1e-8))
+    result = {"still_share": float(still.mean())}
+    for name, per_pixel in (
+        ("flicker", change.abs().mean(1, keepdim=True)),
+        ("temporal_error", (change - video_change).abs().mean(1, keepdim=True)),
+    ):
+        result[f"{name}_still"] = float((per_pixel * still).mean()) / scale
+        result[f"{name}_moving"] = float((per_pixel * (1 - still)).mean()) / scale
+    return result
 
 
 LANDMARK_TRANSFER_NAME = (

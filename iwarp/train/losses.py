@@ -320,3 +320,27 @@ def temporal_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
     out = output.float().unflatten(0, (-1, 2))
     drv = driving.float().unflatten(0, (-1, 2))
     return ((out[:, 1] - out[:, 0]) - (drv[:, 1] - drv[:, 0])).abs().mean()
+
+
+# A pixel is still between the two frames of a pair where the video's change, averaged over
+# colour and a 9x9 window, stays under this (camera noise and compression alone stay below it).
+STILL_BELOW = 0.02
+
+
+def stillness_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+    """Mean |output change| over temporal pairs (samples 2i, 2i+1), counted only where the
+    driving video is still between the two frames: a background that wobbles, or a face that
+    moves while the person holds still. Moving pixels cost nothing."""
+    if output.shape[0] % 2:
+        raise ValueError(f"the stillness loss needs pairs: batch of {output.shape[0]}")
+    out = output.float().unflatten(0, (-1, 2))
+    drv = driving.float().unflatten(0, (-1, 2))
+    still = still_pixels(drv[:, 0], drv[:, 1])
+    return ((out[:, 1] - out[:, 0]).abs().mean(1, keepdim=True) * still).mean()
+
+
+def still_pixels(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """1 where two video frames (B, 3, H, W) agree (colour-mean change, 9x9 average, under
+    STILL_BELOW), else 0: (B, 1, H, W)."""
+    change = (after.float() - before.float()).abs().mean(1, keepdim=True)
+    return (F.avg_pool2d(change, 9, 1, 4) < STILL_BELOW).float()

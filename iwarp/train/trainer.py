@@ -36,6 +36,7 @@ from iwarp.train.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
     landmark_guidance_loss,
+    stillness_loss,
     temporal_loss,
 )
 from iwarp.train.plots import plot_loss_curves, save_sample_grid
@@ -87,6 +88,10 @@ class TrainStep(nn.Module):
             losses["strength_floor"] = torch.relu(0.2 - kp.strength.mean(dim=1)).mean()
         if w.temporal > 0:
             losses["temporal"] = temporal_loss(output, driving)
+        if w.stillness > 0:
+            losses["stillness"] = stillness_loss(output, driving)
+        if w.warp_stillness > 0 and flow is not None:
+            losses["warp_stillness"] = stillness_loss(flow.blended, driving)
         if w.landmark_guidance > 0 and landmarks is not None:
             losses["landmark_guidance"] = landmark_guidance_loss(
                 kp.points, landmarks, self.config.train.guided_keypoints
@@ -139,6 +144,11 @@ class TrainOptions:
         None, help="most source frames per sample (default: the config's)"
     )
     bf16: bool = option(False, help="bfloat16 autocast")
+    temporal_gap: int | None = option(
+        None,
+        help="temporal and stillness losses: most frames between a pair's two frames "
+        "(1..N, uniform; default: the config's)",
+    )
     loss: list[str] = option(
         default_factory=list, metavar="NAME=W", help="override a loss weight (repeatable)"
     )
@@ -166,18 +176,14 @@ class TrainOptions:
         """The named config with these overrides applied."""
         config = get_config(self.config)
         tc = config.train
-        for name in ("batch_size", "lr", "seed", "max_sources"):
+        for name in ("batch_size", "lr", "seed", "max_sources", "temporal_gap"):
             if getattr(self, name) is not None:
                 setattr(tc, name, getattr(self, name))
         if self.size is not None:
             tc.train_size = self.size
         if self.bf16:
             tc.bf16 = True
-        for spec in self.loss:
-            key, _, value = spec.partition("=")
-            if not hasattr(tc.loss, key):
-                raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(tc.loss))}")
-            setattr(tc.loss, key, float(value))
+        tc.loss.override(self.loss)
         for name in ("sample_every", "checkpoint_every", "val_every", "select_on", "log_every"):
             if getattr(self, name) is not None:
                 setattr(tc, name, getattr(self, name))
@@ -221,10 +227,17 @@ def train(
             f"cannot choose checkpoints on {tc.select_on!r}",
             "use select_on l1, or perceptual with a perceptual loss weight above 0",
         )
-    if tc.loss.temporal > 0 and tc.batch_size % 2:
+    if tc.loss.needs_pairs and tc.batch_size % 2:
         raise IwarpError(
-            f"the temporal loss trains on pairs of frames: batch size {tc.batch_size} is odd",
+            f"the temporal and stillness losses train on pairs of frames: batch size "
+            f"{tc.batch_size} is odd",
             "use an even --batch-size",
+        )
+    if tc.loss.needs_pairs and tc.temporal_gap < 1:
+        raise IwarpError(
+            f"the temporal and stillness losses need pairs at least 1 frame apart: temporal "
+            f"gap {tc.temporal_gap}",
+            "use --temporal-gap 1 or more",
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
@@ -244,10 +257,10 @@ def train(
             show_progress=ddp.main and show_progress,
         )
         val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
-    if stills is not None and tc.still_share > 0 and tc.loss.temporal > 0:
+    if stills is not None and tc.still_share > 0 and tc.loss.needs_pairs:
         warnings.warn(
-            "the temporal loss trains on pairs of neighbouring clip frames: the stills are not "
-            "used (drop --stills, or the temporal loss)",
+            "the temporal and stillness losses train on pairs of neighbouring clip frames: the "
+            "stills are not used (drop --stills, or those losses)",
             stacklevel=2,
         )
     elif stills is not None and tc.still_share > 0:
@@ -341,7 +354,7 @@ def train(
             tc.batch_size,
             num_sources,
             ddp.rank,
-            temporal_gap=tc.temporal_gap if tc.loss.temporal > 0 else 0,
+            temporal_gap=tc.temporal_gap if tc.loss.needs_pairs else 0,
         )
         sources, driving = sources.to(dev), driving.to(dev)
         guide = landmarks.to(dev) if tc.loss.landmark_guidance > 0 else None
