@@ -15,7 +15,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 from iwarp.checkpoint import load_network
 from iwarp.evaluation.protocol import (
@@ -25,6 +24,7 @@ from iwarp.evaluation.protocol import (
     load_eval_clips,
     target_positions,
 )
+from iwarp.train.losses import still_pixels
 
 STATIC_BELOW = 0.04
 
@@ -52,8 +52,7 @@ def main() -> None:
                     for chunk in driving.split(4)
                 ]
             )
-        change = F.avg_pool2d((driving - source).abs().mean(1, keepdim=True), 9, 1, 4)
-        static = (change < STATIC_BELOW).float()
+        static = still_pixels(source.expand_as(driving), driving, below=STATIC_BELOW)
         pixels[0] += float(static.sum())
         pixels[1] += float((1 - static).sum())
         for method, image in (("model", output), ("copy", source.expand_as(driving))):

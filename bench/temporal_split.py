@@ -32,7 +32,6 @@ from iwarp.evaluation.protocol import _resize, _to_tensor, expand_source, load_e
 from iwarp.face import keypoint_filter
 from iwarp.model.keypoints import Keypoints
 from iwarp.system import cpu_name
-from iwarp.train.losses import still_pixels
 
 FRAMES = 32  # as `iwarp eval` (EvalSettings.temporal_frames)
 
@@ -47,20 +46,6 @@ def head_mask(points: np.ndarray, size: int) -> torch.Tensor:
     mask = Image.new("L", (size, size))
     ImageDraw.Draw(mask).ellipse(box, fill=1)
     return torch.from_numpy(np.array(mask)).float()[None, None]
-
-
-def still_flicker_by_region(
-    output: torch.Tensor, driving: torch.Tensor, head: torch.Tensor
-) -> dict[str, float]:
-    """The still pixels' flicker (as `temporal_split`) inside and outside a head mask."""
-    still = still_pixels(driving[:-1], driving[1:])
-    change = (output[1:] - output[:-1]).abs().mean(1, keepdim=True) * still
-    scale = float((driving[1:] - driving[:-1]).abs().mean())
-    return {
-        "head": float((change * head).mean()) / scale,
-        "background": float((change * (1 - head)).mean()) / scale,
-        "head_share": float(head.mean()),
-    }
 
 
 @torch.no_grad()
@@ -106,8 +91,13 @@ def main() -> None:
             output, warp = animate(net, source, points, kp.strength)
             rows[f"output, {path}"].append(temporal_split(output, driving))
             if path == "smoothed" and landmarks is not None:
+                head = head_mask(landmarks, size)
                 rows["head / background, smoothed"].append(
-                    still_flicker_by_region(output, driving, head_mask(landmarks, size))
+                    {
+                        "head": temporal_split(output, driving, head)["flicker_still"],
+                        "background": temporal_split(output, driving, 1 - head)["flicker_still"],
+                        "head_share": float(head.mean()),
+                    }
                 )
             if warp is not None:
                 rows[f"flow warp, {path}"].append(temporal_split(warp, driving))

@@ -153,24 +153,30 @@ def temporal_error(output: torch.Tensor, driving: torch.Tensor) -> float:
     return float((out_change - drv_change).abs().mean() / drv_change.abs().mean().clamp_min(1e-8))
 
 
-def temporal_split(output: torch.Tensor, driving: torch.Tensor) -> dict[str, float]:
+def temporal_split(
+    output: torch.Tensor, driving: torch.Tensor, within: torch.Tensor | None = None
+) -> dict[str, float]:
     """`flicker` and `temporal_error` of (T, 3, H, W) output frames, each split into pixels
     where the driving video is still between two frames (`iwarp.train.losses.still_pixels`,
     the stillness loss's own test) and pixels where it moves; the two parts of a measure add
-    up to its total. Also the share of still pixels."""
+    up to its total. Also the share of still pixels. `within` (1, 1, H, W), a 0/1 region:
+    only its pixels are counted, still relative to the whole video's change, so the parts
+    of a region and of its complement add up to the totals too."""
     if output.shape[0] < 2 or driving.shape[0] != output.shape[0]:
         raise ValueError("temporal_split needs the same number (>= 2) of output and driving frames")
     video_change = driving[1:].float() - driving[:-1].float()
     change = output[1:].float() - output[:-1].float()
-    still = still_pixels(driving[:-1], driving[1:])
     scale = float(video_change.abs().mean().clamp_min(1e-8))
+    region = torch.ones_like(driving[:1, :1]) if within is None else within.float()
+    still = still_pixels(driving[:-1], driving[1:]) * region
+    moving = (1 - still) * region
     result = {"still_share": float(still.mean())}
     for name, per_pixel in (
         ("flicker", change.abs().mean(1, keepdim=True)),
         ("temporal_error", (change - video_change).abs().mean(1, keepdim=True)),
     ):
         result[f"{name}_still"] = float((per_pixel * still).mean()) / scale
-        result[f"{name}_moving"] = float((per_pixel * (1 - still)).mean()) / scale
+        result[f"{name}_moving"] = float((per_pixel * moving).mean()) / scale
     return result
 
 

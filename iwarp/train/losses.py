@@ -311,14 +311,18 @@ def assign_guided_keypoints(points: torch.Tensor, landmarks: torch.Tensor) -> tu
     return tuple(chosen)
 
 
+def _pairs(x: torch.Tensor, loss: str) -> torch.Tensor:
+    """A batch of temporal pairs (samples 2i, 2i+1; `ClipDataset.sample_pair`) as (B/2, 2, ...)."""
+    if x.shape[0] % 2:
+        raise ValueError(f"the {loss} loss needs pairs: batch of {x.shape[0]}")
+    return x.float().unflatten(0, (-1, 2))
+
+
 def temporal_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
     """L1 between the output's change and the video's change over temporal pairs: samples
     2i and 2i+1 of the batch (`ClipDataset.sample_pair`). Zero when the error is the same in
     both frames, however large: this term only prices error that moves, i.e. flicker."""
-    if output.shape[0] % 2:
-        raise ValueError(f"the temporal loss needs pairs: batch of {output.shape[0]}")
-    out = output.float().unflatten(0, (-1, 2))
-    drv = driving.float().unflatten(0, (-1, 2))
+    out, drv = _pairs(output, "temporal"), _pairs(driving, "temporal")
     return ((out[:, 1] - out[:, 0]) - (drv[:, 1] - drv[:, 0])).abs().mean()
 
 
@@ -327,20 +331,19 @@ def temporal_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
 STILL_BELOW = 0.02
 
 
+def still_pixels(
+    before: torch.Tensor, after: torch.Tensor, below: float = STILL_BELOW
+) -> torch.Tensor:
+    """1 where two video frames (B, 3, H, W) agree (colour-mean change, 9x9 average, under
+    `below`), else 0: (B, 1, H, W)."""
+    change = (after.float() - before.float()).abs().mean(1, keepdim=True)
+    return (F.avg_pool2d(change, 9, 1, 4) < below).float()
+
+
 def stillness_loss(output: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
     """Mean |output change| over temporal pairs (samples 2i, 2i+1), counted only where the
     driving video is still between the two frames: a background that wobbles, or a face that
     moves while the person holds still. Moving pixels cost nothing."""
-    if output.shape[0] % 2:
-        raise ValueError(f"the stillness loss needs pairs: batch of {output.shape[0]}")
-    out = output.float().unflatten(0, (-1, 2))
-    drv = driving.float().unflatten(0, (-1, 2))
+    out, drv = _pairs(output, "stillness"), _pairs(driving, "stillness")
     still = still_pixels(drv[:, 0], drv[:, 1])
     return ((out[:, 1] - out[:, 0]).abs().mean(1, keepdim=True) * still).mean()
-
-
-def still_pixels(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """1 where two video frames (B, 3, H, W) agree (colour-mean change, 9x9 average, under
-    STILL_BELOW), else 0: (B, 1, H, W)."""
-    change = (after.float() - before.float()).abs().mean(1, keepdim=True)
-    return (F.avg_pool2d(change, 9, 1, 4) < STILL_BELOW).float()

@@ -227,17 +227,12 @@ def train(
             f"cannot choose checkpoints on {tc.select_on!r}",
             "use select_on l1, or perceptual with a perceptual loss weight above 0",
         )
-    if tc.loss.needs_pairs and tc.batch_size % 2:
+    if tc.loss.needs_pairs and (tc.batch_size % 2 or tc.temporal_gap < 1):
         raise IwarpError(
-            f"the temporal and stillness losses train on pairs of frames: batch size "
-            f"{tc.batch_size} is odd",
-            "use an even --batch-size",
-        )
-    if tc.loss.needs_pairs and tc.temporal_gap < 1:
-        raise IwarpError(
-            f"the temporal and stillness losses need pairs at least 1 frame apart: temporal "
-            f"gap {tc.temporal_gap}",
-            "use --temporal-gap 1 or more",
+            f"the temporal and stillness losses train on pairs of frames at least 1 frame "
+            f"apart: batch size {tc.batch_size}{' is odd' if tc.batch_size % 2 else ''}, "
+            f"temporal gap {tc.temporal_gap}",
+            "use an even --batch-size and --temporal-gap 1 or more",
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
