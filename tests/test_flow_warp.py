@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_model import SIZE, small_config
 
+from iwarp.checkpoint import load_network
 from iwarp.config import TrainConfig, get_config
 from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker, temporal_error
 from iwarp.media import read_image
@@ -107,6 +108,26 @@ def test_untrained_flow_network_starts_as_the_identity_warp(size: int) -> None:
     assert psnr(blended, 1) > 20.0
     assert float(unmatched.max()) < 1e-3
     assert psnr(image, 16) > 30.0  # the generator starts by showing the warp
+
+
+def test_attention_filter_outputs_are_what_is_rendered() -> None:
+    """`animate_with_warp(..., attention_filter=f)` renders f's outputs: an unchanged pass is
+    the plain animation, and another frame's attention outputs render that frame."""
+    net, _ = load_network()
+    photo = _photo(net.config.image_size)
+    with torch.no_grad():
+        source = net.encode_sources(photo[:, None])
+        kp_photo, kp_mirror = net.detect(photo), net.detect(photo.flip(-1))
+        seen = []
+        mirror, _ = net.animate_with_warp(
+            source, kp_mirror, attention_filter=lambda a: seen.append(a) or a
+        )
+        assert torch.equal(mirror, net.animate(source, kp_mirror))
+        swapped, _ = net.animate_with_warp(source, kp_photo, attention_filter=lambda a: seen[0])
+        plain = net.animate(source, kp_photo)
+    assert len(seen) == 1 and len(seen[0]) == 3
+    assert torch.allclose(swapped, mirror, atol=1e-6)
+    assert float((plain - mirror).abs().mean()) > 0.01
 
 
 def test_pixel_and_flow_designs_are_exclusive() -> None:

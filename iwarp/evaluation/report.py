@@ -15,7 +15,7 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "perceptual": False
 HIGHER_IS_BETTER["mkr"] = False
 
 
-def _labelled(image: np.ndarray, label: str) -> np.ndarray:
+def labelled(image: np.ndarray, label: str) -> np.ndarray:
     """The image with a caption strip above it."""
     strip = 14
     canvas = Image.new("RGB", (image.shape[1], image.shape[0] + strip), (255, 255, 255))
@@ -28,8 +28,8 @@ def clip_grid(pictures: ClipPictures) -> np.ndarray:
     """Rows: one per kept target: the sources, the driving frame, every method's output."""
     rows = []
     for row in pictures.rows:
-        cells = [_labelled(s, f"source {i + 1}") for i, s in enumerate(pictures.sources)]
-        cells += [_labelled(img, label) for label, img in row.items()]
+        cells = [labelled(s, f"source {i + 1}") for i, s in enumerate(pictures.sources)]
+        cells += [labelled(img, label) for label, img in row.items()]
         rows.append(cells)
     return image_grid(rows)
 
@@ -56,7 +56,7 @@ def save_grids(path: str | Path, pictures: list[ClipPictures]) -> list[Path]:
 
 def save_cross_grid(path: str | Path, pictures: list[dict[str, np.ndarray]]) -> Path:
     """One row per avatar: avatar, driving frame, absolute output, relative output."""
-    rows = [[_labelled(img, label) for label, img in p.items()] for p in pictures]
+    rows = [[labelled(img, label) for label, img in p.items()] for p in pictures]
     Image.fromarray(image_grid(rows)).save(path)
     return Path(path)
 

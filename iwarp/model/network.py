@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -26,6 +28,12 @@ from iwarp.model.warp import (
     render_flow,
     tokens,
 )
+
+# (warped features, warped pixels, coordinate sums) -> the same, changed: see animate_with_warp.
+AttentionFilter = Callable[
+    [tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 class ImplicitWarpingNetwork(nn.Module):
@@ -67,15 +75,27 @@ class ImplicitWarpingNetwork(nn.Module):
         return self.animate_with_warp(source, driving, source_dropout)[0]
 
     def animate_with_warp(
-        self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
+        self,
+        source: SourceSet,
+        driving: Keypoints,
+        source_dropout: float = 0.0,
+        attention_filter: AttentionFilter | None = None,
     ) -> tuple[torch.Tensor, FlowWarp | None]:
         """`animate`, also returning the flow warp (None without flow_warp): training puts a
-        loss on the warp itself, evaluation carries landmarks with its flow."""
+        loss on the warp itself, evaluation carries landmarks with its flow.
+
+        `attention_filter`, when given, receives the attention's outputs (warped features,
+        warped pixels, coordinate sums; `ImplicitWarp.forward`) and returns them changed, before
+        the flow is rendered: `bench/live_smoothing_sweep.py` smooths them over time with it.
+        """
         kp_size = source.image_size // self.config.kp_downsample
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
         query_features = self.query_encoder(maps)
         queries = self.warp.project_queries(query_features)
-        warped, warped_pixels, coordinate_sums = self.warp(queries, source, source_dropout)
+        attended = self.warp(queries, source, source_dropout)
+        if attention_filter is not None:
+            attended = attention_filter(attended)
+        warped, warped_pixels, coordinate_sums = attended
         g = query_features.shape[-1]
 
         def grid(x: torch.Tensor) -> torch.Tensor:
