@@ -20,8 +20,9 @@ OpenCV) it
      program, --enqueue);
   5. times one whole frame of the shipped weights (SDPA / fused, eager / CUDA graph);
   6. fine-tunes the shipped weights for the minutes left (iwarp.train.trainer), validating
-     before and after; --loss NAME=W and --source-features change the recipe as they do for
-     `iwarp train` (e.g. --loss temporal=20 --loss stillness=100 --source-features);
+     before and after; --loss NAME=W, --keypoint-noise S and --source-features change the
+     recipe as they do for `iwarp train` (e.g. --loss temporal=20 --keypoint-noise 0.01
+     --source-features);
   7. writes report.json, report.md, the checkpoint, the table and the log into the output.
 Each step reports its own failure and the rest go on. --dry-run runs steps 1 (clips only), 5
 (CPU, eager SDPA) and 6 (two CPU steps) and the report, on the CPU, quickly.
@@ -323,11 +324,13 @@ def finetune(
     start: Path | None = None,
     losses: Sequence[str] = (),
     source_features: bool = False,
+    keypoint_noise: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes `start` (default: the shipped weights) for `seconds` with the trainer's loop
     and the losses of the checkpoint's own config (e.g. the flow warp's of issue 17), changed
     by `losses` ("NAME=W", as `iwarp train --loss`); `source_features` adds the frozen
-    ImageNet source features (`iwarp train --source-features`)."""
+    ImageNet source features (`iwarp train --source-features`); `keypoint_noise` sets
+    `iwarp train --keypoint-noise`."""
     import torch
 
     from iwarp.checkpoint import Checkpoint, load_network
@@ -338,6 +341,8 @@ def finetune(
     tc = config.train
     tc.loss.override(losses)
     config.model.source_features = config.model.source_features or source_features
+    if keypoint_noise is not None:
+        tc.keypoint_noise = keypoint_noise
     if run.dry_run:  # a CPU: the smallest run that still takes real steps (pairs need 2)
         tc.batch_size = 2 if tc.loss.needs_pairs else 1
         tc.log_every, tc.sample_every, tc.val_every = 1, 10**9, 10**9
@@ -378,6 +383,7 @@ def finetune(
         "samples_per_s": round(tc.batch_size * tuned.step / max(train_s, 1e-9), 1),
         "loss_weights": dataclasses.asdict(tc.loss),
         "source_features": config.model.source_features,
+        "keypoint_noise": tc.keypoint_noise,
         "last_losses": last,
         "val_before": before,
         "val_after": after,
@@ -417,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         "--source-features",
         action="store_true",
         help="fine-tune with frozen ImageNet source features (as iwarp train --source-features)",
+    )
+    parser.add_argument(
+        "--keypoint-noise",
+        type=float,
+        default=None,
+        metavar="S",
+        help="fine-tune with this keypoint noise (as iwarp train --keypoint-noise)",
     )
     args = parser.parse_args(argv)
 
@@ -576,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.finetune,
                 args.loss,
                 args.source_features,
+                args.keypoint_noise,
             ),
         )
         if tuned is not None:
@@ -615,6 +629,8 @@ def finetune_rows(t: dict[str, Any]) -> list[str]:
     b, a = t.get("val_before"), t.get("val_after")
     weights = ", ".join(f"{k} {v:g}" for k, v in t.get("loss_weights", {}).items() if v)
     features = "; frozen ImageNet source features" if t.get("source_features") else ""
+    if t.get("keypoint_noise"):
+        features += f"; keypoint noise {t['keypoint_noise']:g}"
     return [
         f"{t['steps']} steps from the shipped weights in {t['seconds']} s, batch "
         f"{t['batch_size']}, {t['train_clips']} train / {t['val_clips']} val clips.",

@@ -137,6 +137,10 @@ def main() -> None:
                 driving = frames[1:]
                 runs.append((f"{name} from frame {start}", source, driving, net.detect(driving)))
     print(f"{cpu_name()}: {len(runs)} runs of {args.frames} frames, {args.split} split")
+    # The raw detector's frame-to-frame keypoint change: jitter plus motion, an upper bound on
+    # the jitter (what `iwarp train --keypoint-noise` is sized against).
+    change = np.mean([float((kp.points[1:] - kp.points[:-1]).abs().mean()) for *_, kp in runs])
+    print(f"driving keypoints' mean frame-to-frame change: {change:.4f} ([-1, 1] units)")
     for setting in SETTINGS:
         scores = {"flicker": [], "temporal_error": [], "psnr": []}
         for _, source, driving, kp in runs:

@@ -171,6 +171,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     max_sources: int = 3
     source_dropout: float = 0.2
+    # Std of Gaussian noise added to the driving keypoints the animator sees ([-1, 1] units;
+    # 0 = off): trains the attention not to turn the detector's frame-to-frame jitter
+    # (about 0.005) into flicker. The keypoint losses see the clean keypoints.
+    keypoint_noise: float = 0.0
     # Training crops are made at this size (may be smaller than model.image_size: the network is
     # fully convolutional, so a curriculum can start small).
     train_size: int = 256

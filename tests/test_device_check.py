@@ -68,6 +68,7 @@ def test_prepare_then_dry_run(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]),
     }
     recipe = ["--loss", "temporal=20", "--loss", "stillness=100", "--source-features"]
+    recipe += ["--keypoint-noise", "0.01"]
     result = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", "--prepared", str(prepared), *recipe],
         capture_output=True,
@@ -87,6 +88,7 @@ def test_prepare_then_dry_run(tmp_path):
     assert (tuned["loss_weights"]["temporal"], tuned["loss_weights"]["stillness"]) == (20, 100)
     assert {"temporal", "stillness"} <= tuned["last_losses"].keys()
     assert tuned["source_features"] is True
+    assert tuned["keypoint_noise"] == 0.01
     from iwarp.checkpoint import Checkpoint
 
     tensors = Checkpoint(out / "finetuned.safetensors").state_dict()
@@ -94,7 +96,10 @@ def test_prepare_then_dry_run(tmp_path):
     assert (out / "finetuned.safetensors").stat().st_size > 1_000_000
     report_md = (out / "report.md").read_text()
     assert "Fine-tuning the shipped weights" in report_md
-    assert "temporal 20, stillness 100; frozen ImageNet source features" in report_md
+    assert (
+        "temporal 20, stillness 100; frozen ImageNet source features; keypoint noise 0.01"
+        in report_md
+    )
     assert (out / "device_check.log").is_file()
 
 

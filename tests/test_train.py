@@ -430,3 +430,35 @@ def test_loss_flag_takes_loss_weights_only(tmp_path: Path) -> None:
     config.train.batch_size, config.train.temporal_gap = 2, 0
     with pytest.raises(IwarpError, match="temporal gap 0"):
         train(config, tmp_path / "missing", tmp_path / "gap", 1, show_progress=False)
+
+
+def test_keypoint_noise_moves_only_what_the_animator_sees() -> None:
+    """`--keypoint-noise S` reaches the config; the animator then sees jittered keypoints
+    (another output), while the keypoint losses see the clean ones and the step's other draws
+    are unchanged (the same equivariance loss), and a step stays reproducible."""
+    from iwarp.train.trainer import TrainOptions, TrainStep, seeded_generator
+
+    config = TrainOptions(
+        config="tiny_flow", data="", out="", keypoint_noise=0.05, loss=["perceptual=0"]
+    ).to_config()
+    assert config.train.keypoint_noise == 0.05
+    config.train.source_dropout = 0.0  # drawn from torch's global generator
+    step = TrainStep(config)
+    # Trained weights: the untrained network's queries start as the positional code alone.
+    step.net.load_state_dict(load_network()[0].state_dict())
+    size = config.model.image_size
+    face = torch.from_numpy(read_image(ASTRONAUT)).permute(2, 0, 1).float()[None] / 255
+    face = torch.nn.functional.interpolate(face, size=(size, size), mode="area")
+    sources, driving = face[:, None], face.flip(-1)
+
+    def run(sigma: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config.train.keypoint_noise = sigma
+        with torch.no_grad():
+            return step(sources, driving, seeded_generator(0, 5, 0))
+
+    clean, clean_losses = run(0.0)
+    noisy, noisy_losses = run(0.05)
+    again, _ = run(0.05)
+    assert torch.equal(noisy, again)
+    assert float((noisy - clean).abs().mean()) > 0.01
+    assert torch.equal(noisy_losses["equivariance"], clean_losses["equivariance"])

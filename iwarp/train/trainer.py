@@ -24,6 +24,7 @@ from iwarp.checkpoint import Checkpoint, save_checkpoint
 from iwarp.config import Config, get_config
 from iwarp.errors import CheckpointError, IwarpError
 from iwarp.model import ImplicitWarpingNetwork
+from iwarp.model.keypoints import Keypoints
 from iwarp.options import option
 from iwarp.train.data import ClipDataset, load_stills
 from iwarp.train.losses import (
@@ -68,7 +69,9 @@ class TrainStep(nn.Module):
         w = self.config.train.loss
         source = self.net.encode_sources(sources)
         kp = self.net.detect(driving)
-        output, flow = self.net.animate_with_warp(source, kp, self.config.train.source_dropout)
+        output, flow = self.net.animate_with_warp(
+            source, self._jittered(kp, generator), self.config.train.source_dropout
+        )
         losses = {"l1": (output - driving).abs().mean()}
         if w.warp_l1 > 0 and flow is not None:
             # Where the sources claim the pixel, their warp alone must already be right.
@@ -97,6 +100,16 @@ class TrainStep(nn.Module):
                 kp.points, landmarks, self.config.train.guided_keypoints
             )
         return output, losses
+
+    def _jittered(self, kp: Keypoints, generator: torch.Generator) -> Keypoints:
+        """The keypoints with `keypoint_noise` added. Drawn from a generator of its own, so
+        that the step's other draws (equivariance) are the same with noise and without."""
+        sigma = self.config.train.keypoint_noise
+        if sigma <= 0:
+            return kp
+        own = torch.Generator().manual_seed(generator.initial_seed() + 1)
+        noise = torch.randn(kp.points.shape, generator=own) * sigma
+        return Keypoints(kp.points + noise.to(kp.points), kp.strength)
 
 
 @dataclass
@@ -144,6 +157,11 @@ class TrainOptions:
         None, help="most source frames per sample (default: the config's)"
     )
     bf16: bool = option(False, help="bfloat16 autocast")
+    keypoint_noise: float | None = option(
+        None,
+        help="std of noise on the driving keypoints the animator sees, in [-1, 1] units "
+        "(default: the config's)",
+    )
     temporal_gap: int | None = option(
         None,
         help="temporal and stillness losses: most frames between a pair's two frames "
@@ -176,7 +194,7 @@ class TrainOptions:
         """The named config with these overrides applied."""
         config = get_config(self.config)
         tc = config.train
-        for name in ("batch_size", "lr", "seed", "max_sources", "temporal_gap"):
+        for name in ("batch_size", "lr", "seed", "max_sources", "temporal_gap", "keypoint_noise"):
             if getattr(self, name) is not None:
                 setattr(tc, name, getattr(self, name))
         if self.size is not None:
