@@ -412,7 +412,7 @@ def test_training_beats_copy_source_on_a_real_clip(shared_data: Path, tmp_path: 
 def test_loss_flag_takes_loss_weights_only(tmp_path: Path) -> None:
     """`--loss NAME=W` sets a weight of `LossWeights`; other names (its `needs_pairs`
     property included) are refused, and the stillness loss alone already needs pairs, as
-    far apart as `--temporal-gap` says."""
+    far apart as `--temporal-gap` says; a negative `--keypoint-noise` is refused."""
     from iwarp.train.trainer import TrainOptions
 
     for bad in ("needs_pairs=1", "nonsense=1"):
@@ -430,6 +430,9 @@ def test_loss_flag_takes_loss_weights_only(tmp_path: Path) -> None:
     config.train.batch_size, config.train.temporal_gap = 2, 0
     with pytest.raises(IwarpError, match="temporal gap 0"):
         train(config, tmp_path / "missing", tmp_path / "gap", 1, show_progress=False)
+    config.train.temporal_gap, config.train.keypoint_noise = 2, -0.01
+    with pytest.raises(IwarpError, match=r"keypoint noise -0\.01 is not a standard deviation"):
+        train(config, tmp_path / "missing", tmp_path / "noise", 1, show_progress=False)
 
 
 def test_keypoint_noise_moves_only_what_the_animator_sees() -> None:

@@ -105,7 +105,7 @@ class TrainStep(nn.Module):
         """The keypoints with `keypoint_noise` added. Drawn from a generator of its own, so
         that the step's other draws (equivariance) are the same with noise and without."""
         sigma = self.config.train.keypoint_noise
-        if sigma <= 0:
+        if sigma == 0:
             return kp
         own = torch.Generator().manual_seed(generator.initial_seed() + 1)
         noise = torch.randn(kp.points.shape, generator=own) * sigma
@@ -251,6 +251,11 @@ def train(
             f"apart: batch size {tc.batch_size}{' is odd' if tc.batch_size % 2 else ''}, "
             f"temporal gap {tc.temporal_gap}",
             "use an even --batch-size and --temporal-gap 1 or more",
+        )
+    if not tc.keypoint_noise >= 0:
+        raise IwarpError(
+            f"keypoint noise {tc.keypoint_noise} is not a standard deviation",
+            "use --keypoint-noise 0 (off) or more, e.g. 0.01",
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ddp = _init_distributed(dev)
