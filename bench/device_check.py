@@ -334,15 +334,18 @@ def finetune(
     import torch
 
     from iwarp.checkpoint import Checkpoint, load_network
-    from iwarp.train.trainer import train, validate
+    from iwarp.train.trainer import TrainOptions, train, validate
 
     ckpt = Checkpoint(start)
-    config = ckpt.config
+    recipe = TrainOptions(
+        data="",
+        out="",
+        loss=list(losses),
+        source_features=source_features,
+        keypoint_noise=keypoint_noise,
+    )
+    config = recipe.apply(ckpt.config)
     tc = config.train
-    tc.loss.override(losses)
-    config.model.source_features = config.model.source_features or source_features
-    if keypoint_noise is not None:
-        tc.keypoint_noise = keypoint_noise
     if run.dry_run:  # a CPU: the smallest run that still takes real steps (pairs need 2)
         tc.batch_size = 2 if tc.loss.needs_pairs else 1
         tc.log_every, tc.sample_every, tc.val_every = 1, 10**9, 10**9

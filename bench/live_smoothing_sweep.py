@@ -45,7 +45,8 @@ from iwarp.system import cpu_name
 from iwarp.train.plots import image_grid, to_uint8
 
 # Each setting: {stage: (min_cutoff, beta)} for the stages smoothed; {} = no smoothing.
-LIVE = {"keypoints": (keypoint_filter().min_cutoff, keypoint_filter().beta)}  # the live paths'
+_live = keypoint_filter()
+LIVE = {"keypoints": (_live.min_cutoff, _live.beta)}  # the live paths' setting
 SETTINGS: list[dict[str, tuple[float, float]]] = [
     {},
     LIVE,
@@ -100,7 +101,7 @@ def animate_run(
     points = kp.points.numpy()
     keypoint_smoothing = one_euro("keypoints")
     if keypoint_smoothing is not None:
-        points = np.stack([keypoint_smoothing(p) for p in points])
+        points = keypoint_smoothing.sequence(points)
     attention = AttentionSmoothing(*setting["attention"]) if "attention" in setting else None
     output_smoothing = one_euro("output")
     frames = []

@@ -84,8 +84,7 @@ def main() -> None:
         with torch.no_grad():
             source = net.encode_sources(source_photo[None])
             kp = net.detect(driving)
-        smoothing = keypoint_filter()
-        smoothed = torch.from_numpy(np.stack([smoothing(p) for p in kp.points.numpy()])).float()
+        smoothed = torch.from_numpy(keypoint_filter().sequence(kp.points.numpy())).float()
         landmarks = faces.landmarks(frames[1]) if faces is not None else None
         for path, points in (("raw", kp.points), ("smoothed", smoothed)):
             output, warp = animate(net, source, points, kp.strength)

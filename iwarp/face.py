@@ -425,6 +425,11 @@ class OneEuroFilter:
         self._x = self._x + self._alpha(cutoff, dt) * (x - self._x)
         return self._x.copy()
 
+    def sequence(self, samples: np.ndarray) -> np.ndarray:
+        """Filters samples taken 1 / `freq` apart, in order along axis 0, from this filter's
+        state; returns the estimates stacked the same way."""
+        return np.stack([self(x) for x in samples])
+
 
 class FaceTracker:
     """Stable head crop boxes for live video.

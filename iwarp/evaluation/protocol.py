@@ -305,8 +305,7 @@ class Evaluator:
         out = self._animate(source_set, driving, kp)
         # The live paths smooth the keypoints over time (`keypoint_filter`); the same filter
         # here shows how much of the flicker is detector jitter the product already removes.
-        smoothing = keypoint_filter()
-        points = np.stack([smoothing(p) for p in kp.points.numpy()])
+        points = keypoint_filter().sequence(kp.points.numpy())
         smoothed = self._animate(
             source_set, driving, Keypoints(torch.from_numpy(points).float(), kp.strength)
         )

@@ -192,7 +192,10 @@ class TrainOptions:
 
     def to_config(self) -> Config:
         """The named config with these overrides applied."""
-        config = get_config(self.config)
+        return self.apply(get_config(self.config))
+
+    def apply(self, config: Config) -> Config:
+        """`config` (e.g. a checkpoint's own) with these overrides applied, in place."""
         tc = config.train
         for name in ("batch_size", "lr", "seed", "max_sources", "temporal_gap", "keypoint_noise"):
             if getattr(self, name) is not None:
