@@ -6,12 +6,17 @@
  *   iwarp_plugin_test LIBRARY                 creator, fields, capabilities, output types and
  *                                             shapes, formats, workspace, serialise -> recreate,
  *                                             clone, attachToContext, bad input refused
- *   iwarp_plugin_test LIBRARY --enqueue       also IPluginV3OneRuntime::enqueue on device
+ *   iwarp_plugin_test LIBRARY --enqueue [S:D:DV ...]
+ *                                             also IPluginV3OneRuntime::enqueue on device
  *                                             buffers (a CUDA GPU): fp32/fp16/bf16, masks with
  *                                             NaN/Inf in the masked slots, vs a CPU reference,
- *                                             and the time of the shipped shapes
+ *                                             and the time of each S:D:DV shape (S sources at
+ *                                             256 px: 1024 queries, 1024 S + 32 keys; widths D,
+ *                                             DV), fp16 and fp32; bench/device_check.py passes
+ *                                             the shipped weights' shapes
  *
- * Prints one line per check and "N passed, M failed"; exits non-zero when a check failed.
+ * Prints one line per check (flushed, so a crash keeps the lines before it) and
+ * "N passed, M failed"; exits non-zero when a check failed.
  */
 #include <NvInferRuntime.h>
 
@@ -39,6 +44,7 @@ int gFailed = 0;
 void check(bool ok, std::string const& what)
 {
     std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+    std::fflush(stdout);
     (ok ? gPassed : gFailed)++;
 }
 
@@ -483,7 +489,7 @@ int main(int argc, char** argv)
 {
     if (argc < 2)
     {
-        std::fprintf(stderr, "usage: %s LIBRARY [--enqueue]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s LIBRARY [--enqueue [SOURCES:D:DV ...]]\n", argv[0]);
         return 2;
     }
     bool const enqueue = argc > 2 && std::strcmp(argv[2], "--enqueue") == 0;
@@ -671,11 +677,17 @@ int main(int argc, char** argv)
             enqueueCase(p0, DataType::kHALF, 2, 100, 90, 64, 73, true, true, false);
             enqueueCase(p0, DataType::kBF16, 1, 130, 200, 64, 79, true, true, false);
             enqueueCase(p0, DataType::kHALF, 1, 64, 64, 40, 544, true, false, false);
-            // The shipped shapes at 256 px: 1024 queries, 1024 keys per source + 32 extra.
-            for (int sources = 1; sources <= 3; ++sources)
+            // The timed shapes (S:D:DV) at 256 px: 1024 queries, 1024 keys per source + 32 extra.
+            for (int i = 3; i < argc; ++i)
             {
-                enqueueCase(p0, DataType::kHALF, 1, 1024, 1024 * sources + 32, 64, 320, false, false, true);
-                enqueueCase(p0, DataType::kFLOAT, 1, 1024, 1024 * sources + 32, 64, 320, false, false, true);
+                int sources = 0, d = 0, dv = 0;
+                if (std::sscanf(argv[i], "%d:%d:%d", &sources, &d, &dv) != 3 || sources < 1 || d < 1 || dv < 1)
+                {
+                    check(false, std::string("timed shape ") + argv[i] + ": not SOURCES:D:DV");
+                    continue;
+                }
+                enqueueCase(p0, DataType::kHALF, 1, 1024, 1024 * sources + 32, d, dv, false, false, true);
+                enqueueCase(p0, DataType::kFLOAT, 1, 1024, 1024 * sources + 32, d, dv, false, false, true);
             }
             delete p0;
         }
