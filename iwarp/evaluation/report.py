@@ -48,10 +48,97 @@ def save_grids(path: str | Path, pictures: list[ClipPictures]) -> list[Path]:
         written.append(clip_path)
         first = ClipPictures(p.name, p.sources, p.rows[:1])
         overview.append(clip_grid(first))
-    width = max(g.shape[1] for g in overview)
-    padded = [np.pad(g, ((0, 4), (0, width - g.shape[1]), (0, 0))) for g in overview]
-    Image.fromarray(np.concatenate(padded)).save(path)
+    Image.fromarray(_stacked(overview)).save(path)
     return [path, *written]
+
+
+def _stacked(grids: list[np.ndarray]) -> np.ndarray:
+    """Grids one under the other, padded to the widest, 4 px apart."""
+    width = max(g.shape[1] for g in grids)
+    return np.concatenate([np.pad(g, ((0, 4), (0, width - g.shape[1]), (0, 0))) for g in grids])
+
+
+def save_expression_grid(path: str | Path, pictures: list[ClipPictures]) -> Path:
+    """One row per clip: its source frame, the other person's photo, then for each of the
+    driver's extreme frames (mouth widest, mouth shut, eyes closed) the driving frame and the
+    outputs, each captioned with its openness."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_stacked([clip_grid(p) for p in pictures])).save(path)
+    return path
+
+
+EXPRESSION_MODES = {
+    "model": "same person, 1 photo",
+    "cross_relative": "another person's photo, relative",
+    "copy_source": "copy-the-source",
+    "driver_reencoded": "the driver re-encoded (ceiling)",
+}
+
+
+def expression_table(report: dict[str, Any], per_clip: bool = False) -> str:
+    """Expression transfer as a Markdown table: means over clips, or (`per_clip`) every clip."""
+    e = report["expression"]
+    lines = [
+        "| output | clips | mouth r | eyes r | mouth spread | eyes spread |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = e["per_clip"] if per_clip else e["results"]
+    for r in rows:
+        label = EXPRESSION_MODES.get(r["mode"], r["mode"])
+        where = f"{r['clip']}, {label}" if per_clip else label
+        count = r["frames"] if per_clip else f"{r['mouth_clips']} / {r['eyes_clips']}"
+        lines.append(
+            f"| {where} | {count} | {r['mouth_r']:.2f} | {r['eyes_r']:.2f} | "
+            f"{r['mouth_spread']:.2f} | {r['eyes_spread']:.2f} |"
+        )
+    if per_clip:
+        lines[0] = lines[0].replace("| clips |", "| frames |")
+    return "\n".join(lines)
+
+
+def plot_expression_traces(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Mouth and eye openness over each clip's frames: the driver against every output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clips = report["expression"]["series"]
+    height = 1.25 * len(clips) + 1.0  # inches; the top 0.6 hold the title and the legend
+    fig, axes = plt.subplots(len(clips), 2, figsize=(11, height), squeeze=False, sharex="row")
+    styles = {"driver": ("black", 1.6), "model": ("tab:blue", 1.0)}
+    styles["cross_relative"] = ("tab:orange", 1.0)
+    for (ax_mouth, ax_eyes), clip in zip(axes, clips, strict=True):
+        for ax, measure in ((ax_mouth, "mouth"), (ax_eyes, "eyes")):
+            for mode, (color, width) in styles.items():
+                if mode in clip["series"]:
+                    values = np.array(clip["series"][mode][measure], dtype=float)
+                    label = "driver" if mode == "driver" else EXPRESSION_MODES[mode]
+                    ax.plot(values, label=label, linewidth=width, color=color)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        ax_mouth.set_ylabel(Path(clip["clip"]).stem[:18], fontsize=7, rotation=0, ha="right")
+    axes[0, 0].set_title("mouth openness (inner-lip gap / width)", fontsize=9)
+    axes[0, 1].set_title("eye openness (eye aspect ratio, both eyes)", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("frame (spread over the clip)", fontsize=8)
+    fig.suptitle(title or "expression transfer", fontsize=10, y=1 - 0.1 / height)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1 - 0.3 / height),
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
 
 
 def save_cross_grid(path: str | Path, pictures: list[dict[str, np.ndarray]]) -> Path:
