@@ -19,6 +19,16 @@ sending and stay silent (the server's idle timeout must end the session). Betwee
 sends a few bad requests (garbage SDP, text/plain JSON, a foreign Origin, a non-image upload, a
 malformed multipart body, a wrong JSON type, an unknown session) and checks each gets its 4xx.
 
+Each client sends from its own loopback address (127.0.0.10, .11, ...), as separate machines
+would, so the server's per-address limits apply to each apart. With `--hostile` (on by
+default) one more client on 127.0.0.66-70 misbehaves in rounds, every --hostile-every
+seconds: a real peer sending SRTP on 400 SSRCs and then deleting its session (the teardown
+must finish), four trickled uploads (two refused at once, two cut off with 408), 20
+connections that send their headers a byte a second (closed by the server), an offer with
+600 ICE candidates to ports of this machine nobody listens on (400), and four offers that
+never connect under rotating client ids (two held, then freed by the ICE deadline; two 429).
+Each answer is checked; every request of every client must be answered.
+
 Every --sample-every seconds it records the server's RSS (/proc/PID/status), open file
 descriptors (/proc/PID/fd), threads, live sessions and avatars, and the round trips of the
 frames received since the last sample. The report compares the first and the last tenth of
@@ -51,6 +61,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import aiohttp
+from aiortc import RTCPeerConnection, sdp
+from aiortc.rtp import RtpPacket
 from PIL import Image
 
 from iwarp.benchmarks.webrtc import load_frames
@@ -58,7 +70,7 @@ from iwarp.media import default_driving_clip, read_image
 from iwarp.metrics import latency_summary_ms
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.streaming import rtc
-from iwarp.streaming.client import StreamingClient
+from iwarp.streaming.client import OfferRefused, StreamingClient
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup", type=float, default=60.0, help="seconds left out of start/end and the slope"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hostile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mix in a misbehaving client (default: on; --no-hostile for none)",
+    )
+    p.add_argument(
+        "--hostile-every", type=float, default=30.0, help="seconds between hostile rounds"
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", help="also write the report, with every sample, to this JSON file")
     args = p.parse_args(argv)
@@ -162,6 +183,7 @@ def stop_server(server: Server) -> dict[str, Any]:
         "stop_message": rest.strip().splitlines()[-1] if rest.strip() else "",
         "tracebacks_in_log": log.count("Traceback"),
         "internal_errors_in_log": log.count("internal error"),
+        "forced_peer_closes_in_log": log.count("took over"),
         "log": str(server.log_path),
     }
 
@@ -176,6 +198,8 @@ class Tally:
     leave: dict[str, int] = field(default_factory=dict)  # how sessions ended -> count
     uploads: int = 0
     bad_requests: int = 0
+    requests: int = 0  # HTTP requests sent
+    unanswered: list[str] = field(default_factory=list)  # requests that got no answer
     unexpected: list[str] = field(default_factory=list)  # bad requests with the wrong answer
     connect_s: list[float] = field(default_factory=list)  # offer -> first animated frame
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (received at, rtt s)
@@ -225,6 +249,27 @@ def _bad_requests() -> list[tuple[str, dict[str, Any], int]]:
     ]
 
 
+class SoakClient(StreamingClient):
+    """A StreamingClient whose requests are counted in `tally`, with those never answered."""
+
+    def __init__(self, tally: Tally, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tally = tally
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        self.tally.requests += 1
+        try:
+            return await asyncio.wait_for(super().request(method, path, **kwargs), 60)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.tally.unanswered.append(f"{method} {path}: {type(exc).__name__} {exc}"[:200])
+            raise
+
+
+def _client_address(index: int) -> str:
+    """Client `index`'s own loopback address: one machine each, as the server counts."""
+    return f"127.0.0.{10 + index}"
+
+
 async def client_loop(
     index: int, url: str, args: argparse.Namespace, frames: list[np.ndarray], deadline: float
 ) -> Tally:
@@ -235,7 +280,8 @@ async def client_loop(
     cycle = 0
     while time.monotonic() < deadline:
         cycle += 1
-        client = StreamingClient(url, frames, args.fps, token=args.token, client_id=client_id)
+        client = SoakClient(tally, url, frames, args.fps, token=args.token, client_id=client_id)
+        client.local_address = _client_address(index)
         async with client:
             # Bad requests between sessions: each must get its 4xx, never a 500.
             for name, kwargs, expected in rng.sample(_bad_requests(), 3):
@@ -255,6 +301,10 @@ async def client_loop(
                 if status == 201:
                     avatar_id = body["avatar_id"]
                     tally.uploads += 1
+                elif status == 503 and "in progress" in str(body):
+                    # Every upload slot busy (the hostile client holds up to 2 of 4): a
+                    # refusal to retry, as for a full server's offers.
+                    tally.refused["upload 503"] = tally.refused.get("upload 503", 0) + 1
                 else:
                     tally.unexpected.append(f"upload: {status} {body}")
             t0 = time.monotonic()
@@ -303,11 +353,194 @@ async def client_loop(
                 avatar_id = None
         await asyncio.sleep(rng.uniform(0.2, 2.0))
     if avatar_id is not None:
-        async with StreamingClient(
-            url, frames, args.fps, token=args.token, client_id=client_id
+        async with SoakClient(
+            tally, url, frames, args.fps, token=args.token, client_id=client_id
         ) as c:
             await c.request("DELETE", f"/avatars/{avatar_id}")
     return tally
+
+
+# -- the hostile client ---------------------------------------------------------------------------
+# Every address and port below is on this machine (loopback); every loop ends by itself.
+
+
+def _head(method: str, path: str, token: str | None, *lines: str) -> bytes:
+    auth = [f"Authorization: Bearer {token}"] if token else []
+    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *auth, *lines]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+async def _ssrc_flood(url: str, args: argparse.Namespace, frames: list, tally: Tally) -> str:
+    """A real session whose peer sends SRTP on 400 SSRCs, then ends it: the DELETE must be
+    answered (the teardown hung forever before issue 27's fix)."""
+    client = SoakClient(tally, url, frames, args.fps, token=args.token, local_address="127.0.0.66")
+    async with client:
+        for _ in range(25):  # a free slot within 25 s, else this round goes without
+            try:
+                await client.connect()
+                break
+            except OfferRefused as exc:  # 503 full: the legitimate clients hold the slots
+                refused = f"offer refused: {exc.status}"
+                await asyncio.sleep(1.0)
+        else:
+            return refused
+        await asyncio.wait_for(client.first_frame.wait(), 30)
+        pc = client.call.pc
+        answer = sdp.SessionDescription.parse(pc.remoteDescription.sdp)
+        payload_type = answer.media[0].rtp.codecs[0].payloadType
+        transport = pc.getSenders()[0].transport
+        for n in range(400):
+            packet = RtpPacket(
+                payload_type=payload_type,
+                sequence_number=n,
+                timestamp=90 * n,
+                ssrc=0x10000 + n,
+                payload=b"\x10" + bytes(20),
+            )
+            await transport._send_rtp(packet.serialize())
+        await asyncio.sleep(2.5)  # the server's RTCP reports go out every 0.5-1.5 s
+        t0 = time.monotonic()
+        status, _ = await client.request("DELETE", f"/sessions/{client.session_id}")
+        return f"DELETE {status} in {time.monotonic() - t0:.1f} s"
+
+
+async def _slow_uploads(port: int, token: str | None) -> list[str]:
+    """Four uploads from one address, their bodies at 1 byte a second: the answers' status
+    codes ('none': the server closed the connection without one)."""
+    head = _head(
+        "POST",
+        "/avatars",
+        token,
+        "X-Iwarp-Client: trickle",
+        "Content-Type: multipart/form-data; boundary=bb",
+        "Content-Length: 100000",
+    )
+    connections = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=("127.0.0.67", 0)
+        )
+        writer.write(head + b"-")
+        connections.append((reader, writer))
+    answers: dict[int, str] = {}
+    for _ in range(30):  # seconds, at most
+        for n, (reader, writer) in enumerate(connections):
+            if n in answers:
+                continue
+            with contextlib.suppress(TimeoutError):
+                line = await asyncio.wait_for(reader.readline(), 0.25)
+                answers[n] = line.split(b" ")[1].decode() if line else "none"
+                continue
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"-")
+        if len(answers) == len(connections):
+            break
+    for _reader, writer in connections:
+        writer.close()
+    return sorted(answers.get(n, "unanswered") for n in range(len(connections)))
+
+
+async def _slow_headers(port: int, count: int = 20) -> float:
+    """`count` connections sending a request head a byte a second: seconds until the server
+    closed the last one (inf: one was still open after 30 s)."""
+
+    async def one() -> float:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=("127.0.0.68", 0)
+        )
+        t0 = time.monotonic()
+        try:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+                writer.write(bytes([byte]))
+                with contextlib.suppress(TimeoutError):
+                    if not await asyncio.wait_for(reader.read(1), 1.0):
+                        return time.monotonic() - t0
+            return float("inf")
+        except ConnectionError:
+            return time.monotonic() - t0
+        finally:
+            writer.close()
+
+    return max(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def _offers(url: str, token: str | None, sdps: list[str], address: str) -> list[int]:
+    """Offers from `address`, each under a new client id: their status codes."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    statuses = []
+    async with aiohttp.ClientSession(connector=connector, headers=auth) as http:
+        for text in sdps:
+            headers = {"X-Iwarp-Client": uuid.uuid4().hex}
+            body = {"sdp": text, "type": "offer"}
+            async with http.post(url + "/offer", json=body, headers=headers) as r:
+                statuses.append(r.status)
+    return statuses
+
+
+async def _offer_sdp(candidates: list[str]) -> str:
+    """A real aiortc video offer with `candidates` instead of its own (none: it never
+    connects, and never learns that it cannot)."""
+    pc = RTCPeerConnection(rtc.rtc_configuration())
+    pc.addTransceiver("video")
+    await pc.setLocalDescription(await pc.createOffer())
+    text = pc.localDescription.sdp
+    await pc.close()
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(("a=candidate:", "a=end-of-candidates")):
+            out.append(line)
+            if line.startswith("m="):
+                out += candidates
+    return "\r\n".join(out) + "\r\n"
+
+
+async def hostile_loop(
+    url: str, args: argparse.Namespace, frames: list, deadline: float, tally: Tally
+) -> list[dict[str, Any]]:
+    """A round of every hostile behaviour at once, every --hostile-every seconds; each round's
+    answers, checked (a wrong one goes to tally.unexpected)."""
+    port = int(url.rsplit(":", 1)[1])
+    flood = [  # 600 ports of this machine that nobody listens on
+        f"a=candidate:{n} 1 udp {2130706431 - n} 127.0.1.{1 + n // 200} {40000 + n} typ host"
+        for n in range(600)
+    ]
+    rounds = []
+    while time.monotonic() + 30 < deadline:
+        started = time.monotonic()
+        silent = await _offer_sdp([])
+        ssrc, uploads, headers, candidates, silent_offers = await asyncio.gather(
+            _ssrc_flood(url, args, frames, tally),
+            _slow_uploads(port, args.token),
+            _slow_headers(port),
+            _offers(url, args.token, [await _offer_sdp(flood)], "127.0.0.69"),
+            _offers(url, args.token, [silent] * 4, "127.0.0.70"),
+        )
+        tally.requests += 4 + 20 + 1 + 4
+        result = {
+            "t": round(started - (deadline - args.minutes * 60), 1),
+            "ssrc_flood": ssrc,
+            "slow_uploads": uploads,
+            "slow_headers_closed_after_s": round(headers, 1),
+            "candidate_flood": candidates,
+            "never_connecting_offers": silent_offers,
+        }
+        rounds.append(result)
+        problems = []
+        if ssrc.startswith("DELETE") and not ssrc.startswith("DELETE 200"):
+            problems.append("the SSRC flooder's DELETE")
+        if uploads != ["408", "408", "429", "429"]:
+            problems.append("slow uploads")
+        if headers > 15:
+            problems.append("slow headers")
+        if candidates != [400]:
+            problems.append("candidate flood")
+        if silent_offers.count(200) > 2 or set(silent_offers) - {200, 429, 503}:
+            problems.append("never-connecting offers")
+        for problem in problems:
+            tally.unexpected.append(f"hostile round: {problem}: {result}")
+        await asyncio.sleep(max(0.0, started + args.hostile_every - time.monotonic()))
+    return rounds
 
 
 def _form(png: bytes) -> aiohttp.FormData:
@@ -380,6 +613,8 @@ def report(
         total.uploads += tally.uploads
         total.bad_requests += tally.bad_requests
         total.unexpected += tally.unexpected
+        total.requests += tally.requests
+        total.unanswered += tally.unanswered
         total.connect_s += tally.connect_s
         for key, n in tally.refused.items():
             total.refused[key] = total.refused.get(key, 0) + n
@@ -408,6 +643,9 @@ def report(
         "bad_requests": total.bad_requests,
         "unexpected_answers": total.unexpected[:20],
         "unexpected_count": len(total.unexpected),
+        "requests": total.requests,
+        "unanswered": total.unanswered[:20],
+        "unanswered_count": len(total.unanswered),
         "connect_to_first_frame_s_p50": round(float(np.median(total.connect_s)), 2)
         if total.connect_s
         else None,
@@ -445,8 +683,15 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 
     printer = asyncio.create_task(progress())
     try:
-        tallies = await asyncio.gather(
-            *(client_loop(i, server.url, args, frames, deadline) for i in range(args.clients))
+        hostile_tally = Tally()
+        hostile = (
+            hostile_loop(server.url, args, frames, deadline, hostile_tally)
+            if args.hostile
+            else asyncio.sleep(0, result=[])
+        )
+        *tallies, rounds = await asyncio.gather(
+            *(client_loop(i, server.url, args, frames, deadline) for i in range(args.clients)),
+            hostile,
         )
         # A last sample once every client is gone: sessions must be back to 0.
         await asyncio.sleep(args.sample_every)
@@ -454,7 +699,8 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
         sampling.cancel()
         printer.cancel()
         await asyncio.gather(sampling, printer, return_exceptions=True)
-    result = report(samples, list(tallies), t0, args)
+    result = report(samples, [*tallies, hostile_tally], t0, args)
+    result["hostile_rounds"] = rounds
     # The last sample, taken after every client left: sessions back to 0, what remains.
     result["after_clients_left"] = samples[-1] if samples else None
     result["clip"] = str(clip)
@@ -501,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(second half: {summary['rss_slope_second_half_mib_per_hour']} MiB/hour)"
         )
         print(json.dumps({k: v for k, v in summary.items() if k not in ("start", "end")}))
-    return 1 if result["unexpected_count"] else 0
+    return 1 if result["unexpected_count"] or result["unanswered_count"] else 0
 
 
 if __name__ == "__main__":

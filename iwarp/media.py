@@ -52,6 +52,12 @@ _IMAGE_HINT = "use a JPEG or PNG photo"
 _VIDEO_HINT = "use an MP4 or MOV video (H.264 is safest)"
 
 
+def _reason(error: Exception) -> str:
+    """What went wrong, in words: FFmpeg's message without its error number and the path
+    ("[Errno 1094995529] Invalid data found when processing input: 'x.mp4'" -> the middle)."""
+    return getattr(error, "strerror", None) or str(error)
+
+
 def _check_file(path: str | Path, kind: str, hint: str) -> Path:
     """Return `path` as a Path if it is an existing regular file, else raise InputError."""
     p = Path(path)
@@ -189,7 +195,7 @@ def _open_video(p: Path) -> tuple[av.container.InputContainer, av.video.stream.V
     try:
         container = av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{p} is not a readable video ({e})", _VIDEO_HINT) from e
+        raise InputError(f"{p} is not a readable video ({_reason(e)})", _VIDEO_HINT) from e
     if not container.streams.video:
         container.close()
         raise InputError(f"{p} has no video stream", _VIDEO_HINT)
@@ -285,9 +291,11 @@ def _decode(
                 break
             except (av.FFmpegError, OSError, ValueError) as e:
                 if decoded == 0:
-                    raise InputError(f"{p} has no decodable frames ({e})", _VIDEO_HINT) from e
+                    raise InputError(
+                        f"{p} has no decodable frames ({_reason(e)})", _VIDEO_HINT
+                    ) from e
                 warnings.warn(
-                    f"{p}: video is corrupt after frame {decoded} ({e}); stopped there",
+                    f"{p}: video is corrupt after frame {decoded} ({_reason(e)}); stopped there",
                     stacklevel=2,
                 )
                 return
@@ -369,7 +377,8 @@ class VideoWriter:
             container = av.open(str(self.path), mode="w", options=options)
         except (av.FFmpegError, ValueError) as e:
             raise InputError(
-                f"cannot write a video to {self.path} ({e})", "use a .mp4 or .mov file name"
+                f"cannot write a video to {self.path} ({_reason(e)})",
+                "use a .mp4 or .mov file name",
             ) from e
         pw, ph = width + width % 2, height + height % 2
         codec = self.codec if self.codec in av.codecs_available else "mpeg4"

@@ -138,7 +138,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for f, hint in cli_fields(cls):
         opt = option_of(f)
         flag = flag_of(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "help": opt.help}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": _help_with_default(opt.help, f)}
         base, is_list = _base_type(hint)
         if base is bool and opt.action is None:
             inverted = opt.invert or (flag.startswith("--no-") and _default(f) is True)
@@ -162,6 +162,18 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             else:
                 kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
+
+
+def _help_with_default(text: str | None, f: dataclasses.Field) -> str | None:
+    """The help with the field's default appended, unless the help already names one or the
+    default says nothing (None, False, empty): `--help` then shows what a run gets."""
+    if text is None or "default" in text.lower() or not _has_default(f):
+        return text
+    value = _default(f)
+    if value is None or value is False or value in ("", [], ()):
+        return text
+    shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+    return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -29,3 +29,52 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set IWARP_DATA)")
     return path
+
+
+# -- what the `iwarp serve` test modules share (test_streaming, test_serve_*, test_openapi) --
+# A module may define a fixture of the same name to use its own (test_streaming's camera).
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained 64x64 `tiny_flow` checkpoint (~10 ms a frame): for the server's plumbing."""
+    from test_streaming import _checkpoint
+
+    return _checkpoint(tmp_path_factory.mktemp("ck"), 64)
+
+
+@pytest.fixture(scope="module")
+def small_animator(checkpoint):
+    """A torch Animator on `checkpoint` with the packaged avatar as "default"."""
+    from test_streaming import _animator
+
+    return _animator(checkpoint)
+
+
+@pytest.fixture
+def no_uploads_left(small_animator):
+    """The test starts and ends with the default avatar only (the animator is shared)."""
+    yield
+    for record in small_animator.avatars():
+        if record.owner:
+            small_animator.remove_avatar(record.avatar_id)
+
+
+@pytest.fixture(scope="module")
+def face_png() -> bytes:
+    """A 128x128 PNG of the packaged portrait: a face the detector finds."""
+    from test_streaming import _png
+
+    from iwarp.media import read_image
+    from iwarp.paths import DEFAULT_AVATAR
+
+    return _png(read_image(DEFAULT_AVATAR)[::4, ::4])
+
+
+@pytest.fixture(scope="module")
+def camera():
+    """30 frames of the swaying portrait at 128x128: a camera for WebRTC sessions."""
+    from iwarp.media import read_image, synthetic_driving_frames
+    from iwarp.paths import DEFAULT_AVATAR
+
+    return synthetic_driving_frames(read_image(DEFAULT_AVATAR), 30, 128)

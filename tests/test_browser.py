@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,13 @@ def test_browser_streams_the_avatar_end_to_end(tmp_path):
     assert "Neutral pose set" in result["neutral_message"]
     assert result["placeholders_before_start"] == [True, True]
     assert result["placeholders_while_streaming"] == [False, False]
+    assert "Press Start camera:" in result["camera_placeholder_text"]
+    label = result["engine_label"]
+    assert result["status_ready"] == f"ready · {label}", result["status_ready"]
+    assert "threads" in result["status_title"], result["status_title"]
+    assert re.fullmatch(
+        rf"connected · {re.escape(label)} · [\d.]+ ms per frame", result["status_streaming"]
+    ), result["status_streaming"]
     assert "Avatar ready" in result["upload_message"], result["upload_message"]
     assert result["files_left_in_picker"] == 0
     assert result["stats"]["fps"] > 0
@@ -194,7 +202,7 @@ async def _inner(out: Path) -> None:
         "--disable-component-update",
         "--disable-sync",
     ]
-    result: dict = {"interfaces": interfaces}
+    result: dict = {"interfaces": interfaces, "engine_label": backend.label()}
     try:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
@@ -214,6 +222,11 @@ async def _inner(out: Path) -> None:
             await page.fill("#token-input", TOKEN)
             await page.click("#token-form button")
             await page.wait_for_selector("#avatar-list li")
+            # The words a person reads (rendered text, spaces included) and the header status:
+            # state and engine in words, the engine's details in the tooltip.
+            result["camera_placeholder_text"] = await page.inner_text("#camera-placeholder")
+            result["status_ready"] = await page.text_content("#status")
+            result["status_title"] = await page.get_attribute("#status", "title")
             # Upload the avatar photo; it becomes the selected avatar.
             await page.set_input_files("#upload-input", str(avatar_file))
             await page.wait_for_selector("#upload-preview img")
@@ -250,6 +263,10 @@ async def _inner(out: Path) -> None:
             result["placeholders_while_streaming"] = [
                 await page.is_visible(f"#{name}-placeholder") for name in ("camera", "avatar")
             ]
+            await page.wait_for_function(
+                "document.getElementById('status').textContent.includes('ms per frame')"
+            )
+            result["status_streaming"] = await page.text_content("#status")
             session = next(iter(api.registry.sessions.values()))
             assert session.avatar_id == uploaded[0], "the session does not use the upload"
             # Sample what the page shows and compare with the avatar and the camera.

@@ -11,9 +11,9 @@ from iwarp.cli import build_parser, main
 
 
 def test_info_prints_parameters_and_gflop(capsys) -> None:
-    assert main(["info", "--config", "tiny"]) == 0
+    assert main(["info", "--config", "tiny_flow"]) == 0
     out = capsys.readouterr().out
-    assert "config tiny at 256x256" in out
+    assert "config tiny_flow at 256x256" in out
     assert "parameters" in out and " M" in out
     assert "GFLOP per driving frame" in out and "GFLOP per source image" in out
     for module in ("keypoint_detector", "query_encoder", "generator"):
@@ -21,9 +21,9 @@ def test_info_prints_parameters_and_gflop(capsys) -> None:
 
 
 def test_info_json_parses(capsys) -> None:
-    assert main(["info", "--config", "tiny", "--size", "128", "--sources", "2", "--json"]) == 0
+    assert main(["info", "--config", "tiny_flow", "--size", "128", "--sources", "2", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["config"] == "tiny" and stats["size"] == 128 and stats["sources"] == 2
+    assert stats["config"] == "tiny_flow" and stats["size"] == 128 and stats["sources"] == 2
     assert stats["parameters"] > 0 and stats["gflop_per_frame"] > 0
     assert stats["query_tokens"] == 16 * 16
     # Two sources of 16x16 tokens plus the extra tokens.
@@ -102,3 +102,26 @@ def test_every_subcommand_has_help(capsys) -> None:
     out = capsys.readouterr().out
     for name in commands:
         assert name in out
+
+
+def test_version_prints_the_package_version(capsys) -> None:
+    from iwarp import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"iwarp {__version__}"
+
+
+def test_help_shows_the_defaults_a_run_gets(capsys) -> None:
+    """`--help` names each default a run gets (`--port 8080`), and none that says nothing."""
+    for command, expected in (
+        ("serve", ["(default: 127.0.0.1)", "(default: 8080)", "(default: 4)"]),
+        ("animate", ["(default: auto)", "(default: iwarp_animation.mp4)"]),
+    ):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for text in expected:
+            assert text in out, (command, text)
+        assert "(default: None)" not in out and "(default: False)" not in out, command

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +26,9 @@ pytest.importorskip("aiohttp")
 
 import aiohttp
 from PIL import Image
-from test_streaming import REPO_ROOT, _animator, _checkpoint, _form, _png, run, running
+from test_streaming import REPO_ROOT, _form, _png, run, running
 
-from iwarp.media import read_image, synthetic_driving_frames
+from iwarp.media import read_image
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
 from iwarp.streaming.client import StreamingClient
@@ -38,34 +37,7 @@ from iwarp.streaming.server import ServerConfig, avatar_bytes, owner_key
 from iwarp.streaming.session import SessionLimits
 from iwarp.streaming.uploads import UploadLimits
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("ck"), 64)
-
-
-@pytest.fixture(scope="module")
-def small_animator(checkpoint) -> Animator:
-    return _animator(checkpoint)
-
-
-@pytest.fixture(autouse=True)
-def _no_uploads_left(small_animator):
-    """Each test starts and ends with the default avatar only (the animator is shared)."""
-    yield
-    for record in small_animator.avatars():
-        if record.owner:
-            small_animator.remove_avatar(record.avatar_id)
-
-
-@pytest.fixture(scope="module")
-def face_png() -> bytes:
-    return _png(read_image(DEFAULT_AVATAR)[::4, ::4])  # 128x128, a face the detector finds
-
-
-@pytest.fixture(scope="module")
-def camera() -> list[np.ndarray]:
-    return synthetic_driving_frames(read_image(DEFAULT_AVATAR), 30, 128)
+pytestmark = pytest.mark.usefixtures("no_uploads_left")
 
 
 def _address(url: str) -> tuple[str, int]:
@@ -143,13 +115,17 @@ def test_concurrent_uploads_cannot_overshoot_the_per_owner_limit(small_animator,
     run(scenario())
 
 
-def test_global_avatar_caps_evict_the_least_recently_used_unused_avatar(
+def test_global_avatar_caps_evict_only_the_uploaders_own_unused_avatars(
     small_animator, face_png, camera
 ):
+    """Past the caps an upload makes room among its own owner's avatars (least recently used,
+    not in a session), never with someone else's: a stranger gets 503 (issue 27: client ids
+    are the client's choice, and rotating them evicted everyone's avatars)."""
+
     async def scenario():
         config = ServerConfig(max_avatars=3)
         async with running(small_animator, config) as (url, api):
-            clients = [StreamingClient(url, camera, 30, client_id=f"c{i}") for i in range(5)]
+            clients = [StreamingClient(url, camera, 30, client_id=f"c{i}") for i in range(3)]
             for c in clients:
                 await c.__aenter__()
             try:
@@ -157,35 +133,39 @@ def test_global_avatar_caps_evict_the_least_recently_used_unused_avatar(
                 async def upload(client: StreamingClient) -> tuple[int, dict]:
                     return await client.request("POST", "/avatars", data=_form(("f.png", face_png)))
 
+                def kept() -> set[str]:
+                    return {r.avatar_id for r in small_animator.avatars() if r.owner}
+
                 ids = []
-                for client in clients[:3]:
+                for client in (clients[0], clients[0], clients[1]):
                     status, body = await upload(client)
                     assert status == 201, body
                     ids.append(body["avatar_id"])
-                # Client 0 previews its avatar: client 1's is now the least recently used.
+                # A stranger finds the server full: refused, nobody's avatar evicted.
+                status, body = await upload(clients[2])
+                assert status == 503 and "none of them yours" in body["error"], body
+                assert kept() == set(ids)
+                # Client 0 previews its first avatar: its second is its least recently used,
+                # and its next upload replaces that one.
                 assert (await clients[0].request("GET", f"/avatars/{ids[0]}/preview"))[0] == 200
-                status, body = await upload(clients[3])
+                status, body = await upload(clients[0])
                 assert status == 201, body
-                uploaded = {r.avatar_id for r in small_animator.avatars() if r.owner}
-                assert uploaded == {ids[0], ids[2], body["avatar_id"]}
-                assert (await clients[1].request("GET", f"/avatars/{ids[1]}/preview"))[0] == 404
+                assert kept() == {ids[0], ids[2], body["avatar_id"]}
+                assert (await clients[0].request("GET", f"/avatars/{ids[1]}/preview"))[0] == 404
 
-                # The byte cap: room for exactly two of these avatars.
+                # The byte cap, the same way: room for 3.5 avatars, client 1 replaces its own.
                 size = avatar_bytes(small_animator.get(ids[0]))
-                api.config.max_avatar_bytes = 2 * size + size // 2
-                status, body = await upload(clients[4])
+                api.config.max_avatars = 10
+                api.config.max_avatar_bytes = 3 * size + size // 2
+                status, body = await upload(clients[1])
                 assert status == 201, body
-                assert sum(1 for r in small_animator.avatars() if r.owner) == 2
+                assert ids[2] not in kept() and ids[0] in kept()
 
-                # An avatar a session uses is never evicted: with room for one avatar, the next
-                # upload evicts the other, unused one, then finds nothing more to evict and is
-                # refused; the avatar in use stays.
-                api.config.max_avatars = 1
-                await clients[4].connect(avatar_id=body["avatar_id"])
-                status, refused = await upload(clients[0])
-                assert status == 503 and "in use" in refused["error"], refused
-                kept = {r.avatar_id for r in small_animator.avatars() if r.owner}
-                assert kept == {body["avatar_id"]}
+                # An avatar a session uses is never evicted, not even for its own owner.
+                await clients[1].connect(avatar_id=body["avatar_id"])
+                status, refused = await upload(clients[1])
+                assert status == 503, refused
+                assert body["avatar_id"] in kept() and len(kept()) == 3
             finally:
                 for c in clients:
                     await c.__aexit__(None, None, None)
@@ -281,7 +261,10 @@ def test_upload_parts_are_streamed_to_disk_not_held_in_memory(small_animator, tm
 
 
 def test_pixel_budget_per_upload_and_uploads_in_flight(small_animator, face_png, caplog):
-    limits = UploadLimits(max_pixels=200_000, max_request_pixels=300_000, max_in_flight=2)
+    # All from one address: its own cap (test_serve_limits.py) is raised to test the global one.
+    limits = UploadLimits(
+        max_pixels=200_000, max_request_pixels=300_000, max_in_flight=2, max_in_flight_per_address=4
+    )
     photo = _png(np.zeros((400, 400, 3), np.uint8))  # 0.16 MP each: two are over the budget
 
     async def scenario():

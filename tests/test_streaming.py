@@ -49,7 +49,7 @@ def _checkpoint(folder: Path, size: int) -> Path:
     import torch
 
     torch.manual_seed(0)
-    config = get_config("tiny")
+    config = get_config("tiny_flow")
     config.model.image_size = size
     path = folder / f"tiny{size}.safetensors"
     save_checkpoint(path, config, ImplicitWarpingNetwork(config.model))
@@ -449,12 +449,12 @@ def test_latency_stays_flat_when_the_model_is_slower_than_the_camera(tmp_path, c
 
 
 def test_iwarp_bench_webrtc_measures_a_running_server(small_animator, capsys):
-    """`iwarp bench --webrtc` (iwarp.benchmarks.webrtc through the CLI's options) against a
+    """`iwarp bench-webrtc` (iwarp.benchmarks.webrtc through the CLI's options) against a
     real server: one JSON line per --clients entry, with frames that came back and their
     round trip."""
     from iwarp.cli import main
 
-    argv = ["bench", "--webrtc", "--clients", "1", "--seconds", "3", "--warmup", "1", "--json"]
+    argv = ["bench-webrtc", "--clients", "1", "--seconds", "3", "--warmup", "1", "--json"]
 
     async def scenario():
         async with running(small_animator, ServerConfig()) as (url, _api):

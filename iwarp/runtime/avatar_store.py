@@ -3,7 +3,9 @@
     <root>/<avatar_id>/source_0.png, source_1.png, ..., meta.json
 
 A folder appears under its final name only when complete (written under a temporary name,
-then renamed), so a crash never leaves half an avatar that a restart would trip over.
+then renamed), so a crash never leaves half an avatar that a restart would trip over; the
+temporary folders a crash leaves (photos of an upload that never finished) are deleted when
+the store is opened.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ from iwarp.errors import InputError
 from iwarp.media import read_image
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (another server may be writing to the same store)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class AvatarRecord:
     avatar_id: str
@@ -37,6 +50,10 @@ class AvatarStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".tmp-*"):
+            writer = leftover.name.rsplit("-", 1)[-1]  # .tmp-<id>-<pid of the writer>
+            if not (writer.isdigit() and _running(int(writer))):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
     def new_id() -> str:
@@ -69,7 +86,9 @@ class AvatarStore:
 
     def ids(self) -> list[str]:
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and (p / "meta.json").is_file()
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file()
         )
 
     def load_all(self) -> list[tuple[AvatarRecord, list[np.ndarray]]]:

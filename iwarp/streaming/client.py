@@ -92,17 +92,29 @@ class ServerApi:
 
     `async with ServerApi(url) as api` opens the connection pool; `request` returns
     (status, body) with JSON decoded, text as str and anything else as bytes.
+    `local_address` sends the requests from that address of this machine (e.g. 127.0.0.5:
+    several clients on one machine then count as several for the server's per-address limits).
     """
 
-    def __init__(self, url: str, token: str | None = None, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        client_id: str | None = None,
+        local_address: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"X-Iwarp-Client": client_id or uuid.uuid4().hex}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
+        self.local_address = local_address
         self.http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
-        self.http = aiohttp.ClientSession(headers=self.headers)
+        connector = None
+        if self.local_address:
+            connector = aiohttp.TCPConnector(local_addr=(self.local_address, 0))
+        self.http = aiohttp.ClientSession(headers=self.headers, connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -214,8 +226,9 @@ class StreamingClient(ServerApi):
         client_id: str | None = None,
         echo_id: bool = True,
         keep_every: int = 0,
+        local_address: str | None = None,
     ) -> None:
-        super().__init__(url, token, client_id)
+        super().__init__(url, token, client_id, local_address)
         self.frames = frames
         self.fps = fps
         self.echo_id = echo_id

@@ -24,7 +24,7 @@ import aioice.ice
 from aiortc import RTCConfiguration
 from aiortc.codecs import h264, vpx
 
-from iwarp.streaming import lowlatency
+from iwarp.streaming import lowlatency, rtcguard
 
 VIDEO_BITRATE = 300_000
 VIDEO_MIN_BITRATE = 150_000
@@ -74,7 +74,9 @@ def is_loopback(host: str) -> bool:
 
 
 def configure(loopback_only: bool = False) -> None:
-    """Everything at once: marker-bit jitter buffer, bitrate, loopback ICE candidates."""
+    """Everything at once: marker-bit jitter buffer, bitrate, loopback ICE candidates, RTP only
+    from negotiated SSRCs."""
     lowlatency.install()
+    rtcguard.install()
     set_video_bitrate()
     use_loopback_candidates(only=loopback_only)

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from aiortc import RTCSessionDescription
 from PIL import Image
 
@@ -48,14 +50,18 @@ from iwarp.errors import InputError, IwarpError
 from iwarp.options import option
 from iwarp.runtime.animator import Animator
 from iwarp.runtime.avatar_store import AvatarRecord
-from iwarp.streaming import rtc
+from iwarp.runtime.options import EngineOptions
+from iwarp.streaming import hardening, logfilters, openapi, rtc
 from iwarp.streaming.engine import Engine
 from iwarp.streaming.httperrors import ApiError, status_for
+from iwarp.streaming.limits import address_key, body_deadline, parse_networks
 from iwarp.streaming.metrics import CONTENT_TYPE
 from iwarp.streaming.session import SessionLimits, SessionRegistry
 from iwarp.streaming.uploads import UploadLimits, decode_photo, read_photos
 
 log = logging.getLogger("iwarp.streaming")
+# What requests cause (refusals, client errors, 500s): rate-limited, see logfilters.
+requests_log = logging.getLogger(logfilters.REQUESTS_LOGGER)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_AVATAR_ID = "default"
@@ -76,6 +82,15 @@ class ServerConfig:
     # nothing); past either cap the least recently used one not in a session is evicted.
     max_avatars: int = 100
     max_avatar_bytes: int = 256 * 1024 * 1024  # their crops and cached features
+    # Uploaded avatars from one address (limits.address_key), whatever its client ids; past
+    # the caps above an upload evicts only its own owner's avatars, else it gets 503.
+    max_avatars_per_address: int = 40
+    # Slow clients: a request's head within read_timeout s (of the connection's start or the
+    # previous answer), and a body at min_body_rate bytes/s on average past read_timeout s.
+    read_timeout: float = 10.0
+    min_body_rate: float = 16 * 1024
+    # Reverse proxies whose X-Forwarded-For names the client (addresses or networks).
+    trusted_proxies: tuple[str, ...] = ()
     workers: int = 1
     allow_origins: tuple[str, ...] = ()  # e.g. "https://app.example.com"; "*" allows any
     allow_hosts: tuple[str, ...] = ()  # extra names the server answers to
@@ -109,45 +124,68 @@ def _error(status: int, message: str, hint: str = "") -> web.Response:
 
 
 def _is_public_path(path: str) -> bool:
-    return path == "/" or path.startswith("/static/")
+    # The page and the API's description carry no data.
+    return path in ("/", "/openapi.json") or path.startswith("/static/")
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """iwarp errors -> 4xx JSON {error, hint}; aiohttp's own 4xx keep their status, as JSON;
-    anything else is our bug: 500 and one log line (the traceback only at DEBUG level)."""
+    anything else is our bug: 500 and one log line (the traceback only at DEBUG level).
+    Logged on the rate-limited `requests_log`: clients choose how often these happen."""
     try:
         return await handler(request)
     except IwarpError as exc:
         status = status_for(exc)
-        if status >= 500:
-            log.error("%s %s: %s", request.method, request.path, exc)
+        if status == 503:
+            # Refused at capacity: the server working as configured, not a fault.
+            requests_log.info(
+                "%s %s: 503 %s", request.method, request.path, exc.message, extra={"flood_key": 503}
+            )
+        elif status >= 500:
+            requests_log.error("%s %s: %s", request.method, request.path, exc)
         return _error(status, exc.message, exc.hint)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        return _error(exc.status, exc.reason, "")
+        allow = exc.headers.get("Allow")
+        response = _error(exc.status, exc.reason, f"this path takes {allow}" if allow else "")
+        if allow is not None:  # RFC 9110: a 405 says which methods the resource takes
+            response.headers["Allow"] = allow
+        return response
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # aiohttp's parser failed on the body mid-read (its framing or a multipart part's
+        # headers): the client's error.
+        reason = " ".join(str(getattr(exc, "message", "") or exc).split())[:200]
+        return _error(
+            400,
+            f"malformed request body ({reason or type(exc).__name__})",
+            "send the body as its Content-Type and Transfer-Encoding say",
+        )
     except ConnectionResetError:
         # The client went away mid-request (a closed tab during an upload): nobody to answer.
-        log.info("%s %s: the client disconnected", request.method, request.path)
+        requests_log.info("%s %s: the client disconnected", request.method, request.path)
         return _error(400, "connection lost", "")
     except Exception as exc:
-        log.error(
+        requests_log.error(
             "%s %s: internal error: %s: %s", request.method, request.path, type(exc).__name__, exc
         )
-        log.debug("traceback", exc_info=True)
+        requests_log.debug("traceback", exc_info=True)
         return _error(500, "internal server error", "see the server's log")
 
 
 def _auth_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and not _is_public_path(request.path):
             # Raw header bytes come in as surrogate escapes: compare them as the bytes they were.
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
+            scheme, _, credentials = given.partition(b" ")
+            # RFC 7235: the scheme is case-insensitive; the token is compared in constant time.
+            bearer = scheme.lower() == b"bearer"
+            if not (hmac.compare_digest(credentials.lstrip(b" "), expected) and bearer):
                 response = _error(
                     401,
                     "missing or wrong token",
@@ -260,6 +298,11 @@ class Api:
         self.upload_executor = ThreadPoolExecutor(1, thread_name_prefix="iwarp-upload")
         self.uploads_in_flight = 0
         self._pending_uploads: dict[str, int] = {}  # owner -> uploads not registered yet
+        # Per address (limits.address_key): uploads in progress, and who uploaded each avatar
+        # (in memory only: avatars from --store count for no address).
+        self._uploads_by_address: dict[str, int] = {}
+        self._avatar_address: dict[str, str] = {}  # avatar id -> address
+        self._trusted_proxies = parse_networks(config.trusted_proxies)
         self._last_used: dict[str, float] = {}  # avatar id -> time.monotonic() of last use
         self._sizes: dict[str, int] = {}  # avatar id -> avatar_bytes, computed once
         for record in animator.avatars():  # from --store: evictable, before any upload
@@ -283,10 +326,13 @@ class Api:
             self._sizes[avatar_id] = avatar_bytes(self.animator.get(avatar_id))
         return self._sizes[avatar_id]
 
-    def _evict_avatars(self, keep: str | None = None) -> None:
+    def _evict_avatars(self, keep: str | None = None, owner: str | None = None) -> None:
         """Evicts the least recently used uploaded avatars that no session uses until the
-        uploaded ones fit `max_avatars` and `max_avatar_bytes`. If only `keep` (the upload
-        just made) could go, it is removed and the upload refused with 503.
+        uploaded ones fit `max_avatars` and `max_avatar_bytes`. After an upload (`keep`, by
+        `owner`) only that owner's own avatars may go: a stranger never makes room for
+        itself with someone else's (client ids are the client's choice). If none can go,
+        `keep` is removed and the upload refused with 503. With no owner (at start, caps
+        lowered since the last run) any unused one may go.
 
         Runs on the event loop with no await: uploads finishing together cannot overshoot."""
         config = self.config
@@ -299,15 +345,19 @@ class Api:
             # by the upload thread (not in _last_used yet: its request would then find it gone).
             spared = {s.avatar_id for s in self.registry.sessions.values()} | {keep}
             candidates = [
-                r for r in uploaded if r.avatar_id in self._last_used and r.avatar_id not in spared
+                r
+                for r in uploaded
+                if r.avatar_id in self._last_used
+                and r.avatar_id not in spared
+                and owner in (None, r.owner)
             ]
             if not candidates:
                 if keep is not None:
                     self._remove_avatar(keep)
                 raise ApiError(
                     f"the server holds the most avatars it allows ({len(uploaded)}, "
-                    f"{total / 2**20:.0f} MiB) and all are in use",
-                    "try again when a stream has ended",
+                    f"{total / 2**20:.0f} MiB), none of them yours to replace",
+                    "try again later, or delete one of yours that a stream is using",
                     503,
                 )
             victim = min(candidates, key=lambda r: self._last_used.get(r.avatar_id, 0.0))
@@ -320,6 +370,7 @@ class Api:
         self.animator.remove_avatar(avatar_id)
         self._last_used.pop(avatar_id, None)
         self._sizes.pop(avatar_id, None)
+        self._avatar_address.pop(avatar_id, None)
 
     def _describe(self, record: AvatarRecord) -> dict[str, Any]:
         return {
@@ -335,6 +386,17 @@ class Api:
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        # Not add_static: its FileResponse answers a missing file with an empty 404 that no
+        # middleware sees; this one says what is missing, as JSON.
+        # Looked up by name among the folder's files: no path is built from the request.
+        name = request.match_info["filename"]
+        if name not in {p.name for p in STATIC_DIR.iterdir() if p.is_file()}:
+            raise ApiError(
+                f"no file {name[:80]!r} here", "the page's files are under /static/", 404
+            )
+        return web.FileResponse(STATIC_DIR / name)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -342,6 +404,7 @@ class Api:
                 "sessions": self.registry.count,
                 "max_sessions": self.config.limits.max_sessions,
                 "backend": self.animator.backend.describe(),
+                "backend_label": self.animator.backend.label(),
                 "image_size": self.animator.backend.image_size,
                 "default_avatar": self.default_avatar,
                 # Which engine animates, and for Ray how many replicas are up (asks the Serve
@@ -364,16 +427,31 @@ class Api:
             raise ApiError("an offer needs string fields 'sdp' and 'type'", "see README", 400)
         if kind != "offer":
             raise ApiError(f"expected type 'offer', got {kind!r}", "send the local offer", 400)
-        if len(sdp) > MAX_SDP_BYTES:
-            raise ApiError("SDP offer too long", "send the offer from createOffer()", 400)
-        avatar_id = body.get("avatar_id") or self.default_avatar
-        if not isinstance(avatar_id, str):
-            raise ApiError("avatar_id must be a string", "see GET /avatars", 400)
+        # Bytes, as sent: a character can be 4 (surrogatepass: JSON may carry lone surrogates).
+        if len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_BYTES:
+            raise ApiError(
+                f"SDP offer too long (more than {MAX_SDP_BYTES} bytes)",
+                "send the offer from createOffer()",
+                400,
+            )
+        avatar_id = body.get("avatar_id")
+        if avatar_id is None:  # absent or null: the server's default avatar
+            avatar_id = self.default_avatar
+        elif not isinstance(avatar_id, str):
+            raise ApiError(
+                f"avatar_id must be a string, got {json.dumps(avatar_id)[:40]}",
+                "send an id from GET /avatars, or leave avatar_id out for the default",
+                400,
+            )
         echo_id = _bool_field(body, "echo_id", False)
         self._visible_record(avatar_id, request[OWNER])
         # The registry parses the SDP before it takes a slot (400 with the parser's reason).
         session, answer = await self.registry.create(
-            RTCSessionDescription(sdp=sdp, type="offer"), avatar_id, request[OWNER], echo_id
+            RTCSessionDescription(sdp=sdp, type="offer"),
+            avatar_id,
+            request[OWNER],
+            echo_id,
+            address_key(request, self._trusted_proxies),
         )
         return web.json_response(
             {
@@ -403,6 +481,24 @@ class Api:
                 "delete one with DELETE /avatars/{id}",
                 409,
             )
+        # The same for the client's address, whatever client ids it sends.
+        address = address_key(request, self._trusted_proxies)
+        uploading = self._uploads_by_address.get(address, 0)
+        held = sum(1 for a in self._avatar_address.values() if a == address) + uploading
+        if held >= self.config.max_avatars_per_address:
+            raise ApiError(
+                f"your address already holds {held} avatars, the most one address may",
+                "delete some with DELETE /avatars/{id}, or start iwarp serve with a higher "
+                "--max-avatars-per-address",
+                409,
+            )
+        if uploading >= limits.max_in_flight_per_address:
+            raise ApiError(
+                f"{uploading} uploads from your address are in progress, the most one "
+                "address may run at once",
+                "wait for them to finish",
+                429,
+            )
         if self.uploads_in_flight >= limits.max_in_flight:
             raise ApiError(
                 f"{self.uploads_in_flight} uploads are in progress, the most at once",
@@ -410,6 +506,7 @@ class Api:
                 503,
             )
         self.uploads_in_flight += 1
+        self._uploads_by_address[address] = uploading + 1
         self._pending_uploads[owner] = self._pending_uploads.get(owner, 0) + 1
         try:
             with tempfile.TemporaryDirectory(prefix="iwarp-upload-") as folder:
@@ -428,8 +525,19 @@ class Api:
             self._pending_uploads[owner] -= 1
             if not self._pending_uploads[owner]:
                 del self._pending_uploads[owner]
+            self._uploads_by_address[address] -= 1
+            if not self._uploads_by_address[address]:
+                del self._uploads_by_address[address]
+        if avatar_id not in {r.avatar_id for r in self.animator.avatars()}:
+            # A DELETE came between registration and now (it has removed the photos too).
+            raise ApiError(
+                f"avatar {avatar_id!r} was deleted before its upload finished",
+                "upload it again if that was not meant",
+                409,
+            )
         self._last_used[avatar_id] = time.monotonic()
-        self._evict_avatars(keep=avatar_id)
+        self._avatar_address[avatar_id] = address
+        self._evict_avatars(keep=avatar_id, owner=owner)
         record = self.animator.get(avatar_id).record
         log.info("avatar %s added (%d photos)", avatar_id, record.num_sources)
         return web.json_response(self._describe(record), status=201)
@@ -461,20 +569,27 @@ class Api:
         body = await _json_body(request)
         if "avatar_id" not in body and "neutral" not in body:
             raise ApiError("nothing to change", "send {avatar_id} and/or {neutral: bool}", 400)
+        # Every field is checked before anything changes: a 400 leaves the session as it was.
+        avatar_id = body.get("avatar_id")
         if "avatar_id" in body:
-            avatar_id = body["avatar_id"]
             if not isinstance(avatar_id, str):
                 raise ApiError("avatar_id must be a string", "see GET /avatars", 400)
             self._visible_record(avatar_id, request[OWNER])
+        neutral = _bool_field(body, "neutral", False) if "neutral" in body else None
+        if avatar_id is not None:
             session.switch_avatar(avatar_id)
-        if "neutral" in body:
-            on = _bool_field(body, "neutral", False)
-            if not await session.set_neutral(on) and on:
+        if neutral is not None and not await session.set_neutral(neutral) and neutral:
+            if session.closed:  # it ended while waiting for a frame: not about any face
                 raise ApiError(
-                    "no face in view to take the neutral pose from",
-                    "face the camera and try again",
-                    422,
+                    f"session {session.id} ended before a video frame arrived",
+                    "start a new stream",
+                    409,
                 )
+            raise ApiError(
+                "no face in view to take the neutral pose from",
+                "face the camera and try again",
+                422,
+            )
         return web.json_response(session.info())
 
     async def delete_session(self, request: web.Request) -> web.Response:
@@ -526,11 +641,23 @@ def create_app(
     rtc.configure()
     api = Api(animator, default_avatar, config, engine)
     app = web.Application(
-        middlewares=[_errors, _origin_middleware(config), _auth_middleware(config.token)]
+        middlewares=[
+            _errors,
+            body_deadline(config.read_timeout, config.min_body_rate),
+            _origin_middleware(config),
+            _auth_middleware(config.token),
+            hardening.refuse_content_coding,
+        ],
+        # aiohttp's keep-alive timer closes a connection whose next request head has not
+        # arrived in time (from its start, or from the previous answer): the head deadline.
+        handler_args={**hardening.HANDLER_ARGS, "keepalive_timeout": config.read_timeout},
     )
+    app.on_response_prepare.append(hardening.deny_framing)
+    logfilters.install()
     app[API_KEY] = api
     app.router.add_get("/", api.index)
-    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    app.router.add_get("/openapi.json", openapi.serve_document)
+    app.router.add_get("/static/{filename}", api.static_file)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_post("/offer", api.offer)
@@ -569,15 +696,14 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 @dataclass
 class ServeOptions:
-    """`iwarp serve`: `serve`'s arguments as command-line options (same names)."""
+    """`iwarp serve`'s settings; each field is its command-line option (iwarp.options)."""
 
     avatars: list[str] = option(
         default_factory=list,
         flag="--avatar",
         help="avatar photo, repeatable (default: a packaged one)",
     )
-    backend: str = option("auto", help="auto, torch, onnxruntime, openvino or tensorrt")
-    checkpoint: str | None = option(None, help="weights (default: the ones shipped in the package)")
+    runtime: EngineOptions = option(default_factory=EngineOptions)  # --backend, --threads
     host: str = option("127.0.0.1", help="address to listen on")
     port: int = option(8080, help="port to listen on")
     token: str | None = option(
@@ -596,6 +722,34 @@ class ServeOptions:
         metavar="MIB",
         help="memory for uploaded avatars (~1.5 MiB per photo at 256 px), evicted the same way",
     )
+    # Per client address (IPv6: per /64): client ids are the client's choice, addresses not.
+    max_sessions_per_address: int = option(2, help="concurrent streams from one address")
+    max_avatars_per_address: int = option(40, help="uploaded avatars kept from one address")
+    max_uploads_per_address: int = option(2, help="uploads in progress from one address")
+    ice_timeout: float = option(
+        10.0, help="close a session whose peer has not connected S s after its offer"
+    )
+    max_remote_candidates: int = option(
+        32, help="most ICE candidates an offer may list (each gets STUN checks)"
+    )
+    read_timeout: float = option(
+        10.0,
+        help="close a connection whose request head has not arrived in S s; a body gets S s "
+        "plus the time --min-body-rate allows",
+    )
+    min_body_rate_kib: float = option(
+        16.0,
+        flag="--min-body-rate",
+        metavar="KIB_S",
+        help="slowest average rate (KiB/s) a request body may arrive at after --read-timeout",
+    )
+    trusted_proxies: list[str] = option(
+        default_factory=list,
+        flag="--trusted-proxy",
+        metavar="ADDRESS",
+        help="a reverse proxy or load balancer (address or network, repeatable) whose "
+        "X-Forwarded-For names the client for the per-address limits. Default: none",
+    )
     allow_origins: list[str] = option(
         default_factory=list,
         flag="--allow-origin",
@@ -612,7 +766,6 @@ class ServeOptions:
     key: str | None = option(None, help="TLS private key (PEM)")
     store: str | None = option(None, help="folder that keeps uploaded avatars across restarts")
     workers: int = option(0, help="frames animated at once (0: auto)")
-    threads: int = option(0, help="CPU threads per frame (0: auto)")
     idle_timeout: float = option(10.0, help="close a session after S s without video")
     # Scale-out (docs/SCALING.md): the networks on Ray Serve replicas, WebRTC stays here.
     engine: str = option(
@@ -634,105 +787,110 @@ class ServeOptions:
     )
 
 
-def serve(
-    avatars: Sequence[str | Path] | None = None,
-    backend: str = "auto",
-    checkpoint: str | Path | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    token: str | None = None,
-    max_sessions: int = 4,
-    cert: str | None = None,
-    key: str | None = None,
-    store: str | Path | None = None,
-    workers: int = 0,
-    threads: int = 0,
-    idle_timeout: float = 10.0,
-    max_sessions_per_client: int = 2,
-    allow_origins: Sequence[str] = (),
-    allow_hosts: Sequence[str] = (),
-    max_avatars: int = 100,
-    max_avatar_memory_mib: float = 256.0,
-    engine: str = "local",
-    ray_address: str | None = None,
-    replicas: int = 2,
-    batch: int = 0,
-) -> int:
+def serve(o: ServeOptions) -> int:
     """Runs the server until Ctrl-C / SIGTERM. Prints the URL to open once it listens.
 
-    `engine="ray"`: the sessions' frames are animated by `replicas` Ray Serve replicas
-    (`backend` is theirs) on the cluster at `ray_address` (None: an embedded one on this
-    machine); this process keeps WebRTC, face tracking and the avatars (docs/SCALING.md).
+    `o.engine == "ray"`: the sessions' frames are animated by `o.replicas` Ray Serve replicas
+    (`o.runtime.backend` is theirs) on the cluster at `o.ray_address` (None: an embedded one on
+    this machine); this process keeps WebRTC, face tracking and the avatars (docs/SCALING.md).
     """
     from iwarp.paths import DEFAULT_AVATAR
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # session start/stop lines; libraries stay at WARNING
-    if max_sessions < 1:
-        raise IwarpError("--max-sessions must be at least 1", "e.g. --max-sessions 4")
-    if max_sessions_per_client < 1:
-        raise IwarpError(
-            "--max-sessions-per-client must be at least 1", "e.g. --max-sessions-per-client 2"
-        )
-    ssl_context = _ssl_context(cert, key)
+    _check_options(o)
+    ssl_context = _ssl_context(o.cert, o.key)
+    cluster = _cluster() if o.engine == "ray" else None
     cores = os.cpu_count() or 1
-    if engine not in ("local", "ray"):
-        raise IwarpError(f"unknown --engine {engine!r}", "choose local or ray")
-    if replicas < 1:
-        raise IwarpError("--replicas must be at least 1", "e.g. --replicas 2")
-    cluster = _cluster() if engine == "ray" else None
     if cluster is not None:
         # A worker per session: each waits on its remote call, the model runs elsewhere.
-        workers = workers or max_sessions
-        edge_threads, threads = 1, threads or max(1, cores // 2)
+        workers = o.workers or o.max_sessions
+        edge_threads, threads = 1, o.runtime.threads or max(1, cores // 2)
         # An unreachable cluster fails now, before any loading.
-        cluster.connect(ray_address, replicas * threads)
+        cluster.connect(o.ray_address, o.replicas * threads)
     else:
-        workers = workers or max(1, min(max_sessions, cores))
+        workers = o.workers or max(1, min(o.max_sessions, cores))
         # Intra-op threads x concurrent frames = cores: more only makes the frames fight.
-        threads = edge_threads = threads or max(1, cores // workers)
+        threads = edge_threads = o.runtime.threads or max(1, cores // workers)
     # With --engine ray this Animator only validates and crops uploaded avatars and tracks
     # faces; the best engine on this machine does (its network never runs per frame here).
+    backend = "auto" if cluster is not None else o.runtime.backend
     animator = Animator.from_pretrained(
-        "auto" if engine == "ray" else backend, checkpoint, store_dir=store, threads=edge_threads
+        backend, o.runtime.checkpoint, store_dir=o.store, threads=edge_threads
     )
-    photos = list(avatars) if avatars else [DEFAULT_AVATAR]
+    photos = o.avatars or [DEFAULT_AVATAR]
     default_id = animator.add_avatar(
         photos, avatar_id=DEFAULT_AVATAR_ID, name=", ".join(Path(p).name for p in photos)
-    )
-    config = ServerConfig(
-        token=token,
-        limits=SessionLimits(
-            max_sessions=max_sessions,
-            max_per_client=max_sessions_per_client,
-            idle_timeout=idle_timeout,
-        ),
-        workers=workers,
-        allow_origins=tuple(allow_origins),
-        allow_hosts=tuple(allow_hosts),
-        host=host,
-        max_avatars=max_avatars,
-        max_avatar_bytes=int(max_avatar_memory_mib * 2**20),
     )
     frame_engine: Engine | None = None
     if cluster is not None:
         print("iwarp serve: deploying the animation engine on Ray Serve...", flush=True)
         frame_engine = cluster.start_ray_engine(
             animator,
-            ray_address,
-            replicas,
-            backend,
-            str(checkpoint) if checkpoint else None,
+            o.ray_address,
+            o.replicas,
+            o.runtime.backend,
+            o.runtime.checkpoint,
             threads,
-            batch,
+            o.batch,
         )
     try:
-        app = create_app(animator, default_id, config, frame_engine)
-        asyncio.run(_run(app, host, port, ssl_context, token is not None))
+        app = create_app(animator, default_id, _server_config(o, workers), frame_engine)
+        asyncio.run(_run(app, o.host, o.port, ssl_context, o.token is not None))
     finally:
         if frame_engine is not None:
             frame_engine.close()
     return 0
+
+
+def _check_options(o: ServeOptions) -> None:
+    """Refuses settings that cannot run, naming the flag and a value that can."""
+    for flag, value, example in (
+        ("--max-sessions", o.max_sessions, 4),
+        ("--max-sessions-per-client", o.max_sessions_per_client, 2),
+        ("--max-sessions-per-address", o.max_sessions_per_address, 2),
+        ("--max-avatars-per-address", o.max_avatars_per_address, 40),
+        ("--max-uploads-per-address", o.max_uploads_per_address, 2),
+        ("--max-remote-candidates", o.max_remote_candidates, 32),
+        ("--ice-timeout", o.ice_timeout, 10),
+        ("--read-timeout", o.read_timeout, 10),
+        ("--min-body-rate", o.min_body_rate_kib, 16),
+        ("--replicas", o.replicas, 2),
+    ):
+        if not value > 0:
+            raise IwarpError(f"{flag} must be more than 0, got {value:g}", f"e.g. {flag} {example}")
+    if o.engine not in ("local", "ray"):
+        raise IwarpError(f"unknown --engine {o.engine!r}", "choose local or ray")
+    try:
+        parse_networks(o.trusted_proxies)
+    except ValueError as exc:
+        raise IwarpError(f"--trusted-proxy: {exc}", "e.g. --trusted-proxy 10.0.0.0/8") from None
+
+
+def _server_config(o: ServeOptions, workers: int) -> ServerConfig:
+    """The app's settings from the command line's."""
+    return ServerConfig(
+        token=o.token,
+        limits=SessionLimits(
+            max_sessions=o.max_sessions,
+            max_per_client=o.max_sessions_per_client,
+            idle_timeout=o.idle_timeout,
+            ice_timeout=o.ice_timeout,
+            max_per_address=o.max_sessions_per_address,
+            max_remote_candidates=o.max_remote_candidates,
+        ),
+        uploads=UploadLimits(max_in_flight_per_address=o.max_uploads_per_address),
+        max_avatars_per_address=o.max_avatars_per_address,
+        read_timeout=o.read_timeout,
+        min_body_rate=o.min_body_rate_kib * 1024,
+        trusted_proxies=tuple(o.trusted_proxies),
+        workers=workers,
+        allow_origins=tuple(o.allow_origins),
+        allow_hosts=tuple(o.allow_hosts),
+        host=o.host,
+        max_avatars=o.max_avatars,
+        max_avatar_bytes=int(o.max_avatar_memory_mib * 2**20),
+    )
 
 
 def _cluster() -> Any:

@@ -4,7 +4,11 @@ A session owns its peer connection, its `DrivingStream` (face tracker, neutral p
 smoothing) and the `NewestFrameTrack` that animates its camera with its avatar. It ends, and
 frees its slot at once, when the connection fails or closes, the camera track ends, no video
 arrives for `idle_timeout` seconds (a peer that vanished without a word: ICE consent checks
-would take ~30 s to notice), or no first frame arrives within `connect_timeout`.
+would take ~30 s to notice), its peer has not connected within `ice_timeout` (an offer that
+never connects holds no slot for long), or no first frame arrives within `connect_timeout`.
+One address may hold `max_per_address` sessions (client ids are the client's choice, its
+address is not), and an offer may list `max_remote_candidates` ICE candidates: the server
+sends STUN checks to each, so an unbounded list would make it a UDP scanner.
 
 Threading: `process` runs in the model executor, one call at a time per session (the track
 never has two frames in flight), so the `DrivingStream` is only ever touched by one thread at a
@@ -31,8 +35,9 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, s
 from aiortc.mediastreams import MediaStreamError
 
 from iwarp.errors import InputError
+from iwarp.metrics import percentile, percentile_ms
 from iwarp.runtime.animator import Animator
-from iwarp.streaming import frameid
+from iwarp.streaming import frameid, rtcguard
 from iwarp.streaming.engine import Engine, LocalEngine, ReplicaStats
 from iwarp.streaming.httperrors import ApiError
 from iwarp.streaming.metrics import Registry
@@ -50,6 +55,12 @@ class SessionLimits:
     max_per_client: int = 2
     idle_timeout: float = 10.0  # seconds without a video frame, once video has flowed
     connect_timeout: float = 30.0  # seconds from the offer to the first video frame
+    ice_timeout: float = 10.0  # seconds from the offer to a connected peer (ICE + DTLS)
+    # Remote addresses (IPv6: their /64): 2 of the default 4 slots, so one machine rotating
+    # client ids cannot take every slot.
+    max_per_address: int = 2
+    max_remote_candidates: int = 32  # distinct ICE candidates in an offer: STUN targets
+    close_timeout: float = 5.0  # seconds pc.close() may take before its parts are stopped
 
 
 _OFFER_HINT = "send the offer from RTCPeerConnection.createOffer() unchanged"
@@ -57,10 +68,10 @@ _OFFER_HINT = "send the offer from RTCPeerConnection.createOffer() unchanged"
 _MEDIA_LINE = re.compile(r"m=\S+ \d+(/\d+)? \S+( \S+)+")
 
 
-def parse_offer(text: str) -> sdp.SessionDescription:
-    """The offer parsed and checked as aiortc will (ICE credentials, a video section), or
-    ApiError 400 saying what is wrong. Runs before a session slot is taken, so malformed
-    offers never hold one."""
+def parse_offer(text: str, max_candidates: int = 32) -> sdp.SessionDescription:
+    """The offer parsed and checked as aiortc will (ICE credentials, a video section, at most
+    `max_candidates` ICE candidates), or ApiError 400 saying what is wrong. Runs before a
+    session slot is taken, so malformed offers never hold one."""
     if not text.lstrip().startswith("v=0"):
         raise ApiError("malformed SDP offer: it does not start with 'v=0'", _OFFER_HINT, 400)
     for line in text.replace("\r\n", "\n").split("\n"):
@@ -85,18 +96,31 @@ def parse_offer(text: str) -> sdp.SessionDescription:
                 _OFFER_HINT,
                 400,
             )
+    candidates = rtcguard.remote_candidates(description)
+    if candidates > max_candidates:
+        raise ApiError(
+            f"the offer lists {candidates} ICE candidates, more than the {max_candidates} "
+            "this server checks",
+            "send the offer from createOffer() unchanged, or start iwarp serve with a higher "
+            "--max-remote-candidates",
+            400,
+        )
     return description
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
-
-
 class Session:
-    def __init__(self, registry: SessionRegistry, owner: str, avatar_id: str, echo_id: bool):
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        owner: str,
+        avatar_id: str,
+        echo_id: bool,
+        address: str = "",
+    ):
         self.registry = registry
         self.id = secrets.token_hex(8)
         self.owner = owner
+        self.address = address  # the client's address (limits.address_key)
         self.avatar_id = avatar_id
         self.echo_id = echo_id
         self.stream = registry.engine.stream()
@@ -104,6 +128,7 @@ class Session:
         self.pc: RTCPeerConnection | None = None
         self.track: NewestFrameTrack | None = None
         self.closed = False
+        self.connected = False  # the peer connection reached "connected" once
         self.close_reason = ""
         self.neutral = False
         self._tasks: set[asyncio.Task] = set()
@@ -112,7 +137,10 @@ class Session:
         self._loop = asyncio.get_running_loop()
 
     # -- setup ------------------------------------------------------------------------------
-    async def start(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+    async def start(
+        self, offer: RTCSessionDescription, description: sdp.SessionDescription
+    ) -> RTCSessionDescription:
+        """Answers `offer` (`description`: the same, parsed by `parse_offer`)."""
         self.pc = pc = RTCPeerConnection(rtc_configuration())
         pc.on("track", self._on_track)
         pc.on("connectionstatechange", self._on_state)
@@ -121,6 +149,7 @@ class Session:
         except Exception as exc:  # aiortc's SDP parser raises assorted types on bad input
             reason = str(exc) or type(exc).__name__
             raise ApiError(f"malformed SDP offer: {reason}", _OFFER_HINT, 400) from exc
+        rtcguard.accept_only_offered_ssrcs(pc, description)
         if self.track is None:
             raise ApiError(
                 "the offer has no video track",
@@ -143,7 +172,11 @@ class Session:
             self._spawn(_drain(track))
 
     async def _on_state(self) -> None:
-        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+        if self.pc is None:
+            return
+        if self.pc.connectionState == "connected":
+            self.connected = True
+        elif self.pc.connectionState in ("failed", "closed"):
             await self.close(f"connection {self.pc.connectionState}")
 
     async def _watch(self) -> None:
@@ -155,6 +188,8 @@ class Session:
             if stats.frames_in:
                 if now - stats.last_input > limits.idle_timeout:
                     await self.close(f"no video for {limits.idle_timeout:g} s")
+            elif not self.connected and now - self.created > limits.ice_timeout:
+                await self.close(f"the peer did not connect within {limits.ice_timeout:g} s")
             elif now - self.created > limits.connect_timeout:
                 await self.close(f"no video within {limits.connect_timeout:g} s of the offer")
 
@@ -233,10 +268,10 @@ class Session:
             "errors": stats.errors,
             "fps_out": round(stats.fps(), 2),
             "server_latency_ms": {
-                "p50": round(_percentile([r[0] for r in recent], 50) * 1e3, 1),
-                "p95": round(_percentile([r[0] for r in recent], 95) * 1e3, 1),
+                "p50": percentile_ms([r[0] for r in recent], 50) or 0.0,
+                "p95": percentile_ms([r[0] for r in recent], 95) or 0.0,
             },
-            "model_ms": {"p50": round(_percentile([r[1] for r in recent], 50) * 1e3, 1)},
+            "model_ms": {"p50": percentile_ms([r[1] for r in recent], 50) or 0.0},
         }
 
     # -- teardown ---------------------------------------------------------------------------
@@ -250,18 +285,28 @@ class Session:
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
             task.cancel()
-        if self.track is not None:
-            self.track.stop()
-        if self.pc is not None:
-            await self.pc.close()
-        if self.track is not None:
-            await self.track.wait_closed()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with self._lock:
-            pending, self._pending_neutral = self._pending_neutral, None
-        if pending is not None:
-            _resolve(pending[1], False)
-        self.stream.close()  # the tracker's MediaPipe graphs are native memory: free them now
+        try:
+            if self.track is not None:
+                self.track.stop()
+            if self.pc is not None:
+                timeout = self.registry.limits.close_timeout
+                if not await rtcguard.close_peer(self.pc, timeout):
+                    log.warning(
+                        "session %s: the peer connection took over %g s to close; its "
+                        "transports were stopped one by one",
+                        self.id,
+                        timeout,
+                    )
+            if self.track is not None:
+                await self.track.wait_closed()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            # Whatever failed above, the neutral-pose waiter and the native graphs are freed.
+            with self._lock:
+                pending, self._pending_neutral = self._pending_neutral, None
+            if pending is not None:
+                _resolve(pending[1], False)
+            self.stream.close()  # the tracker's MediaPipe graphs: native memory, freed now
         log.info("session %s closed: %s", self.id, reason)
         # aiortc's peer connection, transceivers and codecs form reference cycles: their native
         # encoder/decoder threads and buffers go only when the cyclic collector runs, which in
@@ -362,7 +407,7 @@ class SessionRegistry:
         for replica, stats in self._replicas():
             recent = list(stats.recent)
             for q in (0.5, 0.95):
-                value = _percentile(recent, q * 100)
+                value = percentile(recent, q * 100) or 0.0
                 out.append(("", {"replica": replica, "quantile": str(q)}, value))
             out.append(("_sum", {"replica": replica}, stats.seconds))
             out.append(("_count", {"replica": replica}, float(stats.frames)))
@@ -384,17 +429,30 @@ class SessionRegistry:
         return len(self.sessions)
 
     async def create(
-        self, offer: RTCSessionDescription, avatar_id: str, owner: str, echo_id: bool = False
+        self,
+        offer: RTCSessionDescription,
+        avatar_id: str,
+        owner: str,
+        echo_id: bool = False,
+        address: str = "",
     ) -> tuple[Session, RTCSessionDescription]:
         """A new session answering `offer`; ApiError 400 for a malformed offer (checked
-        before a slot is taken), 429 when this owner holds `max_per_client` sessions, 503 when
-        all slots are taken."""
-        parse_offer(offer.sdp)
+        before a slot is taken), 429 when this owner holds `max_per_client` sessions or this
+        address `max_per_address`, 503 when all slots are taken."""
+        description = parse_offer(offer.sdp, self.limits.max_remote_candidates)
         mine = sum(1 for s in self.sessions.values() if s.owner == owner)
         if mine >= self.limits.max_per_client:
             raise ApiError(
                 f"you already have {mine} sessions, the most one client may hold",
                 "close one (DELETE /sessions/{id}, or the other tab) and try again",
+                429,
+            )
+        from_address = sum(1 for s in self.sessions.values() if s.address == address)
+        if address and from_address >= self.limits.max_per_address:
+            raise ApiError(
+                f"your address already has {from_address} sessions, the most one address may hold",
+                "close one and try again, or start iwarp serve with a higher "
+                "--max-sessions-per-address",
                 429,
             )
         if self.count >= self.limits.max_sessions:
@@ -405,10 +463,10 @@ class SessionRegistry:
                 503,
             )
         # Registered before the first await, so concurrent offers cannot overshoot the limit.
-        session = Session(self, owner, avatar_id, echo_id)
+        session = Session(self, owner, avatar_id, echo_id, address)
         self.sessions[session.id] = session
         try:
-            answer = await session.start(offer)
+            answer = await session.start(offer, description)
         except BaseException:
             await asyncio.shield(session.close("setup failed"))
             raise

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
 
 from iwarp.errors import InputError
@@ -44,6 +45,7 @@ class UploadLimits:
     # model's 256 px, and it bounds what is decoded, encoded and written to --store.
     max_side: int = 1536
     max_in_flight: int = 4  # uploads being received or waiting for the encoder at once
+    max_in_flight_per_address: int = 2  # of those, from one client address
 
 
 class UploadError(ApiError):
@@ -93,6 +95,7 @@ async def read_photos(request: web.Request, limits: UploadLimits, folder: Path) 
             f"send at most {limits.max_photos} photos of {limits.max_bytes // 1024} KiB each",
             413,
         )
+    body = _BodyBudget(request, total_limit, limits)
     photos: list[Photo] = []
     try:
         reader = await request.multipart()
@@ -100,15 +103,25 @@ async def read_photos(request: web.Request, limits: UploadLimits, folder: Path) 
             part = await reader.next()
             if part is None:
                 break
-            if not isinstance(part, BodyPartReader) or part.name != "file":
-                continue  # unknown fields are ignored, not an error
+            if not isinstance(part, BodyPartReader):
+                raise UploadError(
+                    "nested multipart parts are not accepted",
+                    "send one field 'file' per photo, directly in the form",
+                    400,
+                )
+            if part.name != "file":
+                # Unknown fields are ignored, not an error; read here, within the budget
+                # (left to the reader, a field would be read to its end, however long).
+                while await part.read_chunk(_CHUNK):
+                    body.check()
+                continue
             if len(photos) >= limits.max_photos:
                 raise UploadError(
                     f"more than {limits.max_photos} photos in one avatar",
                     f"send 1 to {limits.max_photos} photos",
                     413,
                 )
-            photo = await _save_part(part, len(photos), limits, folder)
+            photo = await _save_part(part, len(photos), limits, folder, body)
             photos.append(photo)
             pixels = sum(p.width * p.height for p in photos)
             if pixels > limits.max_request_pixels:
@@ -118,15 +131,37 @@ async def read_photos(request: web.Request, limits: UploadLimits, folder: Path) 
                     "send fewer or smaller photos",
                     413,
                 )
-    except (ValueError, AssertionError, LookupError) as exc:
-        # aiohttp's multipart parser reports a bad boundary or part headers this way.
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
+        # aiohttp's multipart parser reports a bad boundary or part headers this way
+        # (HttpProcessingError: control bytes or a space in a part's header).
         raise _malformed(exc) from exc
     if not photos:
         raise UploadError("no photos in the upload", "send one or more fields named 'file'", 400)
     return photos
 
 
-async def _save_part(part: BodyPartReader, index: int, limits: UploadLimits, folder: Path) -> Photo:
+class _BodyBudget:
+    """The upload's size limit counted on the bytes read, not on `Content-Length`: a chunked
+    body has none, and a non-photo field is not bounded by the per-photo limit."""
+
+    def __init__(self, request: web.Request, limit: int, limits: UploadLimits) -> None:
+        self.content = request.content
+        self.limit = limit
+        self.limits = limits
+
+    def check(self) -> None:
+        if self.content.total_bytes > self.limit:
+            raise UploadError(
+                f"upload is more than {self.limit} bytes, the most allowed",
+                f"send at most {self.limits.max_photos} photos of "
+                f"{self.limits.max_bytes // 1024} KiB each, and nothing else",
+                413,
+            )
+
+
+async def _save_part(
+    part: BodyPartReader, index: int, limits: UploadLimits, folder: Path, body: _BodyBudget
+) -> Photo:
     name = part.filename or f"photo {index + 1}"
     path = folder / f"part{index}"
     size = 0
@@ -138,6 +173,7 @@ async def _save_part(part: BodyPartReader, index: int, limits: UploadLimits, fol
                 if len(head) == 16 and sniff_type(head) is None:
                     raise UploadError(f"{name} is not an image", _PHOTO_HINT, 415)
             size += len(chunk)
+            body.check()
             if size > limits.max_bytes:
                 raise UploadError(
                     f"photo {name} is larger than {limits.max_bytes // 1024} KiB",

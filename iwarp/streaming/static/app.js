@@ -16,6 +16,7 @@ const state = {
   reconnectTimer: null,
   statsTimer: null,
   previous: null, // last getStats sample, for rates
+  engineLabel: "", // the server's engine in two words, from /healthz
 };
 
 // What the end-to-end test (and a curious user, in the console) can read.
@@ -40,8 +41,11 @@ function clientIdentity() {
 
 // -- messages -------------------------------------------------------------------------------
 
-function setStatus(text) {
+// The header says what a person needs (state, the engine in two words, the frame time); the
+// engine's versions and settings are in its tooltip and in /healthz.
+function setStatus(text, details) {
   $("status").textContent = text;
+  if (details !== undefined) $("status").title = details;
 }
 
 function showMessage(text, isError = false) {
@@ -465,6 +469,9 @@ async function updateStats() {
   const dropped = (server ? server.frames_dropped : 0) + (now.inbound.framesDropped || 0);
 
   window.iwarp.stats = { fps, rtt, dropped, encodeMs, networkMs, serverMs, bufferMs, decodeMs };
+  if (server && pc.connectionState === "connected") {
+    setStatus(`connected · ${state.engineLabel} · ${server.model_ms.p50} ms per frame`);
+  }
   $("stat-fps").textContent = fps.toFixed(1);
   $("stat-rtt").textContent = `${rtt.toFixed(0)} ms`;
   $("stat-dropped").textContent = String(dropped);
@@ -482,7 +489,11 @@ async function init() {
   try {
     const health = await api("/healthz");
     $("token-panel").hidden = true;
-    setStatus(`ready: ${health.backend}, ${health.sessions}/${health.max_sessions} sessions`);
+    state.engineLabel = health.backend_label;
+    setStatus(
+      `ready · ${health.backend_label}`,
+      `${health.backend}; ${health.sessions} of ${health.max_sessions} streams in use`,
+    );
     await loadAvatars();
   } catch (err) {
     setStatus(err.status === 401 ? "token needed" : "server unreachable");
