@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 from iwarp.cam.app import CamSettings, run_cam
 from iwarp.media import default_driving_clip, video_info
+from iwarp.runtime.options import EngineOptions
 
 
 def free_port() -> int:
@@ -64,7 +65,7 @@ def measure(mode: str, clip: Path, seconds: float, url: str | None, threads: int
             sink=str(Path(tmp) / "avatar.mp4"),
             seconds=seconds,
             control_port=0,
-            threads=threads,
+            engine=EngineOptions(threads=threads),
         )
         s = run_cam(settings)
     fps_in = video_info(clip).fps or 30.0

@@ -12,18 +12,18 @@ squared error that the static part holds: how much making the static part exact 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from iwarp.checkpoint import load_network
 from iwarp.evaluation.protocol import (
-    _resize,
-    _to_tensor,
     expand_source,
+    frames_to_tensor,
     load_eval_clips,
+    resize_frames,
     target_positions,
 )
+from iwarp.metrics import psnr_of_mse
 from iwarp.train.losses import still_pixels
 
 STATIC_BELOW = 0.04
@@ -41,9 +41,9 @@ def main() -> None:
     squared = {"model": [0.0, 0.0], "copy": [0.0, 0.0]}  # static, moving
     pixels = [0.0, 0.0]
     for name, _, clip in load_eval_clips(args.data, "val", args.size, show_progress=False):
-        frames = _resize(clip, args.size)
-        driving = _to_tensor(frames[target_positions(len(frames), (1, 3), 16)])
-        source = _to_tensor(frames[[0]])
+        frames = resize_frames(clip, args.size)
+        driving = frames_to_tensor(frames[target_positions(len(frames), (1, 3), 16)])
+        source = frames_to_tensor(frames[[0]])
         with torch.no_grad():
             avatar = net.encode_sources(source[None])
             output = torch.cat(
@@ -61,12 +61,9 @@ def main() -> None:
             squared[method][1] += float((error * (1 - static)).sum())
         print(f"{name}: {float(static.mean()):.0%} static")
 
-    def psnr(total: float, count: float) -> float:
-        return 10 * math.log10(count / total)
-
     print(f"static pixels: {pixels[0] / sum(pixels):.0%}")
     for method, (still, moving) in squared.items():
-        static_db, moving_db = psnr(still, pixels[0]), psnr(moving, pixels[1])
+        static_db, moving_db = psnr_of_mse(still / pixels[0]), psnr_of_mse(moving / pixels[1])
         print(
             f"{method}: static {static_db:.2f} dB, moving {moving_db:.2f} dB, "
             f"share of squared error in static pixels {still / (still + moving):.1%}"

@@ -33,11 +33,12 @@ import torch
 from PIL import Image
 
 from iwarp.checkpoint import load_network
-from iwarp.evaluation.metrics import flicker, psnr, temporal_error
+from iwarp.evaluation.metrics import flicker, temporal_error
 from iwarp.evaluation.protocol import load_eval_clips
 from iwarp.evaluation.report import labelled
 from iwarp.face import OneEuroFilter, keypoint_filter
 from iwarp.graphs import image_to_tensor
+from iwarp.metrics import frame_psnr
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.model.warp import SourceSet
@@ -148,7 +149,7 @@ def main() -> None:
             out = animate_run(net, source, kp, setting)
             scores["flicker"].append(flicker(out, driving))
             scores["temporal_error"].append(temporal_error(out, driving))
-            scores["psnr"].append(float(psnr(out, driving).mean()))
+            scores["psnr"].append(float(frame_psnr(out.numpy(), driving.numpy()).mean()))
         row: dict[str, object] = {"smoothing (min_cutoff, beta)": setting or "none"}
         row.update({k: round(float(np.mean(v)), 4) for k, v in scores.items()})
         print(json.dumps(row), flush=True)

@@ -5,7 +5,7 @@ and without batching, and the freeze when a replica is killed mid-stream.
     python bench/ray_engine.py --replicas 2 --frames 150 --clients 1,2,4 --batch 1,4 --json
 
 One process, an embedded Ray cluster, the shipped weights on `--backend` (1 thread per
-replica), a real driving clip (default: the one bench/latency.py streams), 256x256.
+replica), a real driving clip (default: the one `iwarp bench-webrtc` streams), 256x256.
 - hop: one stream, each frame animated locally (this process's Animator) and through a
   replica, alternately, so both see the same machine load. Added latency = remote - local;
   also remote call - replica model time (serialisation, JPEG, routing, network).
@@ -13,7 +13,7 @@ replica), a real driving clip (default: the one bench/latency.py streams), 256x2
   for --seconds; frames/s per replica, for each --batch (the deployment is updated in place).
 - kill: 2 streams paced at 30 fps; after 3 s the replica that served the most frames is
   killed; freeze = the longest gap between two frames a stream got back.
-The end-to-end WebRTC numbers come from bench/latency.py against `iwarp serve --engine ray`.
+The end-to-end WebRTC numbers come from `iwarp bench-webrtc` against `iwarp serve --engine ray`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,8 @@ import numpy as np
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from iwarp.metrics import percentile_ms
 from iwarp.paths import DEFAULT_AVATAR
-
-
-def _ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)) * 1e3, 1)
 
 
 def hop(animator: Any, engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
@@ -55,13 +52,16 @@ def hop(animator: Any, engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
     remote.close()
     return {
         "frames": len(t_local),
-        "local_ms": {"p50": _ms(t_local, 50), "p95": _ms(t_local, 95)},
-        "ray_ms": {"p50": _ms(t_remote, 50), "p95": _ms(t_remote, 95)},
+        "local_ms": {"p50": percentile_ms(t_local, 50), "p95": percentile_ms(t_local, 95)},
+        "ray_ms": {"p50": percentile_ms(t_remote, 50), "p95": percentile_ms(t_remote, 95)},
         "added_ms": {
-            "p50": round(_ms(t_remote, 50) - _ms(t_local, 50), 1),
-            "p95": round(_ms(t_remote, 95) - _ms(t_local, 95), 1),
+            "p50": round(percentile_ms(t_remote, 50) - percentile_ms(t_local, 50), 1),
+            "p95": round(percentile_ms(t_remote, 95) - percentile_ms(t_local, 95), 1),
         },
-        "call_minus_replica_model_ms": {"p50": _ms(t_overhead, 50), "p95": _ms(t_overhead, 95)},
+        "call_minus_replica_model_ms": {
+            "p50": percentile_ms(t_overhead, 50),
+            "p95": percentile_ms(t_overhead, 95),
+        },
     }
 
 
@@ -151,13 +151,13 @@ def main() -> int:
     p.add_argument("--clients", default="1,2,4")
     p.add_argument("--batch", default="1,4", help="replica batch sizes to compare")
     p.add_argument("--seconds", type=float, default=10.0, help="per throughput run")
-    p.add_argument("--clip", help="driving clip (default: bench/latency.py's)")
+    p.add_argument("--clip", help="driving clip (default: iwarp bench-webrtc's)")
     p.add_argument("--no-kill", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
     from iwarp.benchmarks.webrtc import load_frames
-    from iwarp.cluster.engine import _deploy, start_ray_engine
+    from iwarp.cluster.engine import deploy_replicas, start_ray_engine
     from iwarp.media import default_driving_clip
     from iwarp.runtime.animator import Animator
     from iwarp.system import cpu_name
@@ -177,7 +177,7 @@ def main() -> int:
         "throughput": [],
     }
     for batch in batches:
-        engine.handle = _deploy(args.replicas, args.backend, None, 1, batch, 0)
+        engine.handle = deploy_replicas(args.replicas, args.backend, None, 1, batch, 0)
         for n in [int(c) for c in args.clients.split(",")]:
             run = throughput(engine, frames, n, args.seconds)
             report["throughput"].append({"batch": batch, **run})

@@ -61,8 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import aiohttp
-from aiortc import RTCPeerConnection, sdp
-from aiortc.rtp import RtpPacket
+from aiortc import RTCPeerConnection
 from PIL import Image
 
 from iwarp.benchmarks.webrtc import load_frames
@@ -385,19 +384,7 @@ async def _ssrc_flood(url: str, args: argparse.Namespace, frames: list, tally: T
         else:
             return refused
         await asyncio.wait_for(client.first_frame.wait(), 30)
-        pc = client.call.pc
-        answer = sdp.SessionDescription.parse(pc.remoteDescription.sdp)
-        payload_type = answer.media[0].rtp.codecs[0].payloadType
-        transport = pc.getSenders()[0].transport
-        for n in range(400):
-            packet = RtpPacket(
-                payload_type=payload_type,
-                sequence_number=n,
-                timestamp=90 * n,
-                ssrc=0x10000 + n,
-                payload=b"\x10" + bytes(20),
-            )
-            await transport._send_rtp(packet.serialize())
+        await client.call.send_on_unlisted_ssrcs(400)
         await asyncio.sleep(2.5)  # the server's RTCP reports go out every 0.5-1.5 s
         t0 = time.monotonic()
         status, _ = await client.request("DELETE", f"/sessions/{client.session_id}")

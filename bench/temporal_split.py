@@ -28,7 +28,12 @@ import torch
 
 from iwarp.checkpoint import load_network
 from iwarp.evaluation.metrics import temporal_split
-from iwarp.evaluation.protocol import _resize, _to_tensor, expand_source, load_eval_clips
+from iwarp.evaluation.protocol import (
+    expand_source,
+    frames_to_tensor,
+    load_eval_clips,
+    resize_frames,
+)
 from iwarp.face import keypoint_filter
 from iwarp.model.keypoints import Keypoints
 from iwarp.system import cpu_name
@@ -78,9 +83,9 @@ def main() -> None:
     size = net.config.image_size
     rows: dict[str, list[dict[str, float]]] = defaultdict(list)
     for name, _, clip in load_eval_clips(args.data, "val", size, show_progress=False):
-        frames = _resize(clip, size)
-        driving = _to_tensor(frames[1 : 1 + FRAMES])
-        source_photo = _to_tensor(frames[:1])
+        frames = resize_frames(clip, size)
+        driving = frames_to_tensor(frames[1 : 1 + FRAMES])
+        source_photo = frames_to_tensor(frames[:1])
         with torch.no_grad():
             source = net.encode_sources(source_photo[None])
             kp = net.detect(driving)

@@ -2,7 +2,9 @@
 
     python bench/train_throughput.py --size 128 --batch-size 8 --steps 6 [--threads 2]
 
-Times full training steps (forward, all losses, backward, Adam) after one warm-up step.
+Times `train_step`, the step `iwarp train` runs (forward, the config's weighted losses,
+backward, clipping, Adam, the GAN and the weight average when the config has them), on the
+batches training draws (1..max_sources sources), after one warm-up step.
 """
 
 from __future__ import annotations
@@ -13,38 +15,37 @@ import time
 
 import torch
 
-from iwarp.config import get_config
+from iwarp.config import PRESETS, SHIPPED_CONFIG, Config, get_config
 from iwarp.paths import shared_data_dir
 from iwarp.train.data import ClipDataset
-from iwarp.train.trainer import TrainStep, seeded_generator
+from iwarp.train.trainer import Trainer, train_step, training_batch
 
 
-def measure(config_name: str, size: int, batch: int, steps: int, bf16: bool, data) -> float:
-    config = get_config(config_name)
-    module = TrainStep(config)
-    opt = torch.optim.Adam(module.net.parameters(), lr=config.train.lr)
+def measure(config: Config, data: ClipDataset, steps: int, device: torch.device) -> float:
+    """Samples per second over `steps` training steps, after one warm-up step."""
+    torch.manual_seed(config.train.seed)
+    trainer = Trainer.create(config, device)
+    trainer.average_weights()
     times = []
     for step in range(steps + 1):
-        sources, driving = data.batch(0, step, batch, 2)
+        batch = training_batch(data, config.train, step, 0, device)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, losses = module(sources, driving, seeded_generator(0, step, 0))
-        total = sum(losses.values())
-        opt.zero_grad()
-        total.float().backward()
-        opt.step()
+        train_step(trainer, batch, step, steps + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if step:  # the first step pays for allocation and kernel selection
             times.append(time.perf_counter() - t)
-    return batch * len(times) / sum(times)
+    return config.train.batch_size * len(times) / sum(times)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny")
+    p.add_argument("--config", default=SHIPPED_CONFIG, help=f"a preset: {', '.join(PRESETS)}")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     root = shared_data_dir()
@@ -58,8 +59,11 @@ def main() -> None:
         "threads": args.threads,
     }
     for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
+        config = get_config(args.config)
+        config.train.train_size, config.train.batch_size = args.size, args.batch_size
+        config.train.bf16 = bf16
         result[f"{name}_samples_per_s"] = measure(
-            args.config, args.size, args.batch_size, args.steps, bf16, data
+            config, data, args.steps, torch.device(args.device)
         )
     print(json.dumps(result))
 

@@ -132,16 +132,3 @@ def load_network(path: str | Path | None = None, device: str | torch.device = "c
     net = ImplicitWarpingNetwork(ckpt.config.model)
     ckpt.load_module(net)
     return net.to(device).eval(), ckpt
-
-
-def export_weights(src: str | Path, dst: str | Path, note: str = "") -> Path:
-    """A training checkpoint -> weights only (no optimiser, no discriminator), for shipping."""
-    from iwarp.model import ImplicitWarpingNetwork
-
-    ckpt = Checkpoint(src)
-    net = ImplicitWarpingNetwork(ckpt.config.model)
-    ckpt.load_module(net)
-    extra = {**ckpt.extra, "source_checkpoint": Path(src).name, "note": note}
-    out = save_checkpoint(dst, ckpt.config, net, ckpt.step, extra=extra)
-    out.chmod(0o644)
-    return out

@@ -1,7 +1,7 @@
 """Typed configurations: the network's shape and how it is trained.
 
 A checkpoint stores its `Config` as JSON, so the shape of a network is never guessed from
-its weights. Named presets live in `PRESETS`; `get_config("tiny")` returns a fresh copy.
+its weights. Named presets live in `PRESETS`; `get_config("tiny_flow")` returns a fresh copy.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from iwarp.errors import CheckpointError, IwarpError
+from iwarp.errors import CheckpointError, ConfigError
 
 MultiSourceMode = Literal["attention", "average"]
 
@@ -40,20 +40,16 @@ class ModelConfig:
     extra_tokens: int = 32
     residual_branch: bool = True
     residual_hidden: int = 64
-    # Pixel skip (not in the paper): the same attention weights also warp each token's
-    # attn_stride x attn_stride patch of source pixels, and the generator blends that warped
-    # image with its own output through a predicted mask. Without it, every output pixel is
-    # decoded from an 8x-downsampled feature grid, which a short CPU training run leaves blurry.
-    pixel_skip: bool = False
     # Multiplies the positional encoding added to query and key features. Large values make the
-    # untrained attention pick the same location in the source (with pixel_skip: the network
+    # untrained attention pick the same location in the source (with flow_warp: the network
     # starts as copy-the-source, and learns motion from there instead of from a blur).
     position_scale: float = 1.0
-    # Flow warp (issue 17): the attention also returns, per source, its mass and the expected
-    # source coordinate of every query (values carry [1, x, y] for their own source). Upsampled
-    # to full size, that is a sub-pixel flow and a confidence per source: the full-resolution
-    # photos are warped with grid_sample and blended by mass; the extra tokens' mass tells the
-    # generator where nothing in the sources matches. Replaces the pixel skip's 8x8 patches.
+    # Flow warp (issue 17, the shipped design): the attention also returns, per source, its mass
+    # and the expected source coordinate of every query (values carry [1, x, y] for their own
+    # source). Upsampled to full size, that is a sub-pixel flow and a confidence per source: the
+    # full-resolution photos are warped with grid_sample and blended by mass; the extra tokens'
+    # mass tells the generator where nothing in the sources matches. False stays as the paper's
+    # own layout (every pixel decoded from the grid), which the `paper` presets reproduce.
     flow_warp: bool = False
     # Frozen ImageNet features of each source (EfficientNet-Lite0's first blocks) added to its
     # keys and values through zero-initialised projections (`model.source_features`): source
@@ -62,12 +58,17 @@ class ModelConfig:
     # Keys/values/pixels average-pooled by this factor before attention (1 = off).
     spatial_reduction: int = 1
     # "attention": one softmax over all sources (the paper). "average": warp each source
-    # separately and average the warped features (the paper's multi-source baseline).
+    # separately and average the warped features: the paper's multi-source baseline, which
+    # `iwarp eval` runs with the same weights (`evaluation.protocol`), so it stays.
     multi_source_mode: MultiSourceMode = "attention"
     # Generator: res blocks at the grid, then one 2x upsampling per entry of up_channels.
     generator_channels: int = 64
     generator_res_blocks: int = 2
     generator_up_channels: tuple[int, ...] = (32, 16, 8)
+
+    # Settings of older checkpoints that this version no longer has, with the one value it can
+    # still run: the pixel skip (the weights before issue 17) is retired.
+    RETIRED: ClassVar[dict[str, Any]] = {"pixel_skip": False}
 
     @property
     def grid_size(self) -> int:
@@ -84,9 +85,8 @@ class ModelConfig:
 
     @property
     def pixel_dim(self) -> int:
-        """Width of a source token's pixel row: its RGB patch (pixel skip, flow warp), or its
-        mean RGB."""
-        return 3 * self.attn_stride**2 if self.pixel_skip or self.flow_warp else 3
+        """Width of a source token's pixel row: its RGB patch (flow warp), or its mean RGB."""
+        return 3 * self.attn_stride**2 if self.flow_warp else 3
 
     def validate(self) -> None:
         if self.image_size % (self.attn_stride * self.spatial_reduction):
@@ -102,8 +102,6 @@ class ModelConfig:
             raise ValueError("query/key UNet is too deep for this image size")
         if self.source_features and self.attn_stride != 8:
             raise ValueError("source_features are taken at stride 8: they need attn_stride 8")
-        if self.pixel_skip and self.flow_warp:
-            raise ValueError("pixel_skip and flow_warp are two ways to do one thing: pick one")
         if self.flow_warp and self.spatial_reduction != 1:
             raise ValueError("flow_warp resamples the photos from their pixel rows: no reduction")
         if self.multi_source_mode not in ("attention", "average"):
@@ -153,13 +151,16 @@ class LossWeights:
         for spec in specs:
             key, _, value = spec.partition("=")
             if key not in vars(self):
-                raise IwarpError(f"unknown loss {key!r}", f"choose from {sorted(vars(self))}")
+                raise ConfigError(f"unknown loss {key!r}", f"choose from {sorted(vars(self))}")
             try:
                 setattr(self, key, float(value))
             except ValueError:
-                raise IwarpError(
+                raise ConfigError(
                     f"loss weight {spec!r} is not NAME=NUMBER", f"e.g. {key}=1.0"
                 ) from None
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -187,7 +188,7 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     grad_clip: float = 1.0
     bf16: bool = False
-    # "constant" or "cosine" (decays to lr_min_ratio * lr at the run's last step).
+    # One of LR_SCHEDULES: "cosine" decays to lr_min_ratio * lr at the run's last step.
     lr_schedule: str = "constant"
     lr_min_ratio: float = 0.05
     # Exponential moving average of the weights (0 = off); the EMA is validated and shipped.
@@ -209,10 +210,36 @@ class TrainConfig:
     # (1..gap, uniform).
     temporal_gap: int = 2
 
+    def validate(self) -> None:
+        """ConfigError for settings a run cannot use, before any data is read."""
+        if self.select_on not in ("l1", "perceptual") or (
+            self.select_on == "perceptual" and self.loss.perceptual <= 0
+        ):
+            raise ConfigError(
+                f"cannot choose checkpoints on {self.select_on!r}",
+                "use select_on l1, or perceptual with a perceptual loss weight above 0",
+            )
+        if self.loss.needs_pairs and (self.batch_size % 2 or self.temporal_gap < 1):
+            raise ConfigError(
+                f"the temporal and stillness losses train on pairs of frames at least 1 frame "
+                f"apart: batch size {self.batch_size}{' is odd' if self.batch_size % 2 else ''}, "
+                f"temporal gap {self.temporal_gap}",
+                "use an even --batch-size and --temporal-gap 1 or more",
+            )
+        if not self.keypoint_noise >= 0:
+            raise ConfigError(
+                f"keypoint noise {self.keypoint_noise} is not a standard deviation",
+                "use --keypoint-noise 0 (off) or more, e.g. 0.01",
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"unknown lr_schedule {self.lr_schedule!r}", f"use one of {', '.join(LR_SCHEDULES)}"
+            )
+
 
 @dataclass
 class Config:
-    name: str = "tiny"
+    name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -234,6 +261,14 @@ class Config:
 def _from_dict(kind: type, data: dict[str, Any]) -> Any:
     """Rebuilds nested dataclasses, turning JSON lists back into tuples; unknown keys fail."""
     hints = {f.name: f for f in dataclasses.fields(kind)}
+    retired = getattr(kind, "RETIRED", {})
+    for name in set(data) & set(retired):
+        if data[name] != retired[name]:
+            raise CheckpointError(
+                f"{kind.__name__}.{name} = {data[name]!r} is retired: this iwarp cannot run it",
+                f"use weights of the {SHIPPED_CONFIG} config, e.g. the shipped ones",
+            )
+    data = {name: value for name, value in data.items() if name not in retired}
     unknown = set(data) - set(hints)
     if unknown:
         raise CheckpointError(
@@ -249,10 +284,6 @@ def _from_dict(kind: type, data: dict[str, Any]) -> Any:
             value = tuple(value)
         values[name] = value
     return kind(**values)
-
-
-def _tiny() -> Config:
-    return Config(name="tiny", model=ModelConfig(pixel_skip=True, position_scale=3.0))
 
 
 def _paper(size: int = 256) -> Config:
@@ -286,17 +317,18 @@ def _tiny_flow() -> Config:
 
 
 PRESETS = {
-    "tiny": _tiny,
     "tiny_flow": _tiny_flow,
     "paper": _paper,
     "paper512": lambda: _paper(512),
 }
+# The preset of the shipped weights (`paths.DEFAULT_CHECKPOINT`): what commands default to.
+SHIPPED_CONFIG = "tiny_flow"
 
 
 def get_config(name: str, image_size: int | None = None) -> Config:
     """A fresh copy of a named preset, optionally at another image size."""
     if name not in PRESETS:
-        raise CheckpointError(
+        raise ConfigError(
             f"unknown config {name!r}", f"choose one of: {', '.join(sorted(PRESETS))}"
         )
     config = PRESETS[name]()

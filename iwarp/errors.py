@@ -27,5 +27,9 @@ class NoFaceError(InputError):
     """No face was found where one is needed (an avatar photo, a calibration clip)."""
 
 
+class ConfigError(IwarpError):
+    """A configuration cannot be used: an unknown preset, or settings that contradict each other."""
+
+
 class CheckpointError(IwarpError):
     """A checkpoint, ONNX graph or engine does not exist or does not match the configuration."""

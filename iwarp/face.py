@@ -26,6 +26,7 @@ from iwarp.media import to_rgb
 __all__ = [
     "DEFAULT_SCALE",
     "DEFAULT_SHIFT_Y",
+    "DETECT_EVERY",
     "CropBox",
     "FaceBox",
     "FaceDetector",
@@ -44,6 +45,9 @@ __all__ = [
 # (astronaut, d13) in view while the chin and some neck stay in.
 DEFAULT_SCALE = 1.8
 DEFAULT_SHIFT_Y = -0.2
+# A face moves little between frames a few hundredths of a second apart: the tracker (live) and
+# the training crops (one box per clip) look for it on one frame in this many.
+DETECT_EVERY = 5
 
 NO_FACE_HINT = "use a photo where one face is clearly visible, frontal, and at least ~64 px wide"
 
@@ -134,7 +138,7 @@ _STDERR_LOCK = threading.Lock()  # fd 2 is process-wide: one redirection at a ti
 
 
 @contextlib.contextmanager
-def _native_noise_filtered() -> Iterator[None]:
+def native_noise_filtered() -> Iterator[None]:
     """Points fd 2 at a temporary file for the block, then writes back every line that is
     not MediaPipe's start-up noise (other threads' output is delayed, never lost)."""
     with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
@@ -193,7 +197,7 @@ class FaceDetector:
             # Imported here: mediapipe takes ~0.7 s to import.
             from mediapipe.python.solutions import face_detection
 
-            with _native_noise_filtered():
+            with native_noise_filtered():
                 graph = face_detection.FaceDetection(
                     model_selection=1 if model == "full" else 0,
                     min_detection_confidence=self.min_confidence,
@@ -443,7 +447,7 @@ class FaceTracker:
     def __init__(
         self,
         detector: FaceDetector | None = None,
-        detect_every: int = 5,
+        detect_every: int = DETECT_EVERY,
         hold_frames: int = 30,
         scale: float = DEFAULT_SCALE,
         shift_y: float = DEFAULT_SHIFT_Y,

@@ -10,7 +10,7 @@ from iwarp.errors import InputError
 from iwarp.media import VideoWriter, default_driving_clip, iter_video_frames, video_info
 from iwarp.options import option
 from iwarp.paths import DEFAULT_AVATAR
-from iwarp.runtime.options import EngineOptions
+from iwarp.runtime.options import EngineOptions, avatar_photos
 
 __all__ = ["AnimateOptions", "animate_video", "default_driving_clip", "run_animate"]
 
@@ -19,11 +19,7 @@ __all__ = ["AnimateOptions", "animate_video", "default_driving_clip", "run_anima
 class AnimateOptions:
     """`iwarp animate`'s settings; each field is its command-line option (iwarp.options)."""
 
-    sources: list[str] = option(
-        default_factory=list,
-        flag="--source",
-        help="avatar photo, repeatable (default: a packaged portrait)",
-    )
+    sources: list[str] = avatar_photos("--source")
     driving: str | None = option(
         None, help="driving video (default: a clip from ../shared/data/clips, else a generated one)"
     )

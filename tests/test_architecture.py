@@ -207,3 +207,244 @@ def test_the_check_can_fail(tmp_path, monkeypatch, change, check, message):
     }[check]
     with pytest.raises(AssertionError, match=message):
         test()
+
+
+# -- the prose rules of docs/ARCHITECTURE.md ------------------------------------------------
+# Each rule reads sources (path relative to the repository -> text) and returns its violations,
+# so that `test_each_rule_can_fail` can plant one in a copy and see the rule catch it.
+
+Sources = dict[str, str]
+
+
+def _sources(*folders: str) -> Sources:
+    return {
+        str(p.relative_to(REPO)): p.read_text()
+        for folder in folders
+        for p in sorted((REPO / folder).rglob("*.py"))
+    }
+
+
+def _imports_of(path: str, text: str) -> list[tuple[str, int]]:
+    """(dotted iwarp module imported, line) of one source file."""
+    out = []
+    for node in ast.walk(ast.parse(text, path)):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            targets = _resolve(node.module, [a.name for a in node.names])
+        else:
+            continue
+        out += [(t, node.lineno) for t in targets if t == "iwarp" or t.startswith("iwarp.")]
+    return out
+
+
+def _importing(sources: Sources, under: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Imports of `forbidden` units (dotted, without "iwarp.") from files under `under`."""
+    bad = []
+    for path, text in sources.items():
+        if not path.startswith(under):
+            continue
+        for target, line in _imports_of(path, text):
+            if any(_matches(target, f) for f in forbidden):
+                bad.append(f"{path}:{line} imports {target}")
+    return bad
+
+
+def rule_graph_names_only_in_graphs(sources: Sources) -> list[str]:
+    """The graphs' names are `graphs`' (nobody spells them again): no graph name as a string
+    used as a key, an index, an argument or in a comparison outside iwarp/graphs.py."""
+    from iwarp.graphs import GRAPHS
+
+    bad = []
+    for path, text in sources.items():
+        if path == "iwarp/graphs.py" or not path.startswith("iwarp/"):
+            continue  # bench/ scripts name their own stages ("keypoints" smoothing)
+        for node in ast.walk(ast.parse(text, path)):
+            if isinstance(node, ast.Subscript):
+                used = [node.slice]
+            elif isinstance(node, ast.Dict):
+                used = [k for k in node.keys if k is not None]
+            elif isinstance(node, ast.Compare):
+                used = [node.left, *node.comparators]
+            elif isinstance(node, ast.Call):
+                used = [*node.args, *(k.value for k in node.keywords)]
+            else:
+                continue
+            bad += [
+                f"{path}:{u.lineno} spells the graph name {u.value!r}"
+                for u in used
+                if isinstance(u, ast.Constant) and u.value in GRAPHS
+            ]
+    return bad
+
+
+def rule_model_knows_only_config(sources: Sources) -> list[str]:
+    """`model` knows only `config` (and the layer-0 basics `errors` and `paths`);
+    `model/stats.py` (`iwarp info`) also declares its command-line options."""
+    allowed = {"config", "errors", "paths", "model"}
+    bad = []
+    for path, text in sources.items():
+        if not path.startswith("iwarp/model/"):
+            continue
+        extra = {"options"} if path == "iwarp/model/stats.py" else set()
+        for target, line in _imports_of(path, text):
+            if not any(_matches(target, a) for a in allowed | extra):
+                bad.append(f"{path}:{line} imports {target}")
+    return bad
+
+
+def rule_runtime_reaches_the_network_through_backends(sources: Sources) -> list[str]:
+    """Only `runtime/backends/` imports `model` or `engine_build` within `runtime`."""
+    return [
+        b
+        for b in _importing(sources, "iwarp/runtime/", ("model", "engine_build", "checkpoint"))
+        if not b.startswith("iwarp/runtime/backends/")
+    ]
+
+
+# What `streaming` and `cam` may know below `runtime`: the plain utilities of layers 0-1.
+_BELOW_RUNTIME = (
+    "model",
+    "engine_build",
+    "runtime.backends",
+    "face",
+    "landmarks",
+    "graphs",
+    "checkpoint",
+    "train",
+    "evaluation",
+    "calibration",
+    "config",
+)
+
+
+def rule_streaming_and_cam_know_runtime_only(sources: Sources) -> list[str]:
+    """`streaming` and `cam` know `runtime` (the Animator, its DrivingStream and FaceCropper)
+    and nothing below it but the utilities (errors, media, metrics, options, paths)."""
+    return _importing(sources, "iwarp/streaming/", _BELOW_RUNTIME) + _importing(
+        sources, "iwarp/cam/", _BELOW_RUNTIME
+    )
+
+
+def _calls_or_defines(sources: Sources, names: tuple[str, ...], home: str) -> list[str]:
+    """Definitions of functions named like `names`, and calls of attributes named `names`
+    (np.log10, np.percentile, ...), outside the `home` file."""
+    bad = []
+    for path, text in sources.items():
+        if path == home:
+            continue
+        for node in ast.walk(ast.parse(text, path)):
+            if isinstance(node, ast.FunctionDef) and any(n in node.name for n in names):
+                bad.append(f"{path}:{node.lineno} defines {node.name}")
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in names
+            ):
+                bad.append(f"{path}:{node.lineno} calls {node.func.attr}")
+    return bad
+
+
+def rule_metrics_are_computed_once(sources: Sources) -> list[str]:
+    """PSNR and latency percentiles live in iwarp/metrics.py: nothing else computes a log10
+    of an error or a percentile, nor defines a psnr or percentile function."""
+    return _calls_or_defines(sources, ("psnr", "log10", "percentile"), "iwarp/metrics.py")
+
+
+def _number_literals(sources: Sources, value: float, home: str) -> list[str]:
+    bad = []
+    for path, text in sources.items():
+        if path == home:
+            continue
+        for node in ast.walk(ast.parse(text, path)):
+            if isinstance(node, ast.Constant) and type(node.value) is float and node.value == value:
+                bad.append(f"{path}:{node.lineno} writes {value} again")
+    return bad
+
+
+def rule_one_crop_scale(sources: Sources) -> list[str]:
+    """The face crop's scale (1.8 x the face box) is written once, in iwarp/face.py."""
+    return _number_literals(sources, 1.8, "iwarp/face.py")
+
+
+def rule_one_cache_folder(sources: Sources) -> list[str]:
+    """The user cache folder is chosen once, in iwarp/paths.py (`user_cache_dir`)."""
+    return [
+        f"{path} names the cache folder"
+        for path, text in sources.items()
+        if path != "iwarp/paths.py" and ("XDG_CACHE_HOME" in text or '".cache"' in text)
+    ]
+
+
+_CLI_FUNCTIONS = {"_declared", "build_parser", "main"}
+
+
+def rule_cli_is_dispatch_only(sources: Sources) -> list[str]:
+    """`cli` is dispatch only: it parses, imports the command's function named in `COMMANDS`
+    and calls it; it defines no function of its own beyond that (no handler that builds a
+    report or prints a result: the command's package does)."""
+    bad = []
+    for path, text in sources.items():
+        if path != "iwarp/cli.py":
+            continue
+        for node in ast.parse(text, path).body:
+            if isinstance(node, ast.FunctionDef) and node.name not in _CLI_FUNCTIONS:
+                bad.append(f"{path}:{node.lineno} defines {node.name}: not dispatch")
+    return bad
+
+
+def test_every_command_runs_a_function_of_its_package():
+    from iwarp.cli import COMMANDS, _declared
+
+    for name, (_help, options, runs) in COMMANDS.items():
+        assert runs.split(":")[0].startswith("iwarp."), name
+        assert callable(_declared(runs)()), f"iwarp {name}: {runs} is not a function"
+        assert isinstance(_declared(options)(), type), f"iwarp {name}: {options} is not a class"
+
+
+RULES = {
+    "graph names": (rule_graph_names_only_in_graphs, 'x = results["animator"]\n'),
+    "model imports": (rule_model_knows_only_config, "from iwarp.face import FaceTracker\n"),
+    "runtime via backends": (
+        rule_runtime_reaches_the_network_through_backends,
+        "from iwarp.model import ImplicitWarpingNetwork\n",
+    ),
+    "streaming and cam": (
+        rule_streaming_and_cam_know_runtime_only,
+        "from iwarp.face import FaceTracker\n",
+    ),
+    "metrics once": (rule_metrics_are_computed_once, "import math\nx = math.log10(2.0)\n"),
+    "crop scale": (rule_one_crop_scale, "SCALE = 1.8\n"),
+    "cache folder": (rule_one_cache_folder, 'CACHE = Path.home() / ".cache"\n'),
+    "cli dispatch": (
+        rule_cli_is_dispatch_only,
+        "def _cmd_eval(o):\n    print(o)\n",
+    ),
+}
+# Where each planted violation goes (a file the rule reads).
+_PLANT_IN = {
+    "graph names": "iwarp/runtime/planted.py",
+    "model imports": "iwarp/model/planted.py",
+    "runtime via backends": "iwarp/runtime/planted.py",
+    "streaming and cam": "iwarp/cam/planted.py",
+    "metrics once": "bench/planted.py",
+    "crop scale": "iwarp/train/planted.py",
+    "cache folder": "iwarp/model/planted.py",
+    "cli dispatch": "iwarp/cli.py",
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_prose_rule_holds(rule):
+    check, _ = RULES[rule]
+    bad = check(_sources("iwarp", "bench"))
+    assert not bad, f"docs/ARCHITECTURE.md's rule ({check.__doc__.split(':')[0]}):\n" + "\n".join(
+        bad
+    )
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_each_rule_can_fail(rule):
+    check, planted = RULES[rule]
+    sources = {_PLANT_IN[rule]: planted}
+    assert len(check(sources)) == 1, f"the {rule} rule misses a planted violation"

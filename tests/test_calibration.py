@@ -52,7 +52,7 @@ def _one_thread():
 
 def _checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    config = get_config("tiny", image_size=SIZE)
+    config = get_config("tiny_flow", image_size=SIZE)
     return save_checkpoint(path, config, ImplicitWarpingNetwork(config.model))
 
 
@@ -83,6 +83,14 @@ def _config(work: Path, out: Path, **kw) -> CalibrationConfig:
     return CalibrationConfig(**{**base, **kw})
 
 
+def _config_on_run(work: Path, run: tuple[Path, dict], out: Path, **kw) -> CalibrationConfig:
+    """A config that reuses the shared run's FP32 graphs and calibration cache, without the
+    FP16 comparison (what each variant of the shared run changes is in `kw`)."""
+    build = run[0]
+    base = {"onnx_dir": build / "onnx", "cache": build / "calibration_cache.npz", "fp16": False}
+    return _config(work, out, **{**base, **kw})
+
+
 @pytest.fixture(scope="module")
 def run(work) -> tuple[Path, dict]:
     """The shared full run: exports the FP32 graphs, searches exclusions, quantizes."""
@@ -99,7 +107,7 @@ def test_calibration_writes_graphs_report_and_grid(work, run):
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, graph
     meta = json.loads((out / "int8" / "metadata.json").read_text())
     assert meta["precision"] == "int8" and meta["gate"]["passed"]
-    assert check_build(out / "int8", sha, get_config("tiny", image_size=SIZE)) == []
+    assert check_build(out / "int8", sha, get_config("tiny_flow", image_size=SIZE)) == []
 
     saved = json.loads((out / "calibration.json").read_text())
     assert saved["gate"]["passed"] and saved["mode"] == "int8"
@@ -164,15 +172,12 @@ def test_gate_fails_below_its_thresholds_and_still_reports(work, run, tmp_path):
 
 
 def test_gate_error_from_the_api(work, run, tmp_path):
-    out, _ = run
-    config = _config(
+    config = _config_on_run(
         work,
+        run,
         tmp_path,
-        onnx_dir=out / "onnx",
-        cache=out / "calibration_cache.npz",
         exclusions="none",
         timing_runs=0,
-        fp16=False,
         gate=GateThresholds(max_keypoint_error_px=0.0),
     )
     with pytest.raises(CalibrationGateError, match="keypoints"):
@@ -231,16 +236,13 @@ def test_clips_without_faces_are_a_clear_error(work, run, tmp_path):
 
 
 def test_onnxruntime_fallback_quantizer(work, run, tmp_path):
-    out, _ = run
-    config = _config(
+    config = _config_on_run(
         work,
+        run,
         tmp_path,
-        onnx_dir=out / "onnx",
-        cache=out / "calibration_cache.npz",
         quantizer="ort",
         exclusions="keypoints:softargmax",
         timing_runs=0,
-        fp16=False,
         # MinMax ranges on a random-init net: looser than ModelOpt's (this tests the path)
         gate=GateThresholds(
             min_animator_psnr_db=20.0, max_keypoint_error_px=10.0, min_source_psnr_db=20.0
@@ -267,15 +269,12 @@ def test_fp8_needs_modelopt():
 
 @pytest.mark.skipif(not modelopt_status()[0], reason="FP8 needs NVIDIA ModelOpt")
 def test_fp8_graphs_are_written_and_gated(work, run, tmp_path):
-    out, _ = run
-    config = _config(
+    config = _config_on_run(
         work,
+        run,
         tmp_path,
         mode="fp8",
-        onnx_dir=out / "onnx",
-        cache=out / "calibration_cache.npz",
         exclusions="none",
-        fp16=False,
         gate=GateThresholds(
             min_animator_psnr_db=20.0, max_keypoint_error_px=2.0, min_source_psnr_db=20.0
         ),
@@ -287,3 +286,17 @@ def test_fp8_graphs_are_written_and_gated(work, run, tmp_path):
     inits = {i.name: i for i in model.graph.initializer}
     zero_points = [inits[n.input[2]] for n in q if len(n.input) > 2 and n.input[2] in inits]
     assert any(z.data_type == onnx.TensorProto.FLOAT8E4M3FN for z in zero_points)
+
+
+def test_every_exclusion_names_a_module_of_the_shipped_network():
+    """The exclusion groups name modules by path; a renamed or retired module would leave its
+    group matching nothing (calibration would then quietly quantize it). Fails on that."""
+    from iwarp.calibration.quantize import GROUPS
+    from iwarp.checkpoint import load_network
+    from iwarp.paths import DEFAULT_CHECKPOINT
+
+    net, _ = load_network(DEFAULT_CHECKPOINT)
+    exported = {"net"} | {f"net.{name}" for name, _ in net.named_modules() if name}
+    named = {path for groups in GROUPS.values() for g in groups for path in g.module_paths()}
+    assert len(named) > 10, named  # the groups name real modules, not none
+    assert not named - exported, sorted(named - exported)

@@ -17,8 +17,8 @@ from iwarp.model import ImplicitWarpingNetwork
 
 
 def small_model_config(**overrides) -> ModelConfig:
-    """test_model's small network at 32 px, without the pixel skip."""
-    return model_small_config(**{"image_size": 32, "pixel_skip": False, **overrides})
+    """test_model's small network at 32 px."""
+    return model_small_config(**{"image_size": 32, **overrides})
 
 
 def small_config(**overrides) -> Config:

@@ -49,7 +49,7 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    config = get_config("tiny")
+    config = get_config("tiny_flow")
     config.model.image_size = SIZE
     path = tmp_path_factory.mktemp("ck") / "tiny64.safetensors"
     save_checkpoint(path, config, ImplicitWarpingNetwork(config.model))

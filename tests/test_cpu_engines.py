@@ -338,7 +338,7 @@ def test_bench_engines_shows_where_the_time_goes(tmp_path: Path) -> None:
     from iwarp.runtime.benchmark import bench_engines, comparison_table, plot_comparison
 
     torch.manual_seed(0)
-    config = get_config("tiny", image_size=64)
+    config = get_config("tiny_flow", image_size=64)
     ckpt = save_checkpoint(
         tmp_path / "tiny64.safetensors", config, ImplicitWarpingNetwork(config.model).eval()
     )

@@ -36,7 +36,7 @@ SIZE = 256
 
 def _write_checkpoint(path: Path, seed: int, image_size: int = SIZE) -> Path:
     torch.manual_seed(seed)
-    config = get_config("tiny", image_size=image_size)
+    config = get_config("tiny_flow", image_size=image_size)
     net = ImplicitWarpingNetwork(config.model)
     # Non-trivial BatchNorm statistics, so folding them into the convolutions is exercised.
     for m in net.modules():
@@ -91,14 +91,15 @@ def _torch_graph(net, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarr
             s = net.encode_with_keypoints(t["image"], kp, t["image"].shape[0], 1)
             return [s.keys.numpy(), s.values.numpy(), s.pixels.numpy()]
         kp = Keypoints(t["keypoints"], t["strength"])
-        source = SourceSet(kp, t["keys"], t["values"], t["pixels"], t["key_mask"], 1, SIZE)
+        sources = t["keys"].shape[1] // net.config.tokens_per_source  # the flow warp needs N
+        source = SourceSet(kp, t["keys"], t["values"], t["pixels"], t["key_mask"], sources, SIZE)
         return [net.animate(source, kp).numpy()]
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_graphs_match_pytorch_with_1_and_3_sources(build, net, batch):
     out, _ = build
-    config = get_config("tiny", image_size=SIZE)
+    config = get_config("tiny_flow", image_size=SIZE)
     cases = [("keypoints", 1), ("source_encoder", 1), ("animator", 1), ("animator", 3)]
     for graph, sources in cases:
         feeds = example_inputs(config, graph, batch, sources, seed=batch * 10 + sources)
@@ -151,7 +152,7 @@ def test_attention_is_one_named_onnx_attention_node(build):
 def test_metadata(build, ckpt):
     out, _ = build
     meta = load_metadata(out)
-    config = get_config("tiny", image_size=SIZE)
+    config = get_config("tiny_flow", image_size=SIZE)
     assert meta["iwarp_version"] == iwarp.__version__
     assert meta["checkpoint_sha256"] == file_sha256(ckpt)
     assert meta["config"] == json.loads(json.dumps(config.to_dict()))

@@ -1,6 +1,6 @@
 """The flow warp (ModelConfig.flow_warp): attention mass and expected coordinates become a
 sub-pixel flow that resamples the full-resolution photos; plus the training-recipe pieces
-(cosine schedule, EMA, loading pixel-skip weights) and the seam/flicker metrics."""
+(cosine schedule, EMA, loading the weights of an ablation) and the seam/flicker metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_model import SIZE, small_config
 
 from iwarp.checkpoint import load_network
 from iwarp.config import TrainConfig, get_config
+from iwarp.errors import ConfigError
 from iwarp.evaluation.metrics import blockiness, carry_landmarks, flicker, temporal_error
 from iwarp.media import read_image
 from iwarp.model import ImplicitWarpingNetwork
@@ -72,7 +73,7 @@ def test_mass_blends_sources_and_marks_unmatched_queries() -> None:
 
 def test_flow_network_split_api_and_gradients() -> None:
     torch.manual_seed(0)
-    cfg = small_config(pixel_skip=False, flow_warp=True, position_scale=3.0)
+    cfg = small_config(flow_warp=True, position_scale=3.0)
     net = ImplicitWarpingNetwork(cfg)
     for n in (1, 2, 3):
         sources = torch.rand(2, n, 3, SIZE, SIZE)
@@ -130,25 +131,6 @@ def test_attention_filter_outputs_are_what_is_rendered() -> None:
     assert float((plain - mirror).abs().mean()) > 0.01
 
 
-def test_pixel_and_flow_designs_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="pick one"):
-        small_config(pixel_skip=True, flow_warp=True).validate()
-
-
-def test_load_compatible_takes_pixel_skip_weights() -> None:
-    old = ImplicitWarpingNetwork(get_config("tiny").model)
-    new = ImplicitWarpingNetwork(get_config("tiny_flow").model)
-    adapted = load_compatible(new, old.state_dict())
-    assert any("extra_pixels" in a for a in adapted)
-    assert any("generator.out.weight" in a for a in adapted)
-    patch = old.warp.extra_pixels.reshape(old.warp.extra_pixels.shape[0], 3, -1).mean(-1)
-    assert torch.allclose(new.warp.extra_pixels, patch)
-    w_old, w_new = old.generator.out.weight, new.generator.out.weight
-    assert torch.equal(w_new[:, : w_old.shape[1]], w_old)
-    assert torch.equal(w_new[:, w_old.shape[1] :], torch.zeros_like(w_new[:, w_old.shape[1] :]))
-    assert torch.equal(new.query_encoder.out.weight, old.query_encoder.out.weight)
-
-
 def test_load_compatible_into_an_ablation_without_extra_tokens() -> None:
     """The flow ablations start from trained weights with a part removed: no extra tokens
     means empty extra rows, left as they are; everything else is copied."""
@@ -171,6 +153,11 @@ def test_cosine_schedule_and_ema() -> None:
     assert learning_rate(tc, 50, 101) == pytest.approx(0.55)
     assert learning_rate(tc, 100, 101) == pytest.approx(0.1)
     assert learning_rate(dataclasses.replace(tc, lr_schedule="constant"), 70, 101) == 1.0
+    # An unknown schedule is a config error, found by TrainConfig.validate before a run starts.
+    with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
+        dataclasses.replace(tc, lr_schedule="linear").validate()
+    with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
+        learning_rate(dataclasses.replace(tc, lr_schedule="linear"), 0, 101)
 
     net = torch.nn.Linear(2, 2)
     ema = EmaWeights(net, decay=0.5)

@@ -23,7 +23,7 @@ from iwarp.graphs import (
 
 
 def test_shapes_follow_the_config():
-    tiny, paper = get_config("tiny", image_size=128).model, get_config("paper").model
+    tiny, paper = get_config("tiny_flow", image_size=128).model, get_config("paper").model
     for model in (tiny, paper):
         specs = graph_specs(model)
         assert tuple(specs) == GRAPHS

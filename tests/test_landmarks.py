@@ -131,7 +131,7 @@ def test_training_with_landmark_guidance(tmp_path: Path, portrait: np.ndarray, o
     size = 160  # dlib's HOG detector misses the face in much smaller crops
     data = ClipDataset(clips, size, split=None, cache_dir=cache, show_progress=False)
 
-    config = get_config("tiny")
+    config = get_config("tiny_flow")
     tc = config.train
     tc.train_size, tc.batch_size, tc.max_sources = size, 2, 1
     tc.loss.perceptual = 0.0

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwarp.config import Config, ModelConfig, get_config
-from iwarp.errors import CheckpointError
+from iwarp.config import SHIPPED_CONFIG, Config, ModelConfig, get_config
+from iwarp.errors import CheckpointError, ConfigError
 from iwarp.model import ImplicitWarpingNetwork, SourceSet
 from iwarp.model.keypoints import keypoint_maps
 from iwarp.model.warp import attention
@@ -21,7 +21,8 @@ SIZE = 64
 
 
 def small_config(**overrides) -> ModelConfig:
-    """A 64 px network with narrow layers: the same structure as `tiny`, a fraction of the cost."""
+    """A 64 px network with narrow layers: the paper's layout at a fraction of the cost of
+    `paper` (`flow_warp=True`: the shipped `tiny_flow` design)."""
     base = dict(
         image_size=SIZE,
         num_keypoints=6,
@@ -36,7 +37,6 @@ def small_config(**overrides) -> ModelConfig:
         generator_channels=16,
         generator_res_blocks=1,
         generator_up_channels=(16, 8, 8),
-        pixel_skip=True,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -104,8 +104,8 @@ def test_output_shapes(num_sources: int) -> None:
     assert source.tokens_per_source == cfg.grid_size**2
 
 
-def test_tiny_config_shapes_at_256() -> None:
-    cfg = get_config("tiny").model
+def test_shipped_config_shapes_at_256() -> None:
+    cfg = get_config(SHIPPED_CONFIG).model
     assert cfg.image_size == 256
     torch.manual_seed(0)
     net = ImplicitWarpingNetwork(cfg).eval()
@@ -228,31 +228,6 @@ def test_source_dropout_with_gradients_is_finite() -> None:
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
-def test_pixel_skip_reproduces_the_source_when_attention_is_the_identity() -> None:
-    """Patches go out (pixel_unshuffle) and come back (pixel_shuffle) in the same order."""
-    net = make_net().eval()
-    src, _ = images(1, 1)
-    with torch.no_grad():
-        s = net.encode_sources(src)
-        # Long, nearly orthogonal keys used as the queries too: token i attends to itself only.
-        g = torch.Generator().manual_seed(0)
-        keys = torch.randn(s.keys.shape, generator=g)
-        keys = 40 * keys / keys.norm(dim=-1, keepdim=True)
-        s = dataclasses.replace(s, keys=keys)
-        warped, warped_pixels, _ = net.warp(keys, s)
-        torch.testing.assert_close(warped_pixels, s.pixels, rtol=0, atol=1e-5)
-        # A generator whose mask is saturated shows the warped patches as they are.
-        net.generator.out.weight[3].zero_()
-        net.generator.out.bias[3].fill_(100.0)
-        side = net.config.grid_size
-
-        def grid(x: torch.Tensor) -> torch.Tensor:
-            return x.transpose(1, 2).reshape(1, -1, side, side)
-
-        out = net.generator(grid(warped), grid(warped_pixels))
-    torch.testing.assert_close(out, src[:, 0], rtol=0, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------- gradients
 
 
@@ -320,11 +295,14 @@ def test_average_mode_matches_attention_for_one_source() -> None:
         torch.testing.assert_close(avg(src, drv)[0], attn(src, drv)[0], rtol=0, atol=1e-6)
 
 
-def test_average_mode_averages_per_source_warps() -> None:
+@pytest.mark.parametrize("flow_warp", [False, True], ids=["paper-layout", "flow-warp"])
+def test_average_mode_averages_per_source_warps(flow_warp: bool) -> None:
     # Three copies of one source: averaging three identical warps equals the single warp, while
-    # one joint softmax over three copies shifts mass away from the extra tokens.
-    attn = calibrated(make_net())
-    avg = ImplicitWarpingNetwork(small_config(multi_source_mode="average")).eval()
+    # one joint softmax over three copies shifts mass away from the extra tokens. The flow warp
+    # is what `iwarp eval`'s averaging baseline runs (the shipped weights).
+    attn = calibrated(make_net(flow_warp=flow_warp))
+    avg = ImplicitWarpingNetwork(small_config(multi_source_mode="average", flow_warp=flow_warp))
+    avg.eval()
     avg.load_state_dict(attn.state_dict())
     src, drv = images(2, 1)
     triple = src.expand(-1, 3, -1, -1, -1)
@@ -358,7 +336,7 @@ def test_spatial_reduction_reduces_key_tokens() -> None:
 # ---------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["tiny", "paper", "paper512"])
+@pytest.mark.parametrize("name", ["tiny_flow", "paper", "paper512"])
 def test_config_json_round_trip(name: str) -> None:
     c = get_config(name)
     back = Config.from_json(c.to_json())
@@ -369,7 +347,7 @@ def test_config_json_round_trip(name: str) -> None:
 
 
 def test_config_round_trip_keeps_changes() -> None:
-    c = get_config("tiny", image_size=128)
+    c = get_config("tiny_flow", image_size=128)
     c.model.extra_tokens = 0
     c.model.multi_source_mode = "average"
     c.train.loss.gan = 0.5
@@ -379,19 +357,41 @@ def test_config_round_trip_keeps_changes() -> None:
 
 
 def test_unknown_config_keys_raise() -> None:
-    data = get_config("tiny").to_dict()
+    data = get_config("tiny_flow").to_dict()
     data["surprise"] = 1
     with pytest.raises(CheckpointError, match="surprise"):
         Config.from_dict(data)
-    data = get_config("tiny").to_dict()
+    data = get_config("tiny_flow").to_dict()
     data["model"]["attn_heads"] = 4
     with pytest.raises(CheckpointError, match="attn_heads"):
         Config.from_json(json.dumps(data))
 
 
 def test_unknown_preset_raises() -> None:
-    with pytest.raises(CheckpointError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         get_config("nope")
+
+
+def test_retired_pixel_skip_is_read_only_when_off() -> None:
+    """Checkpoints written before the pixel skip was retired carry `pixel_skip` (the shipped
+    weights: False, read as before); pixel-skip weights are refused with what to do."""
+    data = get_config("tiny_flow").to_dict()
+    data["model"]["pixel_skip"] = False
+    assert Config.from_dict(data) == get_config("tiny_flow")
+    data["model"]["pixel_skip"] = True
+    with pytest.raises(CheckpointError, match="pixel_skip = True is retired"):
+        Config.from_dict(data)
+
+
+def test_commands_default_to_the_shipped_config() -> None:
+    from iwarp.checkpoint import Checkpoint
+    from iwarp.model.stats import InfoOptions
+    from iwarp.paths import DEFAULT_CHECKPOINT
+    from iwarp.train.trainer import TrainOptions
+
+    assert Checkpoint(DEFAULT_CHECKPOINT).config.name == SHIPPED_CONFIG
+    assert InfoOptions().config == SHIPPED_CONFIG
+    assert TrainOptions(data="", out="").config == SHIPPED_CONFIG
 
 
 def test_invalid_model_config_rejected() -> None:
@@ -404,16 +404,16 @@ def test_invalid_model_config_rejected() -> None:
 # -------------------------------------------------------------------------------- FLOP budget
 
 
-def test_tiny_flop_budget() -> None:
+def test_shipped_flop_budget() -> None:
     from iwarp.model.stats import model_stats
 
-    stats = model_stats("tiny")
+    stats = model_stats(SHIPPED_CONFIG)
     assert stats["size"] == 256
     assert 0.1 < stats["gflop_per_frame"] <= 3.0
     assert stats["gflop_per_source"] > 0
     assert stats["parameters"] == sum(stats["parameters_by_module"].values())
     assert stats["query_tokens"] == 32 * 32
-    assert stats["key_tokens"] == 32 * 32 + get_config("tiny").model.extra_tokens
+    assert stats["key_tokens"] == 32 * 32 + get_config(SHIPPED_CONFIG).model.extra_tokens
 
 
 def test_paper_configs_follow_the_paper() -> None:

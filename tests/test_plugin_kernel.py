@@ -380,8 +380,6 @@ def test_shipped_dispatch_table_means_sdpa_until_measured(monkeypatch):
     assert "error" not in shipped and shipped["entries"] == []
     model = Checkpoint(None).config.model
     d, dv = fa.attention_widths(model)
-    if not model.flow_warp:
-        assert (d, dv) == (64, 320)  # pixel skip: V' = [V 64 | P 192 | K 64]
     choice = fa.choose("NVIDIA H200", "float16", 1, 1024, 1056, d, dv)
     assert choice.backend == "sdpa" and "no device measurement" in choice.reason
 
@@ -422,7 +420,7 @@ def test_dispatch_table_picks_the_measured_faster_one(monkeypatch, tmp_path):
 
 def test_attention_widths_follow_the_network(monkeypatch):
     """(d, dv') as the network really concatenates V': checked against the values the
-    ImplicitWarp layer hands to attention(), for the pixel-skip and flow-warp presets."""
+    ImplicitWarp layer hands to attention(), for the flow-warp preset and the paper's layout."""
     torch = pytest.importorskip("torch")
     from iwarp.config import get_config
     from iwarp.model import ImplicitWarpingNetwork
@@ -437,7 +435,7 @@ def test_attention_widths_follow_the_network(monkeypatch):
         return real(q, k, v, mask)
 
     monkeypatch.setattr(warp_module, "attention", spy)
-    for name in ("tiny", "tiny_flow"):
+    for name in ("tiny_flow", "paper"):
         try:
             config = get_config(name)
         except Exception:  # a preset another version does not have

@@ -92,7 +92,8 @@ def plugin_build(tmp_path_factory) -> plugin_mod.PluginBuild:
     if TRT_INCLUDE is None:
         pytest.skip(needs_trt_headers.kwargs["reason"])
     build_dir = tmp_path_factory.mktemp("plugin_build")
-    return plugin_mod.build_plugin(build_dir=build_dir, cuda_archs="90", show_progress=False)
+    options = plugin_mod.BuildPluginOptions(build_dir=str(build_dir), cuda_archs="90")
+    return plugin_mod.build_plugin(options, show_progress=False)
 
 
 @needs_build_tools

@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
     import torch
 
     torch.manual_seed(0)
-    config = get_config("tiny", image_size=128)
+    config = get_config("tiny_flow", image_size=128)
     path = tmp_path_factory.mktemp("ckpt") / "tiny128.safetensors"
     save_checkpoint(path, config, ImplicitWarpingNetwork(config.model).eval())
     return path
@@ -186,3 +186,24 @@ def test_a_stream_closes_what_it_owns_and_nothing_else(backend, portrait, drivin
         assert shared._graphs and shared.detect(driving[1]) is not None
     # The animator's own detector (avatars) was never the stream's to close.
     assert animator.add_avatar([portrait])
+
+
+def test_every_stream_attribute_travels_or_stays_by_name(backend, portrait, driving):
+    """`motion_state` carries exactly `motion_fields` (what a Ray replica gets with each frame);
+    an attribute in neither list fails here, so a new field cannot travel silently."""
+    animator = Animator(backend)
+    avatar = animator.add_avatar([portrait])
+    stream = animator.stream(auto_reference=True)
+    for frame in driving[:3]:
+        stream.animate(avatar, frame)
+    motion, local = set(stream.motion_fields), set(stream.local_fields)
+    assert not motion & local, motion & local
+    assert set(vars(stream)) == motion | local, set(vars(stream)) ^ (motion | local)
+    state = stream.motion_state()
+    assert set(state) == motion
+
+    other = animator.stream(auto_reference=True)
+    other.restore_motion(state)
+    assert other.reference_origin == stream.reference_origin
+    with pytest.raises(ValueError, match="not motion state"):
+        other.restore_motion({"tracker": None})

@@ -21,7 +21,7 @@ pytest.importorskip("aiohttp")
 import aiohttp
 import av
 from aiortc import MediaStreamTrack
-from test_streaming import _form, run, running
+from test_streaming import _form, raw_exchange, run, running
 
 from iwarp.streaming import logfilters
 from iwarp.streaming.client import PeerCall, ServerApi, StreamingClient
@@ -29,25 +29,6 @@ from iwarp.streaming.server import ServerConfig
 from iwarp.streaming.uploads import UploadLimits
 
 pytestmark = pytest.mark.usefixtures("no_uploads_left")
-
-
-async def _exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Sends `request` as is (it should say Connection: close); status, headers, body."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(request)
-        await writer.drain()
-        answer = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split(" ", 2)[1]), headers, body
 
 
 def _post_head(path: str, content_type: str, length: int, *headers: bytes) -> bytes:
@@ -90,7 +71,7 @@ def test_bad_bytes_in_a_multipart_part_header_are_json_400(small_animator, face_
 
     async def scenario():
         async with running(small_animator, ServerConfig()) as (url, _api):
-            return await _exchange(url, head + body)
+            return await raw_exchange(url, head + body)
 
     status, headers, answer = run(scenario())
     assert status == 400, answer[:300]
@@ -116,7 +97,7 @@ def test_compressed_request_bodies_are_refused_with_json(small_animator, encodin
             for path, content_type, body in cases:
                 coding = f"Content-Encoding: {encoding}".encode()
                 head = _post_head(path, content_type, len(body), coding)
-                answers.append(await _exchange(url, head + body))
+                answers.append(await raw_exchange(url, head + body))
         return answers
 
     for (path, _, _), (status, headers, body) in zip(cases, run(scenario()), strict=True):
@@ -226,7 +207,7 @@ def test_malformed_requests_are_logged_in_one_line_each_rate_limited(small_anima
         async with running(small_animator, ServerConfig(token="t0ken")) as (url, _api):
             for _ in range(10):
                 for request in MALFORMED_REQUESTS:
-                    status, _, _ = await _exchange(url, request)
+                    status, _, _ = await raw_exchange(url, request)
                     assert status == 400
 
     logfilters.reset_counts()
@@ -350,7 +331,7 @@ def test_a_wrong_method_is_405_with_allow_and_a_missing_file_is_a_json_404(small
     async def scenario():
         async with running(small_animator, ServerConfig()) as (url, _api):
             return [
-                await _exchange(url, request(method, path))
+                await raw_exchange(url, request(method, path))
                 for method, path in [
                     ("TRACE", "/offer"),
                     ("PUT", "/sessions/x"),

@@ -26,7 +26,7 @@ pytest.importorskip("aiohttp")
 
 import aiohttp
 from PIL import Image
-from test_streaming import REPO_ROOT, _form, _png, run, running
+from test_streaming import REPO_ROOT, _form, _png, raw_exchange, run, running
 
 from iwarp.media import read_image
 from iwarp.paths import DEFAULT_AVATAR
@@ -47,15 +47,8 @@ def _address(url: str) -> tuple[str, int]:
 
 async def _raw(url: str, request: bytes) -> tuple[int, bytes]:
     """Sends `request` as is (Connection: close) and returns the status and the body."""
-    reader, writer = await asyncio.open_connection(*_address(url))
-    try:
-        writer.write(request)
-        await writer.drain()
-        answer = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    status, _, body = await raw_exchange(url, request)
+    return status, body
 
 
 def _get(path: str, *headers: bytes) -> bytes:

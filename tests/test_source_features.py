@@ -61,10 +61,8 @@ def test_features_stay_frozen_and_in_eval_mode(imagenet: SourceFeatures) -> None
 
 def test_a_network_with_features_starts_as_the_one_without(imagenet: SourceFeatures) -> None:
     torch.manual_seed(0)
-    base = ImplicitWarpingNetwork(small_config(pixel_skip=False, flow_warp=True)).eval()
-    with_features = ImplicitWarpingNetwork(
-        small_config(pixel_skip=False, flow_warp=True, source_features=True)
-    )
+    base = ImplicitWarpingNetwork(small_config(flow_warp=True)).eval()
+    with_features = ImplicitWarpingNetwork(small_config(flow_warp=True, source_features=True))
     adapted = load_compatible(with_features, base.state_dict())
     assert adapted and all("source_" in name for name in adapted)
     with_features.source_features.load_state_dict(imagenet.state_dict())
@@ -94,9 +92,7 @@ def test_network_with_features_exports_with_parity(imagenet: SourceFeatures, tmp
     from iwarp.engine_build.export import export_onnx
 
     torch.manual_seed(1)
-    config = Config(
-        name="features", model=small_config(pixel_skip=False, flow_warp=True, source_features=True)
-    )
+    config = Config(name="features", model=small_config(flow_warp=True, source_features=True))
     config.train = TrainConfig()
     net = ImplicitWarpingNetwork(config.model)
     net.source_features.load_state_dict(imagenet.state_dict())

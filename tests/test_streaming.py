@@ -76,6 +76,25 @@ def camera() -> list[np.ndarray]:
     return synthetic_driving_frames(read_image(DEFAULT_AVATAR), 60, 256)
 
 
+async def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Sends `request` as is (it should say Connection: close); status, headers, body."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), headers, body
+
+
 @contextlib.asynccontextmanager
 async def running(
     animator: Animator, config: ServerConfig, engine: Any = None

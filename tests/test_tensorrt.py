@@ -54,10 +54,10 @@ def _real_feeds(meta, sources):
     import torch
 
     from iwarp.checkpoint import load_network
-    from iwarp.engine_build.export import _real_images
+    from iwarp.engine_build.export import packaged_face_images
 
     net, _ = load_network(None)
-    crop, avatar = _real_images(net.config.image_size)
+    crop, avatar = packaged_face_images(net.config.image_size)
     with torch.no_grad():
         kp = net.detect(torch.from_numpy(avatar[:sources]))
         s = net.encode_with_keypoints(torch.from_numpy(avatar[:sources]), kp, 1, sources)
@@ -255,9 +255,9 @@ def test_engines_match_onnxruntime(tmp_path, precision):
         None, tmp_path / "trt", show_progress=False, precision=precision, max_sources=3
     )
     ort_backend = OrtBackend.from_checkpoint(None, tmp_path / "trt" / "onnx", show_progress=False)
-    from iwarp.engine_build.export import _real_images
+    from iwarp.engine_build.export import packaged_face_images
 
-    images = _real_images(trt_backend.image_size)[1][:2]  # two real photos: the flow's gate
+    images = packaged_face_images(trt_backend.image_size)[1][:2]  # two real photos: the flow's gate
     a_trt = trt_backend.encode_avatar(images)
     a_ort = ort_backend.encode_avatar(images)
     for i in range(3):

@@ -27,7 +27,7 @@ import numpy as np
 from iwarp.errors import InputError, IwarpError
 from iwarp.media import default_driving_clip, iter_video_frames, video_info
 from iwarp.metrics import latency_summary_ms, percentile_ms
-from iwarp.options import add_options, from_args, option
+from iwarp.options import option
 from iwarp.streaming import rtc
 from iwarp.streaming.client import StreamingClient
 
@@ -332,9 +332,9 @@ def format_result(r: dict[str, Any]) -> str:
 
 @dataclass
 class WebrtcOptions:
-    """`bench/latency.py`'s options (`iwarp bench --webrtc` fills the ones it has)."""
+    """`iwarp bench-webrtc`'s options."""
 
-    url: str = option("http://127.0.0.1:8080", help="the iwarp serve address")
+    url: str = option(rtc.DEFAULT_URL, help="the iwarp serve address")
     clip: str | None = option(None, help="driving clip (default: a real one from shared data)")
     avatars: list[str] = option(
         default_factory=list, flag="--avatar", help="avatar photo(s) to upload and use"
@@ -356,14 +356,6 @@ class WebrtcOptions:
         "and report the freeze",
     )
     ray_address: str = option("auto", help="with --kill-replica-at: the Ray cluster (auto)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_options(p, WebrtcOptions)
-    return run_options(from_args(WebrtcOptions, p.parse_args(argv)))
 
 
 def run_options(o: WebrtcOptions) -> int:

@@ -17,7 +17,6 @@ optimisations only (its CPU kernels cannot fuse FP8 Q/DQ): they are emulated, fo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from iwarp.graphs import (
     SOURCE_ENCODER_GRAPH,
     image_to_tensor,
 )
-from iwarp.metrics import frame_psnr, psnr
+from iwarp.metrics import frame_psnr, interleaved_median_ms, psnr
 from iwarp.runtime.backends.base import AvatarFeatures
 from iwarp.runtime.backends.ort_backend import OrtBackend
 
@@ -270,22 +269,6 @@ def perceptual_or_none() -> tuple[Perceptual | None, str]:
 # --------------------------------------------------------------------------- latency
 
 
-def paired_latency(
-    runs: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Median ms of each callable; the callables take turns, so drift hits all alike."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def measure_latency(
     variants: dict[str, OrtBackend],
     fs: FrameSet,
@@ -312,6 +295,6 @@ def measure_latency(
     runs = {name: calls(engine) for name, engine in variants.items()}
     stages = (KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH, "per_frame")
     return {
-        stage: paired_latency({name: r[stage] for name, r in runs.items()}, repeats, warmup)
+        stage: interleaved_median_ms({name: r[stage] for name, r in runs.items()}, repeats, warmup)
         for stage in stages
     }

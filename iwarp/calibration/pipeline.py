@@ -32,7 +32,13 @@ from iwarp.calibration import evaluate as ev
 from iwarp.calibration import quantize as qz
 from iwarp.calibration import report as rep
 from iwarp.errors import CheckpointError, InputError, IwarpError
-from iwarp.graphs import GRAPHS, tensor_to_image
+from iwarp.graphs import (
+    ANIMATOR_GRAPH,
+    GRAPHS,
+    KEYPOINTS_GRAPH,
+    SOURCE_ENCODER_GRAPH,
+    tensor_to_image,
+)
 from iwarp.metrics import psnr
 from iwarp.options import none_if_empty, option
 from iwarp.runtime.backends.ort_backend import OrtBackend
@@ -44,14 +50,14 @@ REPORT_FORMAT = "iwarp-calibration-report/1"
 # used by exclusions="default", which skips the search.
 DEFAULT_EXCLUSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "modelopt": {
-        "keypoints": ("heatmap", "input"),
-        "source_encoder": ("key_proj", "input"),
-        "animator": ("residual_mlp", "query_proj"),
+        KEYPOINTS_GRAPH: ("heatmap", "input"),
+        SOURCE_ENCODER_GRAPH: ("key_proj", "input"),
+        ANIMATOR_GRAPH: ("residual_mlp", "query_proj"),
     },
     "ort": {  # these still miss the default gate on keypoints (1.09 px mean abs error)
-        "keypoints": ("input", "softargmax"),
-        "source_encoder": ("input", "value_out"),
-        "animator": ("keypoint_maps", "query_out", "generator_out"),
+        KEYPOINTS_GRAPH: ("input", "softargmax"),
+        SOURCE_ENCODER_GRAPH: ("input", "value_out"),
+        ANIMATOR_GRAPH: ("keypoint_maps", "query_out", "generator_out"),
     },
 }
 
@@ -198,6 +204,27 @@ def _say(config: CalibrationConfig, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def run_calibrate(config: CalibrationConfig) -> int:
+    """`iwarp calibrate`: calibrates, then prints one JSON line that sums up the report."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    report = calibrate(config)
+    summary = {
+        "out": report["outputs"]["graphs_dir"],
+        "mode": report["mode"],
+        "quantizer": report["quantizer"]["name"],
+        "exclusions": report["exclusions"]["chosen"],
+        "gate": report["gate"]["passed"],
+        "animator_psnr_db": report["accuracy"][ANIMATOR_GRAPH]["psnr_db"],
+        "end_to_end_psnr_db": report["accuracy"]["end_to_end"]["psnr_db"],
+        "report": report["outputs"]["markdown"],
+    }
+    print(json.dumps(summary))
+    return 0
 
 
 def calibrate(config: CalibrationConfig) -> dict[str, Any]:
@@ -465,9 +492,9 @@ def choose_exclusions(
         return Exclusions(_parse_exclusions(spec), {}, f"given: {spec}")
     sub = data.calib.subset(c.search_frames)
     feeds = {
-        "keypoints": qz.FeedReader(sub.keypoint_feeds()),
-        "source_encoder": qz.FeedReader(sub.source_feeds(limit=c.search_frames)),
-        "animator": qz.FeedReader(sub.animator_feeds()),
+        KEYPOINTS_GRAPH: qz.FeedReader(sub.keypoint_feeds()),
+        SOURCE_ENCODER_GRAPH: qz.FeedReader(sub.source_feeds(limit=c.search_frames)),
+        ANIMATOR_GRAPH: qz.FeedReader(sub.animator_feeds()),
     }
     chosen: dict[str, tuple[str, ...]] = {}
     trials: dict[str, list[dict[str, Any]]] = {}
@@ -553,7 +580,7 @@ def _search_graph(
 
 
 def _pays(c: CalibrationConfig, graph: str, gain: float, base: float) -> bool:
-    if graph == "keypoints":  # score = -error in px
+    if graph == KEYPOINTS_GRAPH:  # score = -error in px
         return gain >= c.min_gain_fraction * abs(base) and gain > 0
     return gain >= c.min_gain_db
 
@@ -567,9 +594,9 @@ def quantize(
     """The three Q/DQ graphs into `staging`, from the calibration frames' inputs."""
     c = setup.config
     feeds = {
-        "keypoints": qz.FeedReader(calib.keypoint_feeds()),
-        "source_encoder": qz.FeedReader(calib.source_feeds(limit=max(c.frames, 16))),
-        "animator": qz.FeedReader(calib.animator_feeds()),
+        KEYPOINTS_GRAPH: qz.FeedReader(calib.keypoint_feeds()),
+        SOURCE_ENCODER_GRAPH: qz.FeedReader(calib.source_feeds(limit=max(c.frames, 16))),
+        ANIMATOR_GRAPH: qz.FeedReader(calib.animator_feeds()),
     }
     results = {}
     for i, graph in enumerate(GRAPHS, 1):
@@ -686,12 +713,12 @@ def measure_latency(
 def gate(setup: Setup, accuracy: dict[str, Any]) -> dict[str, Any]:
     g = setup.config.gate
     checks = [
-        ("animator PSNR vs FP32 (dB)", accuracy["animator"]["psnr_db"], ">=",
+        ("animator PSNR vs FP32 (dB)", accuracy[ANIMATOR_GRAPH]["psnr_db"], ">=",
          g.min_animator_psnr_db),
-        ("keypoints mean abs error (px)", accuracy["keypoints"]["keypoint_mae_px"], "<=",
+        ("keypoints mean abs error (px)", accuracy[KEYPOINTS_GRAPH]["keypoint_mae_px"], "<=",
          g.max_keypoint_error_px),
         ("source_encoder: animator PSNR on its rows (dB)",
-         accuracy["source_encoder"].get("animator_psnr_db"), ">=", g.min_source_psnr_db),
+         accuracy[SOURCE_ENCODER_GRAPH].get("animator_psnr_db"), ">=", g.min_source_psnr_db),
         ("end-to-end PSNR vs FP32 (dB)", accuracy["end_to_end"]["psnr_db"], ">=",
          g.min_end_to_end_psnr_db),
     ]  # fmt: skip
@@ -872,9 +899,9 @@ def publish(
 
 
 _SCORE_NOTES = {
-    "keypoints": "score = -(keypoint mean abs error in px); higher is better",
-    "source_encoder": "score = PSNR (dB) of the FP32 animator fed this graph's avatar rows",
-    "animator": "score = PSNR (dB) of the animator's output vs FP32, on FP32 inputs",
+    KEYPOINTS_GRAPH: "score = -(keypoint mean abs error in px); higher is better",
+    SOURCE_ENCODER_GRAPH: "score = PSNR (dB) of the FP32 animator fed this graph's avatar rows",
+    ANIMATOR_GRAPH: "score = PSNR (dB) of the animator's output vs FP32, on FP32 inputs",
 }
 
 

@@ -40,8 +40,10 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from iwarp.engine_build.export import ATTENTION_SCOPE
 from iwarp.engine_build.fp16 import quiet_lief_at_exit
 from iwarp.errors import IwarpError
+from iwarp.graphs import ANIMATOR_GRAPH, KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH
 
 MODES = ("int8", "fp8")
 QUANTIZERS = ("modelopt", "ort")
@@ -159,6 +161,10 @@ class ExclusionGroup:
     local_ops: tuple[tuple[str, str], ...] = ()  # (module exactly, op type)
     name_prefix: str = ""  # nodes whose name starts with this
 
+    def module_paths(self) -> set[str]:
+        """Every module path this group names (its modules and its local ops' modules)."""
+        return set(self.modules) | {module for module, _ in self.local_ops if module}
+
     def matches(self, node: Any) -> bool:
         module = node_module(node)
         if self.modules and _under(module, self.modules):
@@ -178,101 +184,104 @@ def _maps(graph: str) -> ExclusionGroup:
     )
 
 
+# Module paths as the exporter records them: `net.` + the network's own module names.
+# tests/test_calibration.py checks each against the shipped network, so a renamed module fails
+# there instead of silently matching no node.
 KP = "net.keypoint_detector"
 GROUPS: dict[str, tuple[ExclusionGroup, ...]] = {
-    "keypoints": (
+    KEYPOINTS_GRAPH: (
         ExclusionGroup(
-            "keypoints",
+            KEYPOINTS_GRAPH,
             "input",
             "first conv on the image (and its pooling)",
             modules=(f"{KP}.unet.stem",),
             local_ops=((KP, "AveragePool"),),
         ),
         ExclusionGroup(
-            "keypoints",
+            KEYPOINTS_GRAPH,
             "heatmap",
             "heatmap conv, the input of the keypoint softmax",
             modules=(f"{KP}.heatmap",),
         ),
         ExclusionGroup(
-            "keypoints",
+            KEYPOINTS_GRAPH,
             "softargmax",
             "spatial softmax and soft-argmax",
             local_ops=tuple((KP, op) for op in ("Div", "Softmax", "Mul", "ReduceSum")),
         ),
         ExclusionGroup(
-            "keypoints",
+            KEYPOINTS_GRAPH,
             "strength",
             "strength head (pool, linear, sigmoid)",
             modules=(f"{KP}.strength",),
             local_ops=((KP, "ReduceMean"), (KP, "Sigmoid")),
         ),
     ),
-    "source_encoder": (
-        _maps("source_encoder"),
+    SOURCE_ENCODER_GRAPH: (
+        _maps(SOURCE_ENCODER_GRAPH),
         ExclusionGroup(
-            "source_encoder",
+            SOURCE_ENCODER_GRAPH,
             "input",
             "first convs on the image (key and value encoders)",
             modules=("net.key_encoder.unet.stem", "net.value_encoder.body.0"),
             local_ops=(("", "AveragePool"),),
         ),
         ExclusionGroup(
-            "source_encoder",
+            SOURCE_ENCODER_GRAPH,
             "key_out",
             "last convs of the key encoder",
             modules=("net.key_encoder.to_grid", "net.key_encoder.out"),
         ),
         ExclusionGroup(
-            "source_encoder",
+            SOURCE_ENCODER_GRAPH,
             "value_out",
             "last conv of the value encoder",
             modules=("net.value_encoder.out",),
         ),
         ExclusionGroup(
-            "source_encoder",
+            SOURCE_ENCODER_GRAPH,
             "key_proj",
             "key projection (+ positional encoding)",
             modules=("net.warp.key_proj",),
             local_ops=(("", "Add"),),
         ),
     ),
-    "animator": (
-        _maps("animator"),
+    ANIMATOR_GRAPH: (
+        _maps(ANIMATOR_GRAPH),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "query_out",
             "last convs of the query encoder",
             modules=("net.query_encoder.to_grid", "net.query_encoder.out"),
         ),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "query_proj",
             "query projection (+ positional encoding)",
             modules=("net.warp.query_proj",),
             local_ops=(("", "Add"),),
         ),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "attention",
             "the ONNX Attention node (and its mask)",
-            name_prefix="iwarp/attention/",
+            name_prefix=f"{ATTENTION_SCOPE}/",
         ),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "residual_mlp",
             "residual branch MLP and its sum with A V",
             modules=("net.warp.residual",),
             local_ops=(("net.warp", "Add"),),
         ),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "generator_full_res",
             "the generator's last upsampling conv (full resolution)",
             modules=("net.generator.up.2",),
         ),
         ExclusionGroup(
-            "animator",
+            ANIMATOR_GRAPH,
             "generator_out",
             "the generator's final conv and sigmoid",
             modules=("net.generator.out",),

@@ -24,9 +24,10 @@ import numpy as np
 from iwarp.cam.capture import Camera
 from iwarp.cam.frames import CameraFrame, NewestFrame, log
 from iwarp.cam.sinks import Sink, WindowSink, open_sink
-from iwarp.face import FaceTracker, crop_and_resize
-from iwarp.metrics import latency_summary_ms
+from iwarp.metrics import latency_summary_ms, percentile_ms
 from iwarp.options import comma_list, option
+from iwarp.runtime import FaceCropper
+from iwarp.runtime.options import EngineOptions
 
 
 @dataclass
@@ -50,9 +51,7 @@ class CamSettings:
     sink: str = option("virtualcam", help="virtualcam, window, or FILE.mp4")
     size: int = option(256, choices=(256, 512), help="output side")
     fps: float = option(30.0, help="camera and virtual camera rate")
-    backend: str = option("auto", help="local: auto, torch, onnxruntime, openvino, tensorrt")
-    checkpoint: str | None = option(None, help="local: weights (default: the shipped ones)")
-    threads: int = option(0, help="local: CPU threads (0: all cores)")
+    engine: EngineOptions = option(default_factory=EngineOptions)  # animating locally
     control_port: int = option(8765, help="local control endpoint (0: off)")
     stats: bool = option(False, help="fps and latency on stderr every second")
     stats_json: str | None = option(
@@ -94,7 +93,7 @@ class Stats:
         return (len(t) - 1) / max(t[-1] - t[0], 1e-6)
 
     def latency_ms(self, q: float = 50) -> float | None:
-        return float(np.percentile(self.latency, q)) * 1e3 if self.latency else None
+        return percentile_ms(self.latency, q)
 
     def line(self) -> str:
         p50 = self.latency_ms()
@@ -129,7 +128,7 @@ class CamApp:
         self._done: dict[int, asyncio.Event] = {}
         self._stop = asyncio.Event()
         self._camera_done = asyncio.Event()
-        self._overlay_tracker: FaceTracker | None = None
+        self._overlay_faces: FaceCropper | None = None
         self._key_tasks: set[asyncio.Future] = set()
 
     # -- data path -------------------------------------------------------------------------------
@@ -182,13 +181,10 @@ class CamApp:
 
     def _with_overlay(self, frame: np.ndarray, driving: np.ndarray) -> np.ndarray:
         """The driving face, cropped like the avatar, blended over it (to match the pose)."""
-        if self._overlay_tracker is None:
-            self._overlay_tracker = FaceTracker()
-        box = self._overlay_tracker.update(driving)
-        if box is None:
-            return frame
-        face = crop_and_resize(driving, box, frame.shape[0])
-        return cv2.addWeighted(frame, 0.6, face, 0.4, 0.0)
+        if self._overlay_faces is None:
+            self._overlay_faces = FaceCropper()
+        face = self._overlay_faces.crop(driving, frame.shape[0])
+        return frame if face is None else cv2.addWeighted(frame, 0.6, face, 0.4, 0.0)
 
     def _write(self, frame: np.ndarray) -> None:
         key = self.sink.write(frame)
@@ -345,7 +341,7 @@ def build_engine(settings: CamSettings) -> Any:
         )
     from iwarp.cam.local import LocalEngine
 
-    return LocalEngine(settings.avatars, settings.backend, settings.checkpoint, settings.threads)
+    return LocalEngine(settings.avatars, settings.engine)
 
 
 async def run_cam_async(settings: CamSettings) -> dict[str, Any]:
@@ -365,3 +361,11 @@ async def run_cam_async(settings: CamSettings) -> dict[str, Any]:
 
 def run_cam(settings: CamSettings) -> dict[str, Any]:
     return asyncio.run(run_cam_async(settings))
+
+
+def cam_command(settings: CamSettings) -> int:
+    """`iwarp cam`: runs until stopped; with --stats, the summary as one JSON line at the end."""
+    summary = run_cam(settings)
+    if settings.stats:
+        print(json.dumps(summary))
+    return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from iwarp.cam.frames import NewestFrame, OutputCallback
+from iwarp.runtime.options import EngineOptions
 
 
 class LocalEngine:
@@ -19,14 +20,11 @@ class LocalEngine:
     def __init__(
         self,
         avatars: Sequence[Sequence[str | Path]],
-        backend: str = "auto",
-        checkpoint: str | Path | None = None,
-        threads: int = 0,
+        engine: EngineOptions | None = None,
     ) -> None:
         from iwarp.paths import DEFAULT_AVATAR
-        from iwarp.runtime.animator import Animator
 
-        self.animator = Animator.from_pretrained(backend, checkpoint, threads=threads)
+        self.animator = (engine or EngineOptions()).animator()
         self.avatar_ids = [self.animator.add_avatar(list(a)) for a in avatars or [[DEFAULT_AVATAR]]]
         self.avatar_index = 0
         self.stream = self.animator.stream(auto_reference=True)

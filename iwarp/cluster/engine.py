@@ -256,7 +256,7 @@ def start_ray_engine(
         handle = serve.get_app_handle(APP_NAME)
         log.info("using the running Serve application %r", APP_NAME)
     except Exception:  # not deployed yet (RayServeException): this edge deploys it
-        handle = _deploy(replicas, backend, checkpoint, threads, max_batch, gpus)
+        handle = deploy_replicas(replicas, backend, checkpoint, threads, max_batch, gpus)
     engine = RayEngine(animator, handle, address or "local", address is None, codec)
     info = handle.info.remote().result(timeout_s=120)
     if info["image_size"] != animator.backend.image_size:
@@ -269,7 +269,7 @@ def start_ray_engine(
     return engine
 
 
-def _deploy(
+def deploy_replicas(
     replicas: int,
     backend: str,
     checkpoint: str | None,
@@ -277,6 +277,7 @@ def _deploy(
     max_batch: int,
     gpus: int,
 ) -> Any:
+    """Deploys the `iwarp` Serve application with `replicas` replicas; its handle."""
     # A GPU per replica where the cluster has GPUs; on CPUs, `threads` cores each (ORT/torch
     # intra-op threads), so Ray packs replicas onto nodes by cores.
     if gpus:

@@ -170,6 +170,14 @@ class ExportOptions:
     check: bool = option(True, flag="--no-check", help="skip the parity check vs PyTorch")
 
 
+def run_export(o: ExportOptions) -> int:
+    """`iwarp export`: the graphs, then one JSON line with each graph's parity error."""
+    meta = export_onnx(o.checkpoint, o.out, o.opset, check=o.check)
+    errors = {g: info["max_abs_error"] for g, info in meta["graphs"].items()}
+    print(json.dumps({"out": str(o.out), "opset": meta["opset"], "max_abs_error": errors}))
+    return 0
+
+
 def export_onnx(
     checkpoint: str | Path | None = None,
     out_dir: str | Path = "build",
@@ -310,9 +318,9 @@ def _graph_modules(net: Any) -> dict[str, Any]:
             return self.net.animate(source, driving)
 
     return {
-        "keypoints": KeypointsGraph().eval(),
-        "source_encoder": SourceEncoderGraph().eval(),
-        "animator": AnimatorGraph().eval(),
+        KEYPOINTS_GRAPH: KeypointsGraph().eval(),
+        SOURCE_ENCODER_GRAPH: SourceEncoderGraph().eval(),
+        ANIMATOR_GRAPH: AnimatorGraph().eval(),
     }
 
 
@@ -452,10 +460,10 @@ def _tag_attention(model: Any, num_queries: int) -> None:
 def _attention_summary(build_dir: Path) -> dict[str, Any]:
     import onnx
 
-    model = onnx.load(str(graph_path(build_dir, "animator")), load_external_data=False)
+    model = onnx.load(str(graph_path(build_dir, ANIMATOR_GRAPH)), load_external_data=False)
     nodes = [n for n in model.graph.node if n.name.startswith(ATTENTION_SCOPE + "/")]
     return {
-        "graph": "animator",
+        "graph": ANIMATOR_GRAPH,
         "scope": ATTENTION_SCOPE,
         "fused": any(n.op_type == "Attention" for n in nodes),
         "nodes": [{"name": n.name, "op_type": n.op_type} for n in nodes],
@@ -516,7 +524,7 @@ def ort_session(
         )
 
 
-def _real_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+def packaged_face_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     """A face crop of the packaged photo (1, 3, S, S) and 3 moved copies as an avatar (3, ...)."""
     from iwarp.face import FaceDetector, crop_and_resize, face_crop_box
     from iwarp.media import read_image, synthetic_driving_frames
@@ -557,7 +565,7 @@ def check_parity(
         errors[graph]["random"] = compare(graph, example_inputs(config, graph, 2, sources))[0]
 
     # Real inputs: the packaged face, detected, encoded as an avatar of 3 sources, animated.
-    crop, avatar = _real_images(net.config.image_size)
+    crop, avatar = packaged_face_images(net.config.image_size)
     err, (points, strength) = compare(KEYPOINTS_GRAPH, {IMAGE: crop})
     errors[KEYPOINTS_GRAPH]["real"] = err
     worst, rows = 0.0, []

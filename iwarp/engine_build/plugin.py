@@ -236,17 +236,17 @@ class BuildPluginOptions:
     install: bool = option(False, help="copy the library into the package")
 
 
-def build_plugin(
-    tensorrt_root: str | Path | None = None,
-    cuda_archs: str | None = None,
-    kernels_only: bool = False,
-    build_dir: str | Path | None = None,
-    jobs: int = 2,
-    clean: bool = False,
-    install: bool = False,
-    show_progress: bool = True,
-) -> PluginBuild:
-    """Configures and builds CMakeLists.txt into the cache build folder (or `build_dir`)."""
+def run_build_plugin(o: BuildPluginOptions) -> int:
+    """`iwarp build-plugin`: builds, then says what and for which GPUs."""
+    result = build_plugin(o)
+    what = result.library or result.kernels
+    print(f"built {what} in {result.seconds:.0f} s (CUDA architectures {result.cuda_archs})")
+    return 0
+
+
+def build_plugin(o: BuildPluginOptions, show_progress: bool = True) -> PluginBuild:
+    """Configures and builds CMakeLists.txt into the cache build folder (or `o.build_dir`)."""
+    tensorrt_root, kernels_only = o.tensorrt_root, o.kernels_only
     cmake = shutil.which("cmake")
     if cmake is None:
         raise PluginError(
@@ -270,11 +270,11 @@ def build_plugin(
                 "to the TensorRT 11.1 headers); --kernels-only builds the CUDA kernel alone",
             )
     src = source_root()
-    out = Path(build_dir) if build_dir else plugin_build_dir()
-    if clean and out.exists():
+    out = Path(o.build_dir) if o.build_dir else plugin_build_dir()
+    if o.clean and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    archs = cuda_archs or default_cuda_archs()
+    archs = o.cuda_archs or default_cuda_archs()
     configure = [
         cmake,
         "-S",
@@ -292,14 +292,14 @@ def build_plugin(
         )
     t0 = time.perf_counter()
     _run(configure, "configure", show_progress)
-    _run([cmake, "--build", str(out), "-j", str(max(1, jobs))], "build", show_progress)
+    _run([cmake, "--build", str(out), "-j", str(max(1, o.jobs))], "build", show_progress)
     library = None if kernels_only else out / LIBRARY_NAME
     if library is not None and not library.is_file():
         raise PluginError(
             f"the build finished without {library.name}",
             f"see the cmake output above; the TensorRT headers used were {include}",
         )
-    if install and library is not None:
+    if o.install and library is not None:
         dst = installed_library()
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(library, dst)

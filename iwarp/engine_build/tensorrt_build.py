@@ -38,7 +38,7 @@ from typing import Any
 import iwarp
 from iwarp.engine_build.fp16 import Fp16Result, convert_fp16, modelopt_available  # noqa: F401
 from iwarp.errors import CheckpointError, IwarpError
-from iwarp.graphs import GRAPHS
+from iwarp.graphs import ANIMATOR_GRAPH, GRAPHS
 from iwarp.metrics import psnr  # noqa: F401  (FP16 conversion, PSNR: own modules; names kept)
 from iwarp.options import option
 
@@ -371,7 +371,7 @@ def default_build_dir(checkpoint_sha: str) -> Path:
 
 
 def engine_file(build_dir: Path, graph: str, precision: str, plugin: bool) -> Path:
-    suffix = ".plugin" if plugin and graph == "animator" else ""
+    suffix = ".plugin" if plugin and graph == ANIMATOR_GRAPH else ""
     return Path(build_dir) / "engines" / f"{graph}.{precision}{suffix}.engine"
 
 
@@ -408,7 +408,7 @@ def prepare_graph(
         current, notes["fp16_method"] = result.path, result.method
     elif precision == "int8":
         current = calibrated_int8(src, graph)
-    if plugin and graph == "animator":
+    if plugin and graph == ANIMATOR_GRAPH:
         current = rewrite.rewrite_file(current, dst_dir / f"{graph}.plugin.onnx")
         notes["plugin_node"] = rewrite.PLUGIN_NODE
     return current, notes
@@ -451,33 +451,31 @@ class BuildOptions:
     json: bool = option(False, help="print the engines' metadata as JSON")
 
 
-def build_engines(
-    checkpoint: str | Path | None = None,
-    build_dir: str | Path | None = None,
-    precision: str = "fp16",
-    plugin: bool | None = None,
-    max_sources: int = 4,
-    max_batch: int = 1,
-    opt_sources: int = 1,
-    rebuild: bool = False,
-    plugin_library: str | Path | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
+def run_build(o: BuildOptions) -> int:
+    """`iwarp build`: the engines (progress on stderr); with --json, their metadata."""
+    results = build_engines(o, show_progress=not o.json)
+    if o.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def build_engines(o: BuildOptions, show_progress: bool = True) -> dict[str, Any]:
     """Builds (or reuses) one engine per stage; returns {stage: sidecar metadata}."""
     from iwarp.checkpoint import Checkpoint, file_sha256
     from iwarp.engine_build.plugin import find_plugin_library
     from iwarp.paths import DEFAULT_CHECKPOINT
 
+    precision, plugin = o.precision, o.plugin
     if precision not in PRECISIONS:
         raise IwarpError(
             f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}"
         )
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
-    ckpt_path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    ckpt_path = Path(o.checkpoint) if o.checkpoint else DEFAULT_CHECKPOINT
     ckpt = Checkpoint(ckpt_path)
-    out = Path(build_dir) if build_dir else default_build_dir(file_sha256(ckpt_path))
-    library = Path(plugin_library) if plugin_library else None
+    out = Path(o.build_dir) if o.build_dir else default_build_dir(file_sha256(ckpt_path))
+    library = Path(o.plugin_library) if o.plugin_library else None
     attention_choice = "IWarpAttention plugin (asked for)" if plugin else "TensorRT attention"
     if plugin is None:  # auto: the plugin where it exists and a measurement found it faster
         library = library or find_plugin_library()
@@ -485,7 +483,7 @@ def build_engines(
         if not plugin:
             attention_choice = "TensorRT attention: plugin library not found (iwarp build-plugin)"
         else:
-            choice = plugin_choice(ckpt.config, precision, gpu_name, opt_sources)
+            choice = plugin_choice(ckpt.config, precision, gpu_name, o.opt_sources)
             plugin = choice.backend == "fused"
             attention_choice = f"{'IWarpAttention plugin' if plugin else 'TensorRT attention'}"
             attention_choice += f" ({choice.reason})"
@@ -496,10 +494,10 @@ def build_engines(
 
         library = load_plugin(library)
     onnx_meta = ensure_onnx(ckpt_path, out / "onnx", show_progress)
-    profiles = profiles_for_export(onnx_meta, max_sources, max_batch, opt_sources)
+    profiles = profiles_for_export(onnx_meta, o.max_sources, o.max_batch, o.opt_sources)
     results: dict[str, Any] = {}
     for i, graph in enumerate(STAGES, 1):
-        use_plugin = bool(plugin) and graph == "animator"
+        use_plugin = bool(plugin) and graph == ANIMATOR_GRAPH
         src = out / "onnx" / f"{graph}.onnx"
         parsed, notes = prepare_graph(src, out / precision, graph, precision, use_plugin)
         engine = engine_file(out, graph, precision, use_plugin)
@@ -520,7 +518,7 @@ def build_engines(
                 print(f"iwarp build: {label} is up to date", file=sys.stderr)
             results[graph] = {**json.loads(sidecar_path(engine).read_text()), "engine": str(engine)}
             continue
-        if engine.is_file() and not rebuild:
+        if engine.is_file() and not o.rebuild:
             require_engine(engine, expected)  # raises with the reasons
         t0 = time.perf_counter()
         build_engine(
@@ -535,11 +533,11 @@ def build_engines(
         meta = {
             **expected,
             **notes,
-            **({"attention": attention_choice} if graph == "animator" else {}),
+            **({"attention": attention_choice} if graph == ANIMATOR_GRAPH else {}),
             "engine": str(engine),
             "checkpoint_sha256": onnx_meta.get("checkpoint_sha256"),
-            "max_sources": max_sources,
-            "max_batch": max_batch,
+            "max_sources": o.max_sources,
+            "max_batch": o.max_batch,
             "build_seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

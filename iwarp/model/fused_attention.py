@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from iwarp.paths import ASSETS_DIR, user_cache_dir
+
 log = logging.getLogger(__name__)
 
 TABLE_FORMAT = "iwarp-attention-dispatch/1"
@@ -64,11 +66,8 @@ def source_dir() -> Path:
 
 
 def _build_dir() -> Path:
-    base = os.environ.get("IWARP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "iwarp"
-    )
     tag = f"torch{torch.__version__.split('+')[0]}_cu{(torch.version.cuda or 'none')}"
-    path = Path(base) / "torch_ext" / tag
+    path = user_cache_dir() / "torch_ext" / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -170,7 +169,7 @@ class Choice:
 
 
 def default_table_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "assets" / "attention_dispatch.json"
+    return ASSETS_DIR / "attention_dispatch.json"
 
 
 def table_path() -> Path:
@@ -327,15 +326,12 @@ def describe() -> str:
 
 def attention_widths(model: Any, num_sources: int = 1) -> tuple[int, int]:
     """(d, dv') of a ModelConfig's attention call for an avatar of `num_sources` photos: keys
-    are d wide; V' = [V | P | C | K] holds the values, the pixel rows (pixel skip or residual
-    branch; the flow warp's are mean colours), 3 coordinate columns per source (flow warp) and
-    the keys (residual branch), as `iwarp.model.warp.ImplicitWarp._attend` concatenates them."""
+    are d wide; V' = [V | P | C | K] holds the values, the mean colours (residual branch), 3
+    coordinate columns per source (flow warp) and the keys (residual branch), as
+    `iwarp.model.warp.ImplicitWarp._attend` concatenates them."""
     dv = model.value_dim
-    flow = getattr(model, "flow_warp", False)
-    if model.pixel_skip or model.residual_branch:
-        dv += 3 if flow else model.pixel_dim
-    if flow:
+    if model.flow_warp:
         dv += 3 * num_sources
     if model.residual_branch:
-        dv += model.attn_dim
+        dv += 3 + model.attn_dim
     return model.attn_dim, dv

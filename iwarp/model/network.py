@@ -29,7 +29,7 @@ from iwarp.model.warp import (
     tokens,
 )
 
-# (warped features, warped pixels, coordinate sums) -> the same, changed: see animate_with_warp.
+# (warped features, warped colours, coordinate sums) -> the same, changed: animate_with_warp.
 AttentionFilter = Callable[
     [tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -85,7 +85,7 @@ class ImplicitWarpingNetwork(nn.Module):
         loss on the warp itself, evaluation carries landmarks with its flow.
 
         `attention_filter`, when given, receives the attention's outputs (warped features,
-        warped pixels, coordinate sums; `ImplicitWarp.forward`) and returns them changed, before
+        warped colours, coordinate sums; `ImplicitWarp.forward`) and returns them changed, before
         the flow is rendered: `bench/live_smoothing_sweep.py` smooths them over time with it.
         """
         kp_size = source.image_size // self.config.kp_downsample
@@ -95,19 +95,14 @@ class ImplicitWarpingNetwork(nn.Module):
         attended = self.warp(queries, source, source_dropout)
         if attention_filter is not None:
             attended = attention_filter(attended)
-        warped, warped_pixels, coordinate_sums = attended
+        warped, _, coordinate_sums = attended
         g = query_features.shape[-1]
-
-        def grid(x: torch.Tensor) -> torch.Tensor:
-            return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
-
-        if self.config.flow_warp:
-            photos = photos_from_pixels(source.pixels, self.warp.grid_side(source))
-            flow = render_flow(coordinate_sums, photos, g)
-            image = self.generator(grid(warped), torch.cat([flow.blended, flow.unmatched], dim=1))
-            return image, flow
-        skip = grid(warped_pixels) if self.config.pixel_skip else None
-        return self.generator(grid(warped), skip), None
+        warped = warped.transpose(1, 2).reshape(warped.shape[0], -1, g, g)
+        if not self.config.flow_warp:
+            return self.generator(warped), None
+        photos = photos_from_pixels(source.pixels, self.warp.grid_side(source))
+        flow = render_flow(coordinate_sums, photos, g)
+        return self.generator(warped, torch.cat([flow.blended, flow.unmatched], dim=1)), flow
 
     # -- per avatar ------------------------------------------------------------------------
     def encode_sources(self, images: torch.Tensor) -> SourceSet:
@@ -131,11 +126,11 @@ class ImplicitWarpingNetwork(nn.Module):
             imagenet = self.source_features(flat)
             key_features = key_features + self.source_key_proj(imagenet)
             value_features = value_features + self.source_value_proj(imagenet)
-        # Pixel rows: each grid cell's RGB patch (pixel skip; flow warp: the photo the flow
-        # resamples, in token layout so an avatar stays keys + values + pixels) or its mean.
+        # Pixel rows: each grid cell's RGB patch (flow warp: the photo the flow resamples, in
+        # token layout so an avatar stays keys + values + pixels) or its mean colour.
         pixels = (
             nn.functional.pixel_unshuffle(flat, cfg.attn_stride)
-            if cfg.pixel_skip or cfg.flow_warp
+            if cfg.flow_warp
             else downsample_to(flat, grid)
         )
         r = cfg.spatial_reduction

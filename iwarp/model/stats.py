@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from iwarp.config import get_config
+from iwarp.config import PRESETS, SHIPPED_CONFIG, get_config
 from iwarp.model.network import ImplicitWarpingNetwork
 from iwarp.options import option
 
@@ -17,7 +18,7 @@ from iwarp.options import option
 class InfoOptions:
     """`iwarp info`: what `model_stats` counts, and how it is printed."""
 
-    config: str = option("tiny", help="tiny, paper or paper512")
+    config: str = option(SHIPPED_CONFIG, help=f"a preset: {', '.join(PRESETS)}")
     size: int | None = option(None, help="image side (default: the config's)")
     sources: int = option(1, help="source images for the per-frame cost")
     json: bool = option(False, help="print one JSON object")
@@ -60,3 +61,21 @@ def model_stats(config_name: str, size: int | None = None, sources: int = 1) -> 
         "query_tokens": config.model.grid_size**2,
         "key_tokens": source_set.keys.shape[1] + config.model.extra_tokens,
     }
+
+
+def run_info(o: InfoOptions) -> int:
+    """`iwarp info`: the numbers as JSON, or as an indented summary."""
+    stats = model_stats(o.config, o.size, o.sources)
+    if o.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"config {stats['config']} at {stats['size']}x{stats['size']}")
+    print(f"  parameters            {stats['parameters'] / 1e6:.3f} M")
+    for name, count in stats["parameters_by_module"].items():
+        print(f"    {name:<20s}{count / 1e6:.3f} M")
+    print(f"  GFLOP per source image  {stats['gflop_per_source']:.3f}")
+    print(f"  GFLOP per driving frame {stats['gflop_per_frame']:.3f} ({o.sources} source(s))")
+    for name, g in stats["gflop_per_frame_by_stage"].items():
+        print(f"    {name:<20s}{g:.3f}")
+    print(f"  attention tokens        {stats['query_tokens']} queries x {stats['key_tokens']} keys")
+    return 0

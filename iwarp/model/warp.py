@@ -3,9 +3,9 @@
 A = softmax(Q K^T / sqrt(d)) over every token of every source plus learned extra tokens;
 warped = A V + MLP([A P | A K | Q]). One attention call over V' = [V | P | C | K] computes
 A V, A P, A C and A K together, so the (queries x keys) matrix is never needed outside the
-kernel. P is each token's RGB patch (pixel skip: A P is also handed to the generator) or, for
-the flow warp, its mean colour; C carries each token's source and place (`source_coordinates`),
-so A C is a per-source mass and expected source coordinate: the flow (`render_flow`).
+kernel. P is each token's mean colour; with the flow warp, C carries each token's source and
+place (`source_coordinates`), so A C is a per-source mass and expected source coordinate: the
+flow (`render_flow`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class SourceSet:
 
     Tokens of all sources are concatenated: source i owns rows [i*T, (i+1)*T).
     keys (B, N*T, d) are projected and position-encoded; values (B, N*T, dv);
-    pixels (B, N*T, p) with p = ModelConfig.pixel_dim: each token's RGB patch (pixel skip, flow
-    warp: the full-resolution photo itself, `photos_from_pixels`) or its mean RGB; mask
+    pixels (B, N*T, p) with p = ModelConfig.pixel_dim: each token's RGB patch (flow warp: the
+    full-resolution photo itself, `photos_from_pixels`) or its mean RGB; mask
     (B, N*T) is True where a token may be attended to.
     """
 
@@ -55,14 +55,13 @@ class ImplicitWarp(nn.Module):
         super().__init__()
         d, dv, e = config.attn_dim, config.value_dim, config.extra_tokens
         self.residual_branch = config.residual_branch
-        self.pixel_skip = config.pixel_skip
         self.flow_warp = config.flow_warp
         self.multi_source_mode = config.multi_source_mode
         self.value_dim = dv
         self.query_proj = nn.Linear(d, d)
         self.key_proj = nn.Linear(d, d)
         self.position_scale = config.position_scale
-        if config.pixel_skip or config.flow_warp:
+        if config.flow_warp:
             # Start from the identity warp: queries and keys are their features plus the
             # positional code, so untrained attention matches each place with itself.
             for proj in (self.query_proj, self.key_proj):
@@ -70,10 +69,8 @@ class ImplicitWarp(nn.Module):
                 nn.init.zeros_(proj.bias)
         self.extra_keys = nn.Parameter(torch.randn(e, d) * 0.02)
         self.extra_values = nn.Parameter(torch.randn(e, dv) * 0.02)
-        # The extra tokens' pixel rows: a patch (pixel skip) or a colour (flow warp: the
-        # attention carries the sources' mean colours, not their patches).
-        colours = 3 if config.flow_warp else config.pixel_dim
-        self.extra_pixels = nn.Parameter(torch.full((e, colours), 0.5))
+        # The extra tokens' colours (the attention carries the sources' mean colours).
+        self.extra_pixels = nn.Parameter(torch.full((e, 3), 0.5))
         # Pixels per attention cell; the grid side follows the image (training may run smaller).
         self.cell_size = config.attn_stride * config.spatial_reduction
         if self.residual_branch:
@@ -107,11 +104,11 @@ class ImplicitWarp(nn.Module):
     def forward(
         self, queries: torch.Tensor, source: SourceSet, source_dropout: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """queries (B, Nq, d) -> warped features (B, Nq, dv), warped pixels (B, Nq, p) and
+        """queries (B, Nq, d) -> warped features (B, Nq, dv), warped colours (B, Nq, 3) and
         per-source coordinate sums (B, Nq, 3N).
 
-        The warped pixels are A P; without the residual branch or the pixel skip nothing
-        attends to P and they are an empty (B, Nq, 0) tensor. The coordinate sums are
+        The warped colours are A P over the tokens' mean colours, which only the residual branch
+        reads (without it they are an empty (B, Nq, 0) tensor). The coordinate sums are
         A [1, x, y] per source (flow warp; else (B, Nq, 0)): `render_flow` turns them into
         the warped photos.
         """
@@ -136,11 +133,10 @@ class ImplicitWarp(nn.Module):
         e = self.extra_keys.shape[0]
         keys = torch.cat([source.keys, self.extra_keys.expand(b, e, -1)], dim=1)
         parts = [torch.cat([source.values, self.extra_values.expand(b, e, -1)], dim=1)]
-        uses_pixels = self.residual_branch or self.pixel_skip
         pixels = source.pixels
         if self.flow_warp:  # the patches' mean colours: A (mean P) = mean (A P), 64x narrower
             pixels = pixels.unflatten(-1, (3, -1)).mean(-1)
-        if uses_pixels:
+        if self.residual_branch:
             parts.append(torch.cat([pixels, self.extra_pixels.expand(b, e, -1)], dim=1))
         c = 3 * source.num_sources if self.flow_warp else 0
         if self.flow_warp:
@@ -151,16 +147,14 @@ class ImplicitWarp(nn.Module):
             parts.append(keys)
         full_mask = torch.cat([mask, mask.new_ones(b, e)], dim=1)
         out = attention(queries, keys, torch.cat(parts, dim=2), full_mask)
-        dv, p = self.value_dim, pixels.shape[-1] if uses_pixels else 0
-        warped, warped_pixels = out[..., :dv], out[..., dv : dv + p]
+        dv, p = self.value_dim, 3 if self.residual_branch else 0
+        warped, colours = out[..., :dv], out[..., dv : dv + p]
         coordinate_sums = out[..., dv + p : dv + p + c]
         if self.residual_branch:
-            # The MLP sees the warped mean colour: for patches, A (mean P) = mean (A P).
-            colour = warped_pixels.unflatten(-1, (3, -1)).mean(-1)
             warped = warped + self.residual(
-                torch.cat([colour, out[..., dv + p + c :], queries], dim=2)
+                torch.cat([colours, out[..., dv + p + c :], queries], dim=2)
             )
-        return warped, warped_pixels, coordinate_sums
+        return warped, colours, coordinate_sums
 
 
 def source_coordinates(

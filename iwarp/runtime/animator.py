@@ -54,6 +54,16 @@ class StageTimes:
     total: float = 0.0
 
 
+class FaceCropper(FaceTracker):
+    """A face tracker that also cuts the S x S crop it boxes: what the networks see of a
+    driving frame (and what `iwarp cam`'s overlay blends over the avatar)."""
+
+    def crop(self, frame: np.ndarray, size: int) -> np.ndarray | None:
+        """The face crop of `frame` at `size` x `size`, or None when no face is in view."""
+        box = self.update(frame)
+        return None if box is None else crop_and_resize(frame, box, size)
+
+
 # Automatic neutral pose: this many consecutive face frames whose keypoints move less than
 # AUTO_NEUTRAL_STEADY (mean per keypoint and frame, in [-1, 1] units: ~1 px at 256) are averaged.
 AUTO_NEUTRAL_FRAMES = 5
@@ -66,7 +76,7 @@ class DrivingStream:
 
     animator: Animator
     smoothing: bool = True
-    tracker: FaceTracker = field(default_factory=FaceTracker)
+    tracker: FaceCropper = field(default_factory=FaceCropper)
     reference: tuple[np.ndarray, np.ndarray] | None = None
     last_pose: tuple[np.ndarray, np.ndarray] | None = None  # what was animated last
     last_driving: tuple[np.ndarray, np.ndarray] | None = None  # raw pose of the last face seen
@@ -77,7 +87,19 @@ class DrivingStream:
     auto_reference: bool = False
     reference_origin: str = "none"  # none | first face | steady frames | set
     neutral_window: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    # Fields that stay with the process that made them (not part of `motion_state`).
+    # Every attribute is in exactly one of these two lists (tests/test_runtime.py checks it),
+    # so a new field is a decision: what travels to a Ray replica with each frame (the motion
+    # carried from frame to frame), and what stays with the process that made it.
+    motion_fields: ClassVar[tuple[str, ...]] = (
+        "smoothing",
+        "reference",
+        "last_pose",
+        "last_driving",
+        "auto_reference",
+        "reference_origin",
+        "neutral_window",
+        "filter",
+    )
     local_fields: ClassVar[tuple[str, ...]] = ("animator", "tracker", "times")
 
     def __post_init__(self) -> None:
@@ -90,12 +112,9 @@ class DrivingStream:
     def face_crop(self, frame: np.ndarray) -> np.ndarray | None:
         """The S x S face crop of a driving frame, or None when no face is in view."""
         t0 = time.perf_counter()
-        frame = to_rgb(frame)
-        box = self.tracker.update(frame)
-        self.times.face_tracking = (time.perf_counter() - t0) * 1e3
-        if box is None:
-            return None
-        return crop_and_resize(frame, box, self.animator.image_size)
+        crop = self.tracker.crop(to_rgb(frame), self.animator.image_size)
+        self.times.face_tracking = (time.perf_counter() - t0) * 1e3  # the crop included
+        return crop
 
     def crop_pose(self, crop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Keypoints and strength of a face crop (None stays None: no face in view)."""
@@ -113,11 +132,15 @@ class DrivingStream:
 
     def motion_state(self) -> dict[str, Any]:
         """What carries over from one frame to the next (neutral pose, smoothing, last pose):
-        every field but the model, the face tracker and the stage times."""
-        return {k: v for k, v in vars(self).items() if k not in self.local_fields}
+        the `motion_fields`."""
+        return {name: getattr(self, name) for name in self.motion_fields}
 
     def restore_motion(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+        unknown = set(state) - set(self.motion_fields)
+        if unknown:
+            raise ValueError(f"not motion state: {sorted(unknown)}")
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def set_reference(self, frame: np.ndarray | None = None) -> bool:
         """Sets the neutral pose for relative motion from `frame` (or the last pose seen);
@@ -223,7 +246,7 @@ class Animator:
         self._default_stream: DrivingStream | None = None
         if store is not None:
             for record, photos in store.load_all():
-                self._register(record, photos)
+                self._avatars[record.avatar_id] = self._build(record, photos)
 
     @classmethod
     def from_pretrained(
@@ -276,24 +299,27 @@ class Animator:
             str(i) if isinstance(i, str | Path) else f"photo {n + 1}" for n, i in enumerate(images)
         ]
         record = AvatarRecord(avatar_id or AvatarStore.new_id(), len(photos), owner, name)
-        avatar = self._register(record, photos, labels)
+        avatar = self._build(record, photos, labels)
+        # On disk before anyone can see it: a remove_avatar (a DELETE) can only find an avatar
+        # whose photos are already written, so it always deletes them. Written after, they
+        # outlived a delete that raced the upload and came back after a restart.
         if self.store is not None:
             self.store.save(record, photos)
+        with self._lock:
+            self._avatars[record.avatar_id] = avatar
         return avatar.record.avatar_id
 
-    def _register(
+    def _build(
         self, record: AvatarRecord, photos: list[np.ndarray], labels: list[str] | None = None
     ) -> Avatar:
+        """The avatar of these photos (faces found, cropped, encoded), not registered yet."""
         size = self.backend.image_size
         crops = []
         for i, photo in enumerate(photos):
             label = labels[i] if labels else f"photo {i + 1} of avatar {record.avatar_id}"
             face = detect_face_or_raise(photo, self._detector, label)
             crops.append(crop_and_resize(photo, face_crop_box(face), size))
-        avatar = self.avatar_from_crops(record, crops)
-        with self._lock:
-            self._avatars[record.avatar_id] = avatar
-        return avatar
+        return self.avatar_from_crops(record, crops)
 
     def avatar_from_crops(self, record: AvatarRecord, crops: list[np.ndarray]) -> Avatar:
         """An avatar from its face crops (model size), not registered here: what a remote

@@ -11,6 +11,7 @@ Accuracy: each engine's output frames against the FP32 torch pipeline's on the s
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,21 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from iwarp.errors import IwarpError
+from iwarp.graphs import ANIMATOR_GRAPH, KEYPOINTS_GRAPH
 from iwarp.media import default_driving_clip, read_video
+from iwarp.metrics import percentile, percentiles, psnr
 from iwarp.options import comma_list, option
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
-from iwarp.system import machine_label
+from iwarp.runtime.options import EngineOptions
+from iwarp.system import isa_features, machine_label, physical_cores
 
-STAGES = ("face_tracking", "keypoints", "animator")
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(a, q)) for q in (50, 95, 99)}
+STAGES = (
+    "face_tracking",
+    KEYPOINTS_GRAPH,
+    ANIMATOR_GRAPH,
+)  # the pipeline step, then the two per-frame graphs
 
 
 def avatar_photos(sources: int, clip_frames: list[np.ndarray]) -> list[np.ndarray | Path]:
@@ -80,14 +84,6 @@ def engine_precision(engine: Any) -> str:
     if getattr(engine, "precision", None):
         return str(engine.precision)
     return str(getattr(engine, "metadata", {}).get("precision", "fp32"))
-
-
-def psnr_u8(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """PSNR in dB of uint8 frames `a` against `b`, over all frames together."""
-    x = np.stack(a).astype(np.float64)
-    y = np.stack(b).astype(np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
 
 
 def raw_graph_times(animator: Animator, avatar_id: str, frame: np.ndarray, runs: int) -> dict:
@@ -141,7 +137,11 @@ class EngineRun:
         self.stream = self.animator.stream()
         self.per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
         self.frame_ms: list[float] = []
-        self.graph_ms: dict[str, list[float]] = {"keypoints": [], "animator": [], "overhead": []}
+        self.graph_ms: dict[str, list[float]] = {
+            KEYPOINTS_GRAPH: [],
+            ANIMATOR_GRAPH: [],
+            "overhead": [],
+        }
         self.outputs: list[np.ndarray] = []
 
     def step(self, frame: np.ndarray, record: bool, keep_outputs: int = 0) -> None:
@@ -157,15 +157,13 @@ class EngineRun:
             self.per_stage[s].append(getattr(self.stream.times, s))
         kp = engine.stage_ms.get("detect", 0.0)
         an = engine.stage_ms.get("animate", 0.0)
-        self.graph_ms["keypoints"].append(kp)
-        self.graph_ms["animator"].append(an)
+        self.graph_ms[KEYPOINTS_GRAPH].append(kp)
+        self.graph_ms[ANIMATOR_GRAPH].append(an)
         self.graph_ms["overhead"].append(elapsed - kp - an)
         if len(self.outputs) < keep_outputs:
             self.outputs.append(out)
 
     def result(self, clip: Path, raw: dict[str, float]) -> dict[str, Any]:
-        from iwarp.system import isa_features
-
         engine, frames = self.engine, len(self.frame_ms)
         busy_s = sum(self.frame_ms) / 1e3
         return {
@@ -187,7 +185,7 @@ class EngineRun:
             "avatar_ms": self.avatar_ms,
             # The engine's own time per graph inside the pipeline, and everything else.
             "graphs_in_pipeline": {
-                f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in self.graph_ms.items() if v
+                f"{k}_p50_ms": percentile(v, 50) for k, v in self.graph_ms.items() if v
             },
             "overhead_ms": percentiles(self.graph_ms["overhead"]) if frames else {},
             "raw_graphs": raw,
@@ -230,30 +228,6 @@ def run_interleaved(
         raw = raw_graph_times(run.animator, run.avatar, driving[warmup % len(driving)], raw_runs)
         results.append(run.result(clip_path, raw))
     return results
-
-
-def plot_histogram(results: list[dict[str, Any]], out_png: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        ax.hist(
-            r["_frame_samples"],
-            bins=40,
-            alpha=0.6,
-            label=f"{r['backend']}, {r['sources']} src: p50 {r['frame_ms']['p50']:.1f} ms",
-        )
-    ax.set_xlabel("per-frame latency (ms), face tracking included")
-    ax.set_ylabel("frames")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -350,13 +324,9 @@ def plot_comparison(results: list[dict[str, Any]], out_png: str | Path) -> None:
 
 @dataclass
 class BenchOptions:
-    """`iwarp bench`: `bench_engines`' arguments, and `--webrtc`'s (iwarp.benchmarks.webrtc)."""
+    """`iwarp bench`: `bench_engines`' arguments (`iwarp bench-webrtc` times a server)."""
 
-    backend: str = option(
-        "auto",
-        help="auto, torch, onnxruntime, openvino, tensorrt, optionally NAME:PRECISION "
-        "(openvino:bf16); comma-separated; 'all': every engine and precision installed here",
-    )
+    engine: EngineOptions = option(default_factory=EngineOptions)  # its backend: a list
     size: int | None = option(None, help="check that the model runs at this size")
     sources: list[int] = option(
         default_factory=lambda: [1],
@@ -368,8 +338,6 @@ class BenchOptions:
     clip: str | None = option(
         None, help="driving clip (default: a val clip from ../shared/data/clips)"
     )
-    checkpoint: str | None = option(None, help="weights (default: the shipped ones)")
-    threads: int = option(0, help="CPU threads (0: all cores)")
     precision: str | None = option(
         None, help="fp32, bf16, fp16 or int8 (default: the backend's; int8 after calibrate)"
     )
@@ -379,18 +347,6 @@ class BenchOptions:
     json: bool = option(False, help="one JSON object per run")
     plot: str | None = option(
         None, help="write a PNG: where each frame's time goes, and histograms"
-    )
-    # WebRTC round trip against a running `iwarp serve` (same as bench/latency.py):
-    webrtc: bool = option(False, help="measure a running iwarp serve")
-    url: str = option("http://127.0.0.1:8080", help="with --webrtc: server URL")
-    clients: str = option("1", help="with --webrtc: e.g. 1,2,4 (one run each)")
-    seconds: float = option(10.0, help="with --webrtc: seconds per run")
-    warmup: float = option(2.0, help="with --webrtc: seconds left out")
-    avatars: list[str] = option(
-        default_factory=list, flag="--avatar", help="with --webrtc: avatar photo(s) to use"
-    )
-    token: str | None = option(
-        None, env="IWARP_TOKEN", help="with --webrtc: the server's token (default $IWARP_TOKEN)"
     )
 
 
@@ -434,10 +390,67 @@ def bench_engines(
             for r in batch:
                 if r["backend"] != "torch" and r["_outputs"]:
                     count = min(len(r["_outputs"]), len(reference))
-                    r["psnr_vs_torch_db"] = psnr_u8(r["_outputs"][:count], reference[:count])
+                    r["psnr_vs_torch_db"] = psnr(
+                        np.stack(r["_outputs"][:count]), np.stack(reference[:count]), peak=255.0
+                    )
         results += batch
     speedup_vs_torch(results)
     if on_result is not None:
         for r in results:
             on_result(r)
     return results
+
+
+def run_bench(o: BenchOptions) -> int:
+    """`iwarp bench`: the machine, one summary per run as it finishes, the comparison table."""
+    if not o.json:
+        isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa_features().items())
+        print(f"CPU: {machine_label()}; {o.engine.threads or physical_cores()} threads")
+        print(f"ISA: {isa}")
+
+    def show(r: dict[str, Any]) -> None:
+        if o.size is not None and r["size"] != o.size:
+            raise IwarpError(
+                f"the checkpoint is for {r['size']}x{r['size']}, not {o.size}",
+                "leave out --size or pass a checkpoint trained for that size",
+            )
+        print(json.dumps(public_fields(r)) if o.json else run_summary(r))
+
+    results = bench_engines(
+        [b.strip() for b in o.engine.backend.split(",") if b.strip()],
+        o.sources,
+        o.frames,
+        o.clip,
+        o.engine.checkpoint,
+        o.engine.threads,
+        precision=o.precision,
+        accuracy_frames=o.accuracy_frames,
+        show_progress=not o.json,
+        on_result=show,
+    )
+    if not o.json:
+        print()
+        print(comparison_table(results))
+    if o.plot:
+        plot_comparison(results, o.plot)
+    return 0
+
+
+def public_fields(r: dict[str, Any]) -> dict[str, Any]:
+    """A run's result without its raw samples (the `_`-prefixed keys)."""
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def run_summary(r: dict[str, Any]) -> str:
+    """Three lines on one run: frame time, stages, graph times in and out of the pipeline."""
+    f, g, raw = r["frame_ms"], r["graphs_in_pipeline"], r["raw_graphs"]
+    stages = "  ".join(f"{k} {v['p50_ms']:.1f}" for k, v in r["stages"].items())
+    kp, an = f"{KEYPOINTS_GRAPH}_p50_ms", f"{ANIMATOR_GRAPH}_p50_ms"
+    return (
+        f"{r['backend']} {r['precision']} ({r['backend_detail']}), {r['sources']} src: "
+        f"frame p50 {f['p50']:.1f} / p95 {f['p95']:.1f} / p99 {f['p99']:.1f} ms, "
+        f"{r['fps']:.1f} fps\n  stages p50 ms: {stages}; avatar {r['avatar_ms']:.0f} ms\n"
+        f"  graphs p50 ms in the pipeline / alone: {KEYPOINTS_GRAPH} {g.get(kp, 0):.1f} / "
+        f"{raw.get(kp, 0):.1f}, {ANIMATOR_GRAPH} {g.get(an, 0):.1f} / {raw.get(an, 0):.1f}"
+        f"; pipeline overhead p50 {r['overhead_ms'].get('p50', 0):.1f} ms"
+    )

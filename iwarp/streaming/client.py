@@ -190,6 +190,26 @@ class PeerCall:
         )
         return self.session_id
 
+    async def send_on_unlisted_ssrcs(self, count: int) -> None:
+        """One authenticated SRTP packet on each of `count` SSRCs the offer never listed: what
+        a misbehaving peer does (the server must drop them; its robustness tests and
+        bench/soak.py's hostile client send them)."""
+        from aiortc import sdp
+        from aiortc.rtp import RtpPacket
+
+        answer = sdp.SessionDescription.parse(self.pc.remoteDescription.sdp)
+        payload_type = answer.media[0].rtp.codecs[0].payloadType
+        transport = self.pc.getSenders()[0].transport
+        for n in range(count):
+            packet = RtpPacket(
+                payload_type=payload_type,
+                sequence_number=n,
+                timestamp=90 * n,
+                ssrc=0x10000 + n,
+                payload=b"\x10" + bytes(20),
+            )
+            await transport._send_rtp(packet.serialize())
+
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video" and self._consumer is None:
             self._consumer = asyncio.ensure_future(self._consume(track))

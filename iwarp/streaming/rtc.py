@@ -26,6 +26,12 @@ from aiortc.codecs import h264, vpx
 
 from iwarp.streaming import lowlatency, rtcguard
 
+# Where `iwarp serve` listens unless told otherwise, and where its clients (`iwarp cam
+# --server`, `iwarp bench-webrtc`) look for it.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+
 VIDEO_BITRATE = 300_000
 VIDEO_MIN_BITRATE = 150_000
 VIDEO_MAX_BITRATE = 600_000

@@ -50,7 +50,7 @@ from iwarp.errors import InputError, IwarpError
 from iwarp.options import option
 from iwarp.runtime.animator import Animator
 from iwarp.runtime.avatar_store import AvatarRecord
-from iwarp.runtime.options import EngineOptions
+from iwarp.runtime.options import EngineOptions, avatar_photos
 from iwarp.streaming import hardening, logfilters, openapi, rtc
 from iwarp.streaming.engine import Engine
 from iwarp.streaming.httperrors import ApiError, status_for
@@ -94,7 +94,7 @@ class ServerConfig:
     workers: int = 1
     allow_origins: tuple[str, ...] = ()  # e.g. "https://app.example.com"; "*" allows any
     allow_hosts: tuple[str, ...] = ()  # extra names the server answers to
-    host: str = "127.0.0.1"  # the address it listens on (a name there is allowed as Host)
+    host: str = rtc.DEFAULT_HOST  # the address it listens on (a name there is allowed as Host)
 
 
 def avatar_bytes(avatar: Any) -> int:
@@ -698,14 +698,10 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 class ServeOptions:
     """`iwarp serve`'s settings; each field is its command-line option (iwarp.options)."""
 
-    avatars: list[str] = option(
-        default_factory=list,
-        flag="--avatar",
-        help="avatar photo, repeatable (default: a packaged one)",
-    )
+    avatars: list[str] = avatar_photos("--avatar")
     runtime: EngineOptions = option(default_factory=EngineOptions)  # --backend, --threads
-    host: str = option("127.0.0.1", help="address to listen on")
-    port: int = option(8080, help="port to listen on")
+    host: str = option(rtc.DEFAULT_HOST, help="address to listen on")
+    port: int = option(rtc.DEFAULT_PORT, help="port to listen on")
     token: str | None = option(
         None, env="IWARP_TOKEN", help="require 'Authorization: Bearer TOKEN' (or $IWARP_TOKEN)"
     )

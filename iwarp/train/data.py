@@ -21,7 +21,13 @@ import torch
 from tqdm import tqdm
 
 from iwarp.errors import InputError
-from iwarp.face import FaceDetector, clip_crop_box, crop_and_resize
+from iwarp.face import (
+    DEFAULT_SCALE,
+    DETECT_EVERY,
+    FaceDetector,
+    clip_crop_box,
+    crop_and_resize,
+)
 from iwarp.graphs import image_to_tensor
 from iwarp.landmarks import mirror_landmarks, move_landmarks
 from iwarp.media import iter_video_frames, read_image
@@ -124,8 +130,8 @@ def prepare_clip(
     size: int,
     detector: FaceDetector,
     max_frames: int = 2000,
-    detect_every: int = 5,
-    crop_scale: float = 1.8,
+    detect_every: int = DETECT_EVERY,
+    crop_scale: float = DEFAULT_SCALE,
 ) -> np.ndarray:
     """Decode a clip, find one face crop for all of it, return (T, size, size, 3) uint8."""
     frames = list(_iter_clip_frames(path, max_frames))
@@ -372,7 +378,7 @@ def load_stills(
         except (InputError, OSError, ValueError) as exc:
             warnings.warn(f"skipping still {path}: {exc}", stacklevel=2)
             continue
-        box = clip_crop_box([detector.detect(image)], scale=1.8)
+        box = clip_crop_box([detector.detect(image)])
         if box is None:
             warnings.warn(f"skipping still {path}: no face found", stacklevel=2)
             continue

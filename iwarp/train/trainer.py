@@ -2,10 +2,19 @@
 
 Every random choice in a step is drawn from generators seeded by (seed, step, rank), so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would have.
+
+`train` is made of: `TrainConfig.validate`; the data (`_training_data`); the networks, their
+optimizers and the weights they start from (`_prepare`: `Trainer.create`, `_resume` or
+`_initialise`); then per step its batch (`training_batch`), one optimisation step
+(`train_step`, which `bench/train_throughput.py` times as well) and the end-of-step work of the
+run folder (`RunFolder.end_of_step`: log lines, samples, validation and selection,
+checkpoints).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +31,9 @@ from torch import nn
 from tqdm import tqdm
 
 from iwarp.checkpoint import Checkpoint, save_checkpoint
-from iwarp.config import Config, get_config
-from iwarp.errors import CheckpointError, IwarpError
+from iwarp.config import PRESETS, SHIPPED_CONFIG, Config, TrainConfig, get_config
+from iwarp.errors import CheckpointError, ConfigError
+from iwarp.metrics import frame_psnr
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.options import option
@@ -123,12 +134,18 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device: torch.device) -> _Dist:
+def _init_device(device: str | None) -> tuple[torch.device, _Dist]:
+    """The device this process trains on (cuda when available), and its place among the
+    processes torchrun started (one process without torchrun)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return dev, _Dist()
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    ddp = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(dev)
+    return dev, ddp
 
 
 def seeded_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -139,41 +156,66 @@ def seeded_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return g
 
 
+# ------------------------------------------------------------------------------- the options
+
+_SETTING = "iwarp.train.setting"
+
+
+def setting(path: str, default: Any = None, *, turns_off: bool = False, **kwargs: Any) -> Any:
+    """An `option` that, when given (its value is not `default`), replaces the config's setting
+    at `path` ("train.lr", "model.extra_tokens"); `turns_off`: a switch that sets it False."""
+    declared = option(default, **kwargs)
+    return dataclasses.field(
+        default=default, metadata={**declared.metadata, _SETTING: (path, turns_off)}
+    )
+
+
 @dataclass(kw_only=True)
 class TrainOptions:
-    """`iwarp train`: the run, and overrides of the config's training settings (None: keep)."""
+    """`iwarp train`: the run, and overrides of the config's settings (`setting`: None keeps
+    the config's)."""
 
-    config: str = option("tiny", help="tiny, paper or paper512")
+    config: str = option(SHIPPED_CONFIG, help=f"a preset: {', '.join(PRESETS)}")
     data: str = option(help="folder of clips (manifest.csv optional)")
     out: str = option(help="run folder: checkpoints, samples, curves")
     steps: int = option(10_000, help="total steps, resumed ones included")
     resume: bool = option(False, help="continue from OUT/checkpoints/latest")
     init: str | None = option(None, help="start from these weights (a fine-tune), not from scratch")
-    size: int | None = option(None, help="training crop size (default: the config's)")
-    batch_size: int | None = option(None, help="batch size (default: the config's)")
-    lr: float | None = option(None, help="learning rate (default: the config's)")
-    seed: int | None = option(None, help="data and initialisation seed (default: the config's)")
-    max_sources: int | None = option(
-        None, help="most source frames per sample (default: the config's)"
+    size: int | None = setting(
+        "train.train_size", help="training crop size (default: the config's)"
     )
-    bf16: bool = option(False, help="bfloat16 autocast")
-    keypoint_noise: float | None = option(
-        None,
+    batch_size: int | None = setting("train.batch_size", help="batch size (default: the config's)")
+    lr: float | None = setting("train.lr", help="learning rate (default: the config's)")
+    seed: int | None = setting(
+        "train.seed", help="data and initialisation seed (default: the config's)"
+    )
+    max_sources: int | None = setting(
+        "train.max_sources", help="most source frames per sample (default: the config's)"
+    )
+    bf16: bool = setting("train.bf16", False, help="bfloat16 autocast")
+    keypoint_noise: float | None = setting(
+        "train.keypoint_noise",
         help="std of noise on the driving keypoints the animator sees, in [-1, 1] units "
         "(default: the config's)",
     )
-    temporal_gap: int | None = option(
-        None,
+    temporal_gap: int | None = setting(
+        "train.temporal_gap",
         help="temporal and stillness losses: most frames between a pair's two frames "
         "(1..N, uniform; default: the config's)",
     )
     loss: list[str] = option(
         default_factory=list, metavar="NAME=W", help="override a loss weight (repeatable)"
     )
-    no_residual: bool = option(False, help="ablation: no residual branch")
-    extra_tokens: int | None = option(None, help="ablation: number of extra tokens (0 = off)")
-    source_features: bool = option(
-        False, help="add frozen ImageNet features of the sources to keys and values"
+    no_residual: bool = setting(
+        "model.residual_branch", False, turns_off=True, help="ablation: no residual branch"
+    )
+    extra_tokens: int | None = setting(
+        "model.extra_tokens", help="ablation: number of extra tokens (0 = off)"
+    )
+    source_features: bool = setting(
+        "model.source_features",
+        False,
+        help="add frozen ImageNet features of the sources to keys and values",
     )
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     stills: str | None = option(
@@ -182,13 +224,16 @@ class TrainOptions:
     cache: str | None = option(
         None, help="where prepared clips are cached (default ~/.cache/iwarp)"
     )
-    sample_every: int | None = option(None, help="steps between sample grids")
-    checkpoint_every: int | None = option(None, help="steps between checkpoints")
-    val_every: int | None = option(None, help="steps between validation runs")
-    select_on: str | None = option(
-        None, help="l1 or perceptual: what chooses best.safetensors (default: the config's)"
+    sample_every: int | None = setting("train.sample_every", help="steps between sample grids")
+    checkpoint_every: int | None = setting(
+        "train.checkpoint_every", help="steps between checkpoints"
     )
-    log_every: int | None = option(None, help="steps between log lines")
+    val_every: int | None = setting("train.val_every", help="steps between validation runs")
+    select_on: str | None = setting(
+        "train.select_on",
+        help="l1 or perceptual: what chooses best.safetensors (default: the config's)",
+    )
+    log_every: int | None = setting("train.log_every", help="steps between log lines")
 
     def to_config(self) -> Config:
         """The named config with these overrides applied."""
@@ -196,25 +241,424 @@ class TrainOptions:
 
     def apply(self, config: Config) -> Config:
         """`config` (e.g. a checkpoint's own) with these overrides applied, in place."""
-        tc = config.train
-        for name in ("batch_size", "lr", "seed", "max_sources", "temporal_gap", "keypoint_noise"):
-            if getattr(self, name) is not None:
-                setattr(tc, name, getattr(self, name))
-        if self.size is not None:
-            tc.train_size = self.size
-        if self.bf16:
-            tc.bf16 = True
-        tc.loss.override(self.loss)
-        for name in ("sample_every", "checkpoint_every", "val_every", "select_on", "log_every"):
-            if getattr(self, name) is not None:
-                setattr(tc, name, getattr(self, name))
-        if self.no_residual:
-            config.model.residual_branch = False
-        if self.extra_tokens is not None:
-            config.model.extra_tokens = self.extra_tokens
-        if self.source_features:
-            config.model.source_features = True
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _SETTING in f.metadata and value != f.default:
+                path, turns_off = f.metadata[_SETTING]
+                section, name = path.split(".")
+                setattr(getattr(config, section), name, False if turns_off else value)
+        config.train.loss.override(self.loss)
         return config
+
+
+# ------------------------------------------------------------------------------ one step
+
+
+@dataclass
+class Trainer:
+    """What an optimisation step updates: the network with its generator-side losses
+    (`module`), its optimizer and weight average, and the discriminator with its optimizer when
+    the GAN loss is on. `model` and `disc_model` are what the step runs forward through: DDP
+    wrappers of the two on several processes (`distribute`), the modules themselves on one."""
+
+    config: Config
+    module: TrainStep
+    optimizer: torch.optim.Optimizer
+    discriminator: PatchDiscriminator | None
+    disc_optimizer: torch.optim.Optimizer | None
+    model: nn.Module
+    disc_model: nn.Module | None
+    ema: EmaWeights | None = None
+
+    @classmethod
+    def create(cls, config: Config, device: torch.device) -> Trainer:
+        """Fresh networks and optimizers (no weight average yet: `average_weights`)."""
+        tc = config.train
+        module = TrainStep(config).to(device)
+        optimizer = torch.optim.Adam(
+            module.net.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+        )
+        disc = PatchDiscriminator().to(device) if tc.loss.gan > 0 else None
+        disc_optimizer = (
+            torch.optim.Adam(disc.parameters(), lr=tc.lr_discriminator, betas=tc.betas)
+            if disc
+            else None
+        )
+        return cls(config, module, optimizer, disc, disc_optimizer, module, disc)
+
+    @property
+    def net(self) -> ImplicitWarpingNetwork:
+        return self.module.net
+
+    @property
+    def shipped(self) -> ImplicitWarpingNetwork:
+        """The weights that are validated, selected and shipped: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def average_weights(self, resumed: Checkpoint | None = None) -> None:
+        """Starts the weight average (when the config has one) from the weights loaded so far,
+        or takes the resumed run's own."""
+        if self.config.train.ema_decay <= 0:
+            return
+        self.ema = EmaWeights(self.net, self.config.train.ema_decay)
+        state = resumed.state_dict("ema") if resumed is not None else None
+        if state:
+            self.ema.load(state)
+
+    def distribute(self) -> None:
+        """Runs forward through DistributedDataParallel (several processes)."""
+        self.model = nn.parallel.DistributedDataParallel(self.module)
+        if self.discriminator is not None:
+            self.disc_model = nn.parallel.DistributedDataParallel(self.discriminator)
+
+    def save(self, path: Path, step: int, best_val: float) -> None:
+        """The run's checkpoint: weights, optimizers, discriminator and average."""
+        modules = {
+            **({"discriminator": self.discriminator} if self.discriminator else {}),
+            **({"ema": self.ema.module} if self.ema is not None else {}),
+        }
+        optimizers = {"generator": self.optimizer}
+        if self.disc_optimizer is not None:
+            optimizers["discriminator"] = self.disc_optimizer
+        save_checkpoint(
+            path,
+            self.config,
+            self.net,
+            step,
+            optimizers=optimizers,
+            modules=modules or None,
+            extra={"best_val": best_val},
+        )
+
+
+@dataclass
+class Batch:
+    """One step's training samples, on the training device."""
+
+    sources: torch.Tensor  # (B, N, 3, H, W)
+    driving: torch.Tensor  # (B, 3, H, W)
+    landmarks: torch.Tensor | None = None  # (B, 68, 2) of the driving frames: landmark guidance
+
+
+def training_batch(
+    data: ClipDataset, tc: TrainConfig, step: int, rank: int, device: torch.device
+) -> Batch:
+    """The batch of `step` on `rank`: 1..max_sources sources per sample, temporal pairs of
+    driving frames when a loss needs them (a pure function of seed, step and rank)."""
+    num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
+    sources, driving, landmarks = data.batch_with_landmarks(
+        tc.seed,
+        step,
+        tc.batch_size,
+        num_sources,
+        rank,
+        temporal_gap=tc.temporal_gap if tc.loss.needs_pairs else 0,
+    )
+    guide = landmarks.to(device) if tc.loss.landmark_guidance > 0 else None
+    return Batch(sources.to(device), driving.to(device), guide)
+
+
+@dataclass
+class StepResult:
+    output: torch.Tensor  # the network's output (detached)
+    losses: dict[str, float]  # each loss term, the discriminator's (GAN), and "total"
+    grad_norm: float | None  # before clipping; None without clipping
+
+
+def train_step(trainer: Trainer, batch: Batch, step: int, steps: int, rank: int = 0) -> StepResult:
+    """Optimisation step `step` of a `steps`-step run: the forward through `TrainStep`, the
+    loss terms weighted by the config and summed, backward, gradient clipping, the schedule's
+    learning rate, Adam, the weight average, and the discriminator's step once the GAN has
+    started. Its random draws are a pure function of (seed, step, rank)."""
+    tc = trainer.config.train
+    trainer.module.train()
+    gen = seeded_generator(tc.seed, step, rank)
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    use_gan = trainer.discriminator is not None and step >= tc.gan_start_step
+    with torch.autocast(batch.driving.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+        output, losses = trainer.model(batch.sources, batch.driving, gen, batch.landmarks)
+        if use_gan:
+            losses.update(_generator_gan_losses(trainer, output, batch.driving))
+    weights = vars(tc.loss)
+    total = sum(weights[k] * v.float() for k, v in losses.items())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = (
+        nn.utils.clip_grad_norm_(trainer.net.parameters(), tc.grad_clip)
+        if tc.grad_clip > 0
+        else None
+    )
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = learning_rate(tc, step, steps)
+    trainer.optimizer.step()
+    if trainer.ema is not None:
+        trainer.ema.update(trainer.net)
+    if use_gan:
+        losses["discriminator"] = _discriminator_step(trainer, output, batch.driving)
+    terms = {k: float(v.detach()) for k, v in losses.items()}
+    terms["total"] = float(total.detach())
+    return StepResult(output.detach(), terms, float(grad_norm) if grad_norm is not None else None)
+
+
+def _generator_gan_losses(
+    trainer: Trainer, output: torch.Tensor, driving: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The generator side of the GAN: the discriminator is a frozen judge (no DDP, no grads)."""
+    disc = trainer.discriminator
+    disc.requires_grad_(False)
+    fake = disc(output)
+    with torch.no_grad():
+        real = disc(driving)
+    losses = {"gan": gan_generator_loss(fake)}
+    if trainer.config.train.loss.feature_matching > 0:
+        losses["feature_matching"] = feature_matching_loss(real, fake)
+    return losses
+
+
+def _discriminator_step(
+    trainer: Trainer, output: torch.Tensor, driving: torch.Tensor
+) -> torch.Tensor:
+    """One step of the discriminator on the real frames and the step's outputs; its loss."""
+    tc = trainer.config.train
+    trainer.discriminator.requires_grad_(True)
+    with torch.autocast(driving.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+        # One forward over real and fake together: DDP wants one forward per backward.
+        both = trainer.disc_model(torch.cat([driving, output.detach()]))
+        b = driving.shape[0]
+        loss = gan_discriminator_loss(
+            [[f[:b] for f in s] for s in both], [[f[b:] for f in s] for s in both]
+        )
+    trainer.disc_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.disc_optimizer.step()
+    return loss
+
+
+# ------------------------------------------------------------------------ setup and resume
+
+
+def _training_data(
+    config: Config,
+    data: str | Path | ClipDataset,
+    val_data: ClipDataset | None,
+    cache_dir: str | Path | None,
+    stills: str | Path | None,
+    show_progress: bool,
+) -> tuple[ClipDataset, ClipDataset | None]:
+    """The training clips (and stills) and the selection split, from a folder or as given."""
+    tc = config.train
+    if isinstance(data, ClipDataset):
+        train_data = data
+    else:
+        train_data = ClipDataset(
+            data, tc.train_size, split="train", cache_dir=cache_dir, show_progress=show_progress
+        )
+        val_data = _maybe_val_data(data, tc.train_size, cache_dir, show_progress)
+    if stills is not None and tc.still_share > 0 and tc.loss.needs_pairs:
+        warnings.warn(
+            "the temporal and stillness losses train on pairs of neighbouring clip frames: the "
+            "stills are not used (drop --stills, or those losses)",
+            stacklevel=3,
+        )
+    elif stills is not None and tc.still_share > 0:
+        photos = load_stills(stills, tc.train_size, cache_dir, show_progress)
+        train_data.add_stills(photos, tc.still_share)
+    return train_data, val_data
+
+
+def _prepare(
+    config: Config,
+    train_data: ClipDataset,
+    latest: Path,
+    resume: bool,
+    init_checkpoint: str | Path | None,
+    device: torch.device,
+    ddp: _Dist,
+    cache_dir: str | Path | None,
+    show_progress: bool,
+) -> tuple[Trainer, int, float]:
+    """The trainer with the weights it starts from (the run's latest checkpoint, `init`, or
+    new), the guided keypoints, the weight average and DDP; the first step and the best
+    selection score so far."""
+    tc = config.train
+    trainer = Trainer.create(config, device)
+    resumed = _resume(trainer, latest) if resume and latest.is_file() else None
+    if resumed is None:
+        _initialise(trainer, init_checkpoint, ddp.main)
+    if tc.loss.landmark_guidance > 0:
+        train_data.load_landmarks(cache_dir, show_progress)
+        if not tc.guided_keypoints:
+            tc.guided_keypoints = _assign_guided_keypoints(trainer.net, train_data, tc, device)
+            if ddp.main:
+                print(f"landmark guidance: keypoints {tc.guided_keypoints} for the groups")
+    trainer.average_weights(resumed)
+    if ddp.world > 1:
+        trainer.distribute()
+    if resumed is None:
+        return trainer, 0, math.inf
+    return trainer, resumed.step, resumed.extra.get("best_val", math.inf)
+
+
+def _resume(trainer: Trainer, latest: Path) -> Checkpoint:
+    """Loads a run's latest checkpoint: weights, optimizers, discriminator, guided keypoints."""
+    ckpt = Checkpoint(latest)
+    config = trainer.config
+    if ckpt.config.model != config.model:
+        raise CheckpointError(
+            f"{latest} was trained with another model config", "resume with the same --config"
+        )
+    ckpt.load_module(trainer.net)
+    ckpt.load_optimizer("generator", trainer.optimizer)
+    if trainer.discriminator is not None and "optim.discriminator.param_groups" in ckpt.metadata:
+        ckpt.load_module(trainer.discriminator, "discriminator")
+        ckpt.load_optimizer("discriminator", trainer.disc_optimizer)
+    config.train.guided_keypoints = ckpt.config.train.guided_keypoints  # the run's, not new
+    return ckpt
+
+
+def _initialise(trainer: Trainer, init_checkpoint: str | Path | None, main: bool) -> None:
+    """A new run's weights: `init_checkpoint`'s (adapted where the design differs), and the
+    ImageNet weights of the source features when those did not bring them."""
+    init_state: dict[str, torch.Tensor] = {}
+    if init_checkpoint:
+        init = Checkpoint(init_checkpoint)
+        init_state = init.state_dict()
+        if init.config.model == trainer.config.model:
+            init.load_module(trainer.net)
+        else:
+            adapted = load_compatible(trainer.net, init_state)
+            if main:
+                print(f"init from {init_checkpoint}: adapted {adapted}")
+    if trainer.config.model.source_features and not any(
+        name.startswith("source_features.") for name in init_state
+    ):
+        trainer.net.source_features.load_imagenet_weights()
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+class RunFolder:
+    """The run folder and the work at the end of each step: log lines and the progress bar,
+    sample grids and loss curves, validation and best.safetensors on the selection split, and
+    latest.safetensors. Only the main process writes; every process validates."""
+
+    def __init__(
+        self,
+        out: Path,
+        config: Config,
+        ddp: _Dist,
+        start: int,
+        steps: int,
+        resume: bool,
+        best_val: float,
+        show_progress: bool,
+    ) -> None:
+        self.out, self.config, self.ddp, self.best_val = out, config, ddp, best_val
+        self.log_path = out / "metrics.jsonl"
+        if ddp.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(config.to_json())
+            if not resume and self.log_path.exists():
+                self.log_path.unlink()
+        self.progress = tqdm(
+            total=steps,
+            initial=start,
+            desc="train",
+            disable=not (ddp.main and show_progress),
+            dynamic_ncols=True,
+        )
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    @property
+    def latest(self) -> Path:
+        return self.out / "checkpoints" / "latest.safetensors"
+
+    def end_of_step(
+        self,
+        trainer: Trainer,
+        batch: Batch,
+        result: StepResult,
+        done: int,
+        steps: int,
+        val_data: ClipDataset | None,
+    ) -> dict[str, float]:
+        """What is due after `done` of `steps` steps; returns the step's log row (its losses,
+        the copy-the-source L1 of its batch, the gradient norm)."""
+        tc = self.config.train
+        row = dict(result.losses)
+        row["copy_source_l1"] = float((batch.sources[:, 0] - batch.driving).abs().mean())
+        if result.grad_norm is not None:
+            row["grad_norm"] = result.grad_norm
+        self.window_samples += tc.batch_size * self.ddp.world
+        self.progress.update(1)
+        last = done == steps
+        if self.ddp.main and (done % tc.log_every == 0 or last):
+            self._log(done, row)
+        if self.ddp.main and (done % tc.sample_every == 0 or last):
+            path = self.out / "samples" / f"step_{done:07d}.png"
+            save_sample_grid(path, batch.sources, batch.driving, result.output)
+            plot_loss_curves(self.log_path, self.out / "loss_curves.png")
+        if val_data is not None and (done % tc.val_every == 0 or last):
+            self._validate_and_select(trainer, val_data, done)
+        if self.ddp.main and (done % tc.checkpoint_every == 0 or last):
+            trainer.save(self.latest, done, self.best_val)
+        return row
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def _log(self, done: int, row: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_samples = now, 0
+        self.progress.set_postfix(
+            l1=f"{row['l1']:.4f}",
+            copy=f"{row['copy_source_l1']:.4f}",
+            total=f"{row['total']:.3f}",
+            sps=f"{rate:.1f}",
+        )
+        with self.log_path.open("a") as f:
+            f.write(json.dumps({"step": done, "samples_per_s": rate, **row}) + "\n")
+
+    def _validate_and_select(self, trainer: Trainer, val_data: ClipDataset, done: int) -> None:
+        """Validates the shipped weights; the best so far become best.safetensors."""
+        tc = self.config.train
+        device = next(trainer.net.parameters()).device
+        val = validate(trainer.shipped, val_data, tc, device, trainer.module.perceptual)
+        if not self.ddp.main:
+            return
+        with (self.out / "selection.jsonl").open("a") as f:
+            f.write(json.dumps({"step": done, **val}) + "\n")
+        self.progress.write(
+            f"step {done}: selection l1 {val['l1']:.4f} "
+            f"(copy-source {val['copy_source_l1']:.4f}), "
+            f"psnr {val['psnr']:.2f} dB (copy-source {val['copy_source_psnr']:.2f})"
+        )
+        if val[tc.select_on] < self.best_val:
+            self.best_val = val[tc.select_on]
+            best = self.out / "checkpoints" / "best.safetensors"
+            save_checkpoint(best, self.config, trainer.shipped, done, extra={"val": val})
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def run_train(o: TrainOptions) -> int:
+    """`iwarp train`: trains, then prints the last step's numbers as one JSON line."""
+    last = train(
+        o.to_config(),
+        o.data,
+        o.out,
+        o.steps,
+        resume=o.resume,
+        device=o.device,
+        init_checkpoint=o.init,
+        cache_dir=o.cache,
+        stills=o.stills,
+    )
+    print(json.dumps(last))
+    return 0
 
 
 def train(
@@ -241,261 +685,40 @@ def train(
     out = Path(out)
     t_start = time.perf_counter()
     tc = config.train
-    if tc.select_on not in ("l1", "perceptual") or (
-        tc.select_on == "perceptual" and tc.loss.perceptual <= 0
-    ):
-        raise IwarpError(
-            f"cannot choose checkpoints on {tc.select_on!r}",
-            "use select_on l1, or perceptual with a perceptual loss weight above 0",
-        )
-    if tc.loss.needs_pairs and (tc.batch_size % 2 or tc.temporal_gap < 1):
-        raise IwarpError(
-            f"the temporal and stillness losses train on pairs of frames at least 1 frame "
-            f"apart: batch size {tc.batch_size}{' is odd' if tc.batch_size % 2 else ''}, "
-            f"temporal gap {tc.temporal_gap}",
-            "use an even --batch-size and --temporal-gap 1 or more",
-        )
-    if not tc.keypoint_noise >= 0:
-        raise IwarpError(
-            f"keypoint noise {tc.keypoint_noise} is not a standard deviation",
-            "use --keypoint-noise 0 (off) or more, e.g. 0.01",
-        )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ddp = _init_distributed(dev)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(dev)
+    tc.validate()
+    dev, ddp = _init_device(device)
     torch.manual_seed(tc.seed)
-
-    if isinstance(data, ClipDataset):
-        train_data = data
-    else:
-        train_data = ClipDataset(
-            data,
-            tc.train_size,
-            split="train",
-            cache_dir=cache_dir,
-            show_progress=ddp.main and show_progress,
-        )
-        val_data = _maybe_val_data(data, tc.train_size, cache_dir, ddp.main and show_progress)
-    if stills is not None and tc.still_share > 0 and tc.loss.needs_pairs:
-        warnings.warn(
-            "the temporal and stillness losses train on pairs of neighbouring clip frames: the "
-            "stills are not used (drop --stills, or those losses)",
-            stacklevel=2,
-        )
-    elif stills is not None and tc.still_share > 0:
-        photos = load_stills(stills, tc.train_size, cache_dir, ddp.main and show_progress)
-        train_data.add_stills(photos, tc.still_share)
-
-    module = TrainStep(config).to(dev)
-    params = [p for p in module.net.parameters()]
-    opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    disc = PatchDiscriminator().to(dev) if tc.loss.gan > 0 else None
-    opt_d = (
-        torch.optim.Adam(disc.parameters(), lr=tc.lr_discriminator, betas=tc.betas)
-        if disc
-        else None
-    )
-
-    start = 0
+    show = ddp.main and show_progress
+    train_data, val_data = _training_data(config, data, val_data, cache_dir, stills, show)
     latest = out / "checkpoints" / "latest.safetensors"
-    best_val = math.inf
-    if resume and latest.is_file():
-        ckpt = Checkpoint(latest)
-        if ckpt.config.model != config.model:
-            raise CheckpointError(
-                f"{latest} was trained with another model config", "resume with the same --config"
-            )
-        ckpt.load_module(module.net)
-        ckpt.load_optimizer("generator", opt)
-        if disc is not None and "optim.discriminator.param_groups" in ckpt.metadata:
-            ckpt.load_module(disc, "discriminator")
-            ckpt.load_optimizer("discriminator", opt_d)
-        start = ckpt.step
-        best_val = ckpt.extra.get("best_val", math.inf)
-        tc.guided_keypoints = ckpt.config.train.guided_keypoints  # the run's, not a new choice
-    else:
-        init_state: dict[str, torch.Tensor] = {}
-        if init_checkpoint:
-            init = Checkpoint(init_checkpoint)
-            init_state = init.state_dict()
-            if init.config.model == config.model:
-                init.load_module(module.net)
-            else:
-                adapted = load_compatible(module.net, init_state)
-                if ddp.main:
-                    print(f"init from {init_checkpoint}: adapted {adapted}")
-        if config.model.source_features and not any(
-            name.startswith("source_features.") for name in init_state
-        ):
-            module.net.source_features.load_imagenet_weights()
-
-    if tc.loss.landmark_guidance > 0:
-        train_data.load_landmarks(cache_dir, ddp.main and show_progress)
-        if not tc.guided_keypoints:
-            tc.guided_keypoints = _assign_guided_keypoints(module.net, train_data, tc, dev)
-            if ddp.main:
-                print(f"landmark guidance: keypoints {tc.guided_keypoints} for the groups")
-
-    ema = EmaWeights(module.net, tc.ema_decay) if tc.ema_decay > 0 else None
-    if ema is not None and resume and latest.is_file():
-        ema_state = Checkpoint(latest).state_dict("ema")
-        if ema_state:
-            ema.load(ema_state)
-
-    if ddp.world > 1:
-        model: nn.Module = nn.parallel.DistributedDataParallel(module)
-        disc_model = nn.parallel.DistributedDataParallel(disc) if disc else None
-    else:
-        model, disc_model = module, disc
-
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.to_json())
-    log_path = out / "metrics.jsonl"
-    if not resume and ddp.main and log_path.exists():
-        log_path.unlink()
-
-    progress = tqdm(
-        total=steps,
-        initial=start,
-        desc="train",
-        disable=not (ddp.main and show_progress),
-        dynamic_ncols=True,
+    trainer, start, best_val = _prepare(
+        config, train_data, latest, resume, init_checkpoint, dev, ddp, cache_dir, show
     )
+    folder = RunFolder(out, config, ddp, start, steps, resume, best_val, show_progress)
     last: dict[str, float] = {}
-    window_start, window_samples = time.perf_counter(), 0
     for step in range(start, steps):
-        module.train()
-        num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
-        sources, driving, landmarks = train_data.batch_with_landmarks(
-            tc.seed,
-            step,
-            tc.batch_size,
-            num_sources,
-            ddp.rank,
-            temporal_gap=tc.temporal_gap if tc.loss.needs_pairs else 0,
-        )
-        sources, driving = sources.to(dev), driving.to(dev)
-        guide = landmarks.to(dev) if tc.loss.landmark_guidance > 0 else None
-        gen = seeded_generator(tc.seed, step, ddp.rank)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            output, losses = model(sources, driving, gen, guide)
-            use_gan = disc is not None and step >= tc.gan_start_step
-            if use_gan:
-                # Generator side: the discriminator is a frozen judge (no DDP, no grads).
-                disc.requires_grad_(False)
-                fake = disc(output)
-                with torch.no_grad():
-                    real = disc(driving)
-                losses["gan"] = gan_generator_loss(fake)
-                if tc.loss.feature_matching > 0:
-                    losses["feature_matching"] = feature_matching_loss(real, fake)
-        weights = vars(tc.loss)
-        total = sum(weights[k] * v.float() for k, v in losses.items())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(tc, step, steps)
-        opt.step()
-        if ema is not None:
-            ema.update(module.net)
-
-        if use_gan:
-            disc.requires_grad_(True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                # One forward over real and fake together: DDP wants one forward per backward.
-                both = disc_model(torch.cat([driving, output.detach()]))
-                b = driving.shape[0]
-                d_loss = gan_discriminator_loss(
-                    [[f[:b] for f in s] for s in both], [[f[b:] for f in s] for s in both]
-                )
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            losses["discriminator"] = d_loss
-
-        last = {k: float(v.detach()) for k, v in losses.items()}
-        last["total"] = float(total.detach())
-        copy_l1 = float((sources[:, 0] - driving).abs().mean())
-        last["copy_source_l1"] = copy_l1
-        if grad_norm is not None:
-            last["grad_norm"] = float(grad_norm)
-        window_samples += tc.batch_size * ddp.world
-        progress.update(1)
+        batch = training_batch(train_data, tc, step, ddp.rank, dev)
+        result = train_step(trainer, batch, step, steps, ddp.rank)
         done = step + 1
         timed_out = max_seconds is not None and time.perf_counter() - t_start > max_seconds
         if timed_out and ddp.world == 1 and done < steps:  # ranks could disagree: one process
-            steps = done  # time is up: this step is the last one (logs, checkpoint below)
-
-        if ddp.main and (done % tc.log_every == 0 or done == steps):
-            now = time.perf_counter()
-            rate = window_samples / max(now - window_start, 1e-9)
-            window_start, window_samples = now, 0
-            progress.set_postfix(
-                l1=f"{last['l1']:.4f}",
-                copy=f"{copy_l1:.4f}",
-                total=f"{last['total']:.3f}",
-                sps=f"{rate:.1f}",
-            )
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": done, "samples_per_s": rate, **last}) + "\n")
-        if ddp.main and (done % tc.sample_every == 0 or done == steps):
-            save_sample_grid(out / "samples" / f"step_{done:07d}.png", sources, driving, output)
-            plot_loss_curves(log_path, out / "loss_curves.png")
-        if val_data is not None and (done % tc.val_every == 0 or done == steps):
-            shipped = ema.module if ema is not None else module.net
-            val = validate(shipped, val_data, tc, dev, module.perceptual)
-            if ddp.main:
-                with (out / "selection.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": done, **val}) + "\n")
-                progress.write(
-                    f"step {done}: selection l1 {val['l1']:.4f} "
-                    f"(copy-source {val['copy_source_l1']:.4f}), "
-                    f"psnr {val['psnr']:.2f} dB (copy-source {val['copy_source_psnr']:.2f})"
-                )
-                if val[tc.select_on] < best_val:
-                    best_val = val[tc.select_on]
-                    save_checkpoint(
-                        out / "checkpoints" / "best.safetensors",
-                        config,
-                        shipped,
-                        done,
-                        extra={"val": val},
-                    )
-        if ddp.main and (done % tc.checkpoint_every == 0 or done == steps):
-            save_checkpoint(
-                latest,
-                config,
-                module.net,
-                done,
-                optimizers={"generator": opt, **({"discriminator": opt_d} if opt_d else {})},
-                modules={
-                    **({"discriminator": disc} if disc else {}),
-                    **({"ema": ema.module} if ema is not None else {}),
-                }
-                or None,
-                extra={"best_val": best_val},
-            )
+            steps = done  # time is up: this step is the last one (logs, checkpoint)
+        last = folder.end_of_step(trainer, batch, result, done, steps, val_data)
         if done >= steps:
             break
-    progress.close()
+    folder.close()
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return last
 
 
-def learning_rate(tc, step: int, steps: int) -> float:
+def learning_rate(tc: TrainConfig, step: int, steps: int) -> float:
     """Constant, or cosine decay from lr to lr * lr_min_ratio over the run."""
     if tc.lr_schedule == "constant":
         return tc.lr
     if tc.lr_schedule != "cosine":
-        raise CheckpointError(f"unknown lr_schedule {tc.lr_schedule!r}", "use constant or cosine")
+        raise ConfigError(f"unknown lr_schedule {tc.lr_schedule!r}", "use constant or cosine")
     progress = min(step / max(steps - 1, 1), 1.0)
     low = tc.lr * tc.lr_min_ratio
     return low + 0.5 * (tc.lr - low) * (1 + math.cos(math.pi * progress))
@@ -505,8 +728,6 @@ class EmaWeights:
     """An exponential moving average of a network's weights (buffers copied as they are)."""
 
     def __init__(self, net: nn.Module, decay: float) -> None:
-        import copy
-
         self.decay = decay
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -524,9 +745,9 @@ class EmaWeights:
 
 
 def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Loads a checkpoint of a related design: equal shapes copy; the pixel skip's extra patch
-    rows become their mean colour; a widened input copies the old channels and zeroes the new.
-    Returns the names that were adapted or left at their initial values."""
+    """Loads a checkpoint of a related design (an ablation, a widened layer): equal shapes copy;
+    a widened input copies the old channels and zeroes the new. Returns the names that were
+    adapted or left at their initial values."""
     own = net.state_dict()
     adapted = []
     with torch.no_grad():
@@ -536,13 +757,6 @@ def load_compatible(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
                 adapted.append(f"{name} (new)")
             elif value.shape == target.shape:
                 target.copy_(value)
-            elif (
-                name.endswith("extra_pixels")
-                and value.shape[0] == target.shape[0]
-                and value.shape[1] % 3 == 0
-            ):
-                target.copy_(value.reshape(value.shape[0], 3, -1).mean(-1)[:, : target.shape[1]])
-                adapted.append(f"{name} (patch -> mean colour)")
             elif value.dim() == target.dim() and value.shape[0] == target.shape[0]:
                 target.zero_()
                 target[:, : value.shape[1]].copy_(value[:, : target.shape[1]])
@@ -600,8 +814,9 @@ def validate(
         copy = sources[:, 0]
         l1 += float((output - driving).abs().mean())
         copy_l1 += float((copy - driving).abs().mean())
-        psnr += float(_psnr(output, driving).mean())
-        copy_psnr += float(_psnr(copy, driving).mean())
+        target = driving.float().cpu().numpy()
+        psnr += float(frame_psnr(output.float().cpu().numpy(), target).mean())
+        copy_psnr += float(frame_psnr(copy.float().cpu().numpy(), target).mean())
         if perceptual is not None:
             percept += float(perceptual(output.float(), driving))
         n += 1
@@ -612,8 +827,3 @@ def validate(
         "psnr": psnr / n,
         "copy_source_psnr": copy_psnr / n,
     }
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10 * torch.log10(mse)

@@ -110,7 +110,10 @@ struct Shape
     int tiles_per_split;
 };
 
-__device__ __forceinline__ bool key_allowed(void const* mask, Shape const& s, int b, int key)
+// Whether key `key` of batch item `b` takes part: in range and not masked out. One copy for both
+// kernels' shape structs (Shape, TcShape), which name these fields alike.
+template <typename ShapeT>
+__device__ __forceinline__ bool key_allowed(void const* mask, ShapeT const& s, int b, int key)
 {
     if (key >= s.nk)
     {
@@ -715,24 +718,6 @@ __device__ __forceinline__ void cp_async_wait()
 }
 #endif
 
-__device__ __forceinline__ bool tc_key_allowed(void const* mask, TcShape const& s, int b, int key)
-{
-    if (key >= s.nk)
-    {
-        return false;
-    }
-    size_t const idx = static_cast<size_t>(b) * s.mask_batch_stride + key;
-    if (s.mask_type == IWARP_MASK_FLOAT32)
-    {
-        return static_cast<float const*>(mask)[idx] != 0.0f;
-    }
-    if (s.mask_type == IWARP_MASK_BOOL)
-    {
-        return static_cast<uint8_t const*>(mask)[idx] != 0;
-    }
-    return true;
-}
-
 // One K/V tile (keys k0 .. k0 + 31, the block's value columns) into shared memory.
 template <typename T, int NT>
 __device__ __forceinline__ void load_tile(T const* __restrict__ k_batch, T const* __restrict__ v_batch,
@@ -742,7 +727,7 @@ __device__ __forceinline__ void load_tile(T const* __restrict__ k_batch, T const
     int const tid = static_cast<int>(threadIdx.x);
     if (tid < kKeys)
     {
-        mask_s[tid] = tc_key_allowed(mask, s, b, k0 + tid) ? 1 : 0;
+        mask_s[tid] = key_allowed(mask, s, b, k0 + tid) ? 1 : 0;
     }
     T const zero = Mma<T>::from(0.0f);
     // K: 32 rows x d16 columns, in chunks of 8 halves.
@@ -753,7 +738,7 @@ __device__ __forceinline__ void load_tile(T const* __restrict__ k_batch, T const
         int const c = (idx - j * k_chunks) * 8;
         int const key = k0 + j;
         T* dst = k_s + j * s.qstride + c;
-        bool const used = tc_key_allowed(mask, s, b, key);
+        bool const used = key_allowed(mask, s, b, key);
         T const* src = k_batch + static_cast<size_t>(key) * s.d + c;
         if (used && s.k_vec && c + 8 <= s.d)
         {
@@ -777,7 +762,7 @@ __device__ __forceinline__ void load_tile(T const* __restrict__ k_batch, T const
         int const key = k0 + j;
         int const col = col0 + c;
         T* dst = v_s + j * s.vstride + c;
-        bool const used = tc_key_allowed(mask, s, b, key);
+        bool const used = key_allowed(mask, s, b, key);
         T const* src = v_batch + static_cast<size_t>(key) * s.dv + col;
         if (used && s.v_vec && col + 8 <= s.dv)
         {

@@ -120,3 +120,8 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def label(self) -> str:
+        """The engine in two or three words for people ("OpenVINO BF16"); `describe` has the
+        versions and settings."""
+        return self.name

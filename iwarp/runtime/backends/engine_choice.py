@@ -23,11 +23,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from iwarp.metrics import interleaved_median_ms, psnr
+
+if TYPE_CHECKING:
+    from iwarp.runtime.backends.base import AvatarFeatures, Backend
 
 MIN_PSNR_DB = 40.0  # end to end vs FP32; below this a precision is not offered
 CHOICE_FILE = "engine_choice.json"
@@ -59,16 +65,11 @@ def candidates(build_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
-
-
 def gate_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     """(avatar (1, 3, S, S), driving (4, 3, S, S)) from the packaged portrait."""
-    from iwarp.engine_build.export import _real_images
+    from iwarp.engine_build.export import packaged_face_images
 
-    crop, moved = _real_images(size)
+    crop, moved = packaged_face_images(size)
     return crop, np.concatenate([crop, moved])
 
 
@@ -107,22 +108,21 @@ def run_trials(
         )
         runs[key] = (engine, avatar)
     reference = outputs.get(("onnxruntime", "fp32"))
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in engines}
-    for _ in range(_ROUNDS):
-        for key, (engine, avatar) in runs.items():
-            t0 = time.perf_counter()
-            points, strength = engine.detect(avatar_image)
-            engine.animate(avatar, points, strength)
-            times[key].append((time.perf_counter() - t0) * 1e3)
+
+    def frame(engine: Backend, avatar: AvatarFeatures) -> Callable[[], object]:
+        return lambda: engine.animate(avatar, *engine.detect(avatar_image))
+
+    # The first rounds warm the caches.
+    times = interleaved_median_ms({k: frame(*run) for k, run in runs.items()}, _ROUNDS - 2)
     for trial in trials:
         key = (trial.backend, trial.precision)
         if key not in engines:
             continue
-        trial.ms = float(np.median(times[key][2:]))  # the first rounds warm the caches
+        trial.ms = times[key]
         if key == ("onnxruntime", "fp32") or reference is None:
             trial.passed = key == ("onnxruntime", "fp32")
         else:
-            trial.psnr_db = _psnr(outputs[key], reference)
+            trial.psnr_db = psnr(outputs[key], reference)
             trial.passed = trial.psnr_db >= MIN_PSNR_DB
     return trials
 

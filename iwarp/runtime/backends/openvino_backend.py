@@ -185,6 +185,9 @@ class OpenVinoBackend(Backend):
         request.bind(rows)
         return request.run({graphs.KEYPOINTS: points, graphs.STRENGTH: strength})[0]
 
+    def label(self) -> str:
+        return f"OpenVINO {self.precision.upper()}"
+
     def describe(self) -> str:
         return (
             f"openvino {self._ov.__version__} (CPU, {self.threads} threads, {self.precision}, "

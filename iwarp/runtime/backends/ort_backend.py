@@ -138,6 +138,9 @@ class OrtBackend(Backend):
         array = np.ascontiguousarray(array)
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, self._device_id)
 
+    def label(self) -> str:
+        return f"ONNX Runtime {self.metadata.get('precision', 'fp32').upper()}"
+
     def describe(self) -> str:
         providers = self.sessions[graphs.ANIMATOR_GRAPH].get_providers()
         precision = self.metadata.get("precision", "fp32")

@@ -72,5 +72,8 @@ class TorchBackend(Backend):
         driving = Keypoints(self._t(points), self._t(strength))
         return self.net.animate(avatar.rows["source_set"], driving).float().cpu().numpy()
 
+    def label(self) -> str:
+        return f"PyTorch {self.device.type.upper()}"
+
     def describe(self) -> str:
         return f"torch ({self.device.type}, {torch.get_num_threads()} threads)"

@@ -255,20 +255,22 @@ class TensorRTBackend(Backend):
         """Engines of `checkpoint` (None: the shipped weights), built on first use and reused
         while they match this TensorRT, GPU and graph (rebuilt in the default cache folder; a
         mismatch in a `build_dir` the user gave raises CheckpointError)."""
-        from iwarp.engine_build.tensorrt_build import build_engines
+        from iwarp.engine_build.tensorrt_build import BuildOptions, build_engines
 
         results = build_engines(
-            checkpoint=checkpoint,
-            build_dir=build_dir,
-            precision=precision,
-            plugin=plugin,
-            max_sources=max_sources,
-            max_batch=max_batch,
-            rebuild=build_dir is None,
+            BuildOptions(
+                precision=precision,
+                plugin=plugin,
+                max_sources=max_sources,
+                max_batch=max_batch,
+                checkpoint=None if checkpoint is None else str(checkpoint),
+                build_dir=None if build_dir is None else str(build_dir),
+                rebuild=build_dir is None,
+            ),
             show_progress=show_progress,
         )
         config = Config.from_dict(_checkpoint_config(checkpoint))
-        anim = results["animator"]
+        anim = results[ANIMATOR_GRAPH]
         engines = {stage: _engine_path(meta) for stage, meta in results.items()}
         library = None
         if anim.get("plugin"):
@@ -354,6 +356,9 @@ class TensorRTBackend(Backend):
         torch = _torch()
         host = torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
         return host.to(self.device, dtype=dtype, non_blocking=True)
+
+    def label(self) -> str:
+        return "TensorRT"
 
     def describe(self) -> str:
         torch = _torch()
