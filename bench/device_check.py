@@ -973,7 +973,7 @@ def tensorrt_engines(args: argparse.Namespace) -> Outcome:
     reference_backend = TorchBackend(None, "cuda")
     size = reference_backend.image_size
     images = np.random.default_rng(0).uniform(0, 1, (3, 3, size, size)).astype(np.float32)
-    points, strength = reference_backend.detect(images[:1])
+    pose = reference_backend.detect(images[:1])
     with tempfile.TemporaryDirectory() as tmp:
         for precision, use_plugin in itertools.product(("fp32", "fp16"), with_plugin):
             t0 = time.perf_counter()
@@ -984,13 +984,13 @@ def tensorrt_engines(args: argparse.Namespace) -> Outcome:
             for sources in (1, 3):
                 avatar = backend.encode_avatar(images[:sources])
                 ref = reference_backend.animate(
-                    reference_backend.encode_avatar(images[:sources]), points, strength
+                    reference_backend.encode_avatar(images[:sources]), pose
                 )
-                got = backend.animate(avatar, points, strength)
+                got = backend.animate(avatar, pose)
                 times = []
                 for _ in range(20 if args.quick else 100):
                     t = time.perf_counter()
-                    backend.animate(avatar, points, strength)
+                    backend.animate(avatar, pose)
                     times.append((time.perf_counter() - t) * 1e3)
                 rows.append(
                     f"| {precision} | {'IWarpAttention plugin' if use_plugin else 'TensorRT'} | "

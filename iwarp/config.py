@@ -65,6 +65,17 @@ class ModelConfig:
     generator_channels: int = 64
     generator_res_blocks: int = 2
     generator_up_channels: tuple[int, ...] = (32, 16, 8)
+    # Expression (issue 28): the keypoint detector sees the driving face at 64 px, where an eye
+    # is 2 px tall, so the keypoints carry the head's pose and little of the face's. A small
+    # CNN (`model.expression`) reads the face at expression_size and gives expression_dim
+    # numbers that training ties to the landmarks' mouth and eye openness
+    # (`landmarks.EXPRESSION_NAMES`). They enter the query encoder and the generator (the
+    # driver's) and the key encoder (each source's own) as constant planes, through
+    # zero-initialised weights. The live path moves them like the keypoints
+    # (`motion.relative_expression`). 0 = off.
+    expression_dim: int = 0
+    expression_size: int = 128
+    expression_channels: tuple[int, ...] = (8, 16, 32, 64)
 
     # Settings of older checkpoints that this version no longer has, with the one value it can
     # still run: the pixel skip (the weights before issue 17) is retired.
@@ -104,6 +115,11 @@ class ModelConfig:
             raise ValueError("source_features are taken at stride 8: they need attn_stride 8")
         if self.flow_warp and self.spatial_reduction != 1:
             raise ValueError("flow_warp resamples the photos from their pixel rows: no reduction")
+        if self.expression_dim and self.image_size % self.expression_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of expression_size "
+                f"{self.expression_size}"
+            )
         if self.multi_source_mode not in ("attention", "average"):
             raise ValueError(f"unknown multi_source_mode {self.multi_source_mode!r}")
 
@@ -140,6 +156,18 @@ class LossWeights:
     # Flow warp: the same, on the blended warp before the generator, so that the flow itself
     # holds still there instead of the generator smoothing over it.
     warp_stillness: float = 0.0
+
+    # Expression (models with expression_dim > 0): mean squared error of the driving
+    # expression against the landmarks' standardised openness (`landmarks.EXPRESSION_NAMES`).
+    expression: float = 0.0
+    # L1 on the eyes and the mouth alone (their landmarks' boxes, padded): the whole-image L1
+    # is mostly head pose and background, where a shut mouth costs a few hundred pixels.
+    region_l1: float = 0.0
+
+    @property
+    def needs_landmarks(self) -> bool:
+        """Whether batches need the driving frames' landmarks."""
+        return self.landmark_guidance > 0 or self.expression > 0 or self.region_l1 > 0
 
     @property
     def needs_pairs(self) -> bool:
@@ -209,6 +237,10 @@ class TrainConfig:
     # Temporal and stillness losses: the most frames between a pair's two driving frames
     # (1..gap, uniform).
     temporal_gap: int = 2
+    # Expression models: the share of samples whose animator gets the driving frame's
+    # measured expression (its landmarks') instead of the encoder's, so the rest of the network
+    # learns to follow the expression before the encoder reads it well.
+    expression_teacher: float = 0.0
 
     def validate(self) -> None:
         """ConfigError for settings a run cannot use, before any data is read."""
@@ -316,8 +348,20 @@ def _tiny_flow() -> Config:
     return config
 
 
+def _tiny_expression() -> Config:
+    """tiny_flow with the driving side's expression (issue 28) and its losses."""
+    config = _tiny_flow()
+    config.name = "tiny_expression"
+    config.model.expression_dim = 4
+    config.train.loss.expression = 1.0
+    config.train.loss.region_l1 = 1.0
+    config.train.expression_teacher = 0.5
+    return config
+
+
 PRESETS = {
     "tiny_flow": _tiny_flow,
+    "tiny_expression": _tiny_expression,
     "paper": _paper,
     "paper512": lambda: _paper(512),
 }

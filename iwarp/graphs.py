@@ -1,11 +1,19 @@
 """The contract of the three ONNX graphs: names, shapes, dtypes and the image <-> tensor form.
 
     keypoints       image (B, 3, S, S) in [0, 1]        -> keypoints (B, K, 2), strength (B, K)
-    source_encoder  image, keypoints, strength          -> keys (B, T, d), values (B, T, dv),
+                                                           [, expression (B, E)]
+    source_encoder  image, keypoints, strength
+                    [, expression]                      -> keys (B, T, d), values (B, T, dv),
                                                            pixels (B, T, p)
-    animator        keypoints, strength (driving) +
-                    keys, values, pixels (B, NT, .),
-                    key_mask (B, NT) bool                -> image (B, 3, S, S) in [0, 1]
+    animator        keypoints, strength [, expression]
+                    (driving) + keys, values, pixels
+                    (B, NT, .), key_mask (B, NT) bool    -> image (B, 3, S, S) in [0, 1]
+
+`expression` is there only for a network with one (`ModelConfig.expression_dim` E > 0): the
+driving face's expression (`model.expression`) beside its keypoints; the source encoder takes
+each photo's own. Without one (E = 0, the shipped weights) the graphs have exactly the other
+tensors. Keypoints, strength and expression travel together as a `motion.Pose`
+(`pose_feeds`, `pose_of`).
 
 `pixels` are each source token's RGB patch (3 x stride^2: the pixel skip, and the flow warp,
 whose animator reassembles the full-resolution photos from them and resamples them with its
@@ -13,19 +21,23 @@ flow) or its mean RGB (3). The animator's number of sources is TOKENS / T, T fix
 config, so an avatar is always keys + values + pixels, whatever the design.
 
 Export (`iwarp.engine_build.export`), every backend, the parity check and calibration read
-the names and shapes from here, so a change to a graph's inputs is made once. Shapes come
-from the model config; the symbolic dims are `BATCH` (every graph) and `TOKENS` (the
-animator's avatar rows: N sources x T tokens). This module imports only `iwarp.config` (and
-numpy): the torch-free backends use it.
+the names and shapes from here (`graph_specs(config)`: which inputs a graph has depends on the
+config), so a change to a graph's inputs is made once. Shapes come from the model config; the
+symbolic dims are `BATCH` (every graph) and `TOKENS` (the animator's avatar rows: N sources x
+T tokens). This module imports only `iwarp.config`, `iwarp.motion` (and numpy): the torch-free
+backends use it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from iwarp.config import ModelConfig
+from iwarp.motion import Pose
 
 # Graph names, in run order (also the ONNX file stems and the TensorRT stage names).
 GRAPHS = KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH = (
@@ -36,6 +48,7 @@ GRAPHS = KEYPOINTS_GRAPH, SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH = (
 # Tensor names. An avatar's rows (AVATAR_ROWS) are the source encoder's outputs, joined along
 # the token axis for the animator.
 IMAGE, KEYPOINTS, STRENGTH, KEY_MASK = "image", "keypoints", "strength", "key_mask"
+EXPRESSION = "expression"  # only in the graphs of a network with an expression (E > 0)
 AVATAR_ROWS = KEYS, VALUES, PIXELS = "keys", "values", "pixels"
 # Symbolic dims.
 BATCH, TOKENS = "batch", "tokens"
@@ -91,14 +104,26 @@ class GraphSpec:
                 return t
         raise KeyError(f"{self.name} has no output {name!r}")
 
+    def feeds(self, *tensors: Any) -> dict[str, Any]:
+        """{input name: tensor}, tensors given in this graph's input order (all of them)."""
+        return dict(zip(self.input_names, tensors, strict=True))
+
+    def named_outputs(self, outputs: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
+        """{output name: tensor} of a run's outputs, given in this graph's output order."""
+        return dict(zip(self.output_names, outputs, strict=True))
+
 
 def graph_specs(model: ModelConfig) -> dict[str, GraphSpec]:
     """The three graphs' inputs and outputs for a network of this config."""
     s, k = model.image_size, model.num_keypoints
     t = model.tokens_per_source
     image = TensorSpec(IMAGE, (BATCH, 3, s, s))
-    points = TensorSpec(KEYPOINTS, (BATCH, k, 2))
-    strength = TensorSpec(STRENGTH, (BATCH, k))
+    pose: tuple[TensorSpec, ...] = (
+        TensorSpec(KEYPOINTS, (BATCH, k, 2)),
+        TensorSpec(STRENGTH, (BATCH, k)),
+    )
+    if model.expression_dim > 0:
+        pose += (TensorSpec(EXPRESSION, (BATCH, model.expression_dim)),)
 
     def rows(tokens: Dim) -> tuple[TensorSpec, ...]:
         return (
@@ -108,25 +133,32 @@ def graph_specs(model: ModelConfig) -> dict[str, GraphSpec]:
         )
 
     return {
-        KEYPOINTS_GRAPH: GraphSpec(KEYPOINTS_GRAPH, (image,), (points, strength)),
-        SOURCE_ENCODER_GRAPH: GraphSpec(SOURCE_ENCODER_GRAPH, (image, points, strength), rows(t)),
+        KEYPOINTS_GRAPH: GraphSpec(KEYPOINTS_GRAPH, (image,), pose),
+        SOURCE_ENCODER_GRAPH: GraphSpec(SOURCE_ENCODER_GRAPH, (image, *pose), rows(t)),
         ANIMATOR_GRAPH: GraphSpec(
             ANIMATOR_GRAPH,
-            (points, strength, *rows(TOKENS), TensorSpec(KEY_MASK, (BATCH, TOKENS), "bool")),
+            (*pose, *rows(TOKENS), TensorSpec(KEY_MASK, (BATCH, TOKENS), "bool")),
             (image,),
         ),
     }
 
 
-# Names only (they do not depend on the config), for code that has no config at hand.
-_NAMES = graph_specs(ModelConfig())
-INPUTS: dict[str, tuple[str, ...]] = {g: spec.input_names for g, spec in _NAMES.items()}
-OUTPUTS: dict[str, tuple[str, ...]] = {g: spec.output_names for g, spec in _NAMES.items()}
+# --------------------------------------------------------------------------- poses
 
 
-def feeds(graph: str, *tensors: object) -> dict[str, object]:
-    """{input name: tensor} for one graph, tensors given in the graph's input order."""
-    return dict(zip(INPUTS[graph], tensors, strict=True))
+def pose_feeds(pose: Pose) -> dict[str, Any]:
+    """A pose as graph tensors: {keypoints, strength[, expression]} (the expression only when
+    the pose has one, as only the graphs of a network with one take it)."""
+    named = {KEYPOINTS: pose.points, STRENGTH: pose.strength}
+    if pose.expression is not None:
+        named[EXPRESSION] = pose.expression
+    return named
+
+
+def pose_of(named: Mapping[str, Any]) -> Pose:
+    """The pose among named graph tensors (the keypoints graph's outputs); expression None
+    when they have none."""
+    return Pose(named[KEYPOINTS], named[STRENGTH], named.get(EXPRESSION))
 
 
 # --------------------------------------------------------------------------- images

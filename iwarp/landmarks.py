@@ -93,6 +93,52 @@ LANDMARK_GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 
+# The expression the network is taught to read from a driving face (`model.expression`), as
+# ratios of dlib landmarks that do not depend on the face's size or place: the inner lips' gap
+# over the mouth's width, the mouth's width over the eyes' outer corners, and each eye's aspect
+# ratio (lid gap over eye width; "right" is the person's right, image left).
+EXPRESSION_NAMES = ("mouth_open", "mouth_width", "right_eye", "left_eye")
+# Their mean and standard deviation over the 19,169 frames with a face of the 82 train clips
+# at 128 px (the eyes' averaged, so that a mirrored face gives the mirrored numbers): the
+# network's expression numbers are these ratios, standardised.
+EXPRESSION_MEAN = (0.1286, 0.5928, 0.2965, 0.2965)
+EXPRESSION_STD = (0.1057, 0.0716, 0.0776, 0.0776)
+
+
+def expression_ratios(points):
+    """(..., 68, 2) landmarks (numpy or torch) -> (..., 4) ratios in EXPRESSION_NAMES order;
+    NaN where the landmarks are."""
+
+    def dist(a: int, b: int):
+        d = points[..., a, :] - points[..., b, :]
+        return ((d * d).sum(-1) + 1e-12) ** 0.5
+
+    width = dist(48, 54)
+    gap = (dist(61, 67) + dist(62, 66) + dist(63, 65)) / 3
+    right_eye = (dist(37, 41) + dist(38, 40)) / (2 * dist(36, 39))
+    left_eye = (dist(43, 47) + dist(44, 46)) / (2 * dist(42, 45))
+    parts = [gap / width, width / dist(36, 45), right_eye, left_eye]
+    stack = np.stack if isinstance(points, np.ndarray) else _torch_stack
+    return stack(parts, -1)
+
+
+def _torch_stack(parts, dim):
+    import torch
+
+    return torch.stack(parts, dim)
+
+
+def standardised_expression(points):
+    """`expression_ratios`, standardised with EXPRESSION_MEAN / EXPRESSION_STD: the numbers
+    the network's expression is trained to give."""
+    ratios = expression_ratios(points)
+    mean = np.asarray(EXPRESSION_MEAN, dtype=np.float32)
+    std = np.asarray(EXPRESSION_STD, dtype=np.float32)
+    if not isinstance(ratios, np.ndarray):
+        mean, std = ratios.new_tensor(mean), ratios.new_tensor(std)
+    return (ratios - mean) / std
+
+
 def _mirror_68() -> np.ndarray:
     """Index map of the 68 points under a horizontal flip: point i of the mirrored face is
     point MIRROR_68[i] of the original (left and right swap, the midline stays)."""

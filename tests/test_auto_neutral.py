@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iwarp.motion import Pose
 from iwarp.runtime.animator import AUTO_NEUTRAL_FRAMES, AUTO_NEUTRAL_STEADY, DrivingStream
 
 
-def _pose(shift: float) -> tuple[np.ndarray, np.ndarray]:
+def _pose(shift: float, expression: bool = False) -> Pose:
     points = np.linspace(-0.5, 0.5, 40, dtype=np.float32).reshape(1, 20, 2) + shift
-    return points, np.full((1, 20), 0.5, np.float32)
+    openness = np.full((1, 4), shift, np.float32) if expression else None
+    return Pose(points, np.full((1, 20), 0.5, np.float32), openness)
 
 
 def _stream() -> DrivingStream:
@@ -24,17 +26,17 @@ def test_first_face_is_neutral_at_once_then_the_steady_mean() -> None:
     for pose in moving:
         stream._take_neutral(pose)
     assert stream.reference_origin == "first face"
-    assert stream.reference[0] is moving[0][0]
+    assert stream.reference is moving[0]
     still = [_pose(0.5 + 0.2 * AUTO_NEUTRAL_STEADY * i) for i in range(AUTO_NEUTRAL_FRAMES)]
     for pose in still:
         stream._take_neutral(pose)
     assert stream.reference_origin == "steady frames"
-    expected = np.mean([p[0] for p in still], axis=0)
-    assert np.allclose(stream.reference[0], expected)
+    expected = np.mean([p.points for p in still], axis=0)
+    assert np.allclose(stream.reference.points, expected)
     # Once taken it stays: later motion does not move the neutral pose.
     for pose in [_pose(0.9)] * (AUTO_NEUTRAL_FRAMES + 1):
         stream._take_neutral(pose)
-    assert np.allclose(stream.reference[0], expected)
+    assert np.allclose(stream.reference.points, expected)
 
 
 def test_steps_just_above_the_threshold_never_count_as_steady() -> None:
@@ -52,7 +54,7 @@ def test_set_and_clear_take_over_from_the_automatic_pose() -> None:
     assert stream.reference_origin == "set"
     for _ in range(AUTO_NEUTRAL_FRAMES):
         stream._take_neutral(_pose(0.0))
-    assert np.allclose(stream.reference[0], _pose(0.3)[0])
+    assert np.allclose(stream.reference.points, _pose(0.3).points)
     stream.clear_reference()
     assert stream.reference is None and not stream.auto_reference
 
@@ -62,3 +64,17 @@ def test_live_streams_start_relative_offline_streams_do_not(auto: bool) -> None:
     stream = DrivingStream(animator=None, auto_reference=auto)
     stream._take_neutral(_pose(0.2)) if auto else None
     assert (stream.reference is not None) is auto
+
+
+def test_the_steady_neutral_pose_averages_the_expression_too() -> None:
+    stream = _stream()
+    still = [
+        _pose(0.2 * AUTO_NEUTRAL_STEADY * i, expression=True) for i in range(AUTO_NEUTRAL_FRAMES)
+    ]
+    for pose in still:
+        stream._take_neutral(pose)
+    assert stream.reference_origin == "steady frames"
+    neutral = stream.reference.expression
+    assert neutral.shape == (1, 4) and neutral.dtype == np.float32
+    np.testing.assert_allclose(neutral, np.mean([p.expression for p in still], axis=0))
+    assert not np.allclose(neutral, still[0].expression)  # the mean, not the first face's

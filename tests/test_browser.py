@@ -162,8 +162,8 @@ async def _inner(out: Path) -> None:
             super().__init__(None, "cpu", 1)
             self.outputs: collections.deque = collections.deque(maxlen=400)
 
-        def animate(self, avatar, points, strength):
-            out = super().animate(avatar, points, strength)
+        def animate(self, avatar, pose):
+            out = super().animate(avatar, pose)
             self.outputs.append(out)
             return out
 

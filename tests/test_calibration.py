@@ -140,8 +140,8 @@ def test_ort_backend_runs_the_int8_graphs(work, run):
     assert backend.build_dir == out / "int8" and "int8" in backend.describe()
     rng = np.random.default_rng(0)
     avatar = backend.encode_avatar(rng.uniform(0, 1, (2, 3, SIZE, SIZE)).astype(np.float32))
-    points, strength = backend.detect(rng.uniform(0, 1, (1, 3, SIZE, SIZE)).astype(np.float32))
-    frame = backend.animate(avatar, points, strength)
+    pose = backend.detect(rng.uniform(0, 1, (1, 3, SIZE, SIZE)).astype(np.float32))
+    frame = backend.animate(avatar, pose)
     assert frame.shape == (1, 3, SIZE, SIZE) and np.isfinite(frame).all()
     with pytest.raises(CheckpointError, match="int8"):
         OrtBackend.from_checkpoint(

@@ -138,7 +138,7 @@ def test_remote_stream_matches_the_local_one(cluster, camera):
             assert got.shape == want.shape == (SIZE, SIZE, 3)
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, f"frame {i}"
         assert remote.reference is not None and remote.last_pose is not None
-        np.testing.assert_allclose(remote.last_pose[0], local.last_pose[0], atol=1e-5)
+        np.testing.assert_allclose(remote.last_pose.points, local.last_pose.points, atol=1e-5)
     finally:
         engine.codec = "jpeg"
         local.close()

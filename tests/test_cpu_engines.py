@@ -143,7 +143,7 @@ def test_onnxruntime_attention_has_no_subnormals_on_real_frames(
                 for frame in real_frames[1:]:
                     pose = stream.driving_pose(frame)
                     assert pose is not None
-                    backend.animate(avatar.features, *pose)  # flushes this thread, as served
+                    backend.animate(avatar.features, pose)  # flushes this thread, as served
                     for probabilities in _probabilities(backend, avatar.features, pose):
                         assert subnormal_count(probabilities) == 0
                         np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-3)
@@ -160,8 +160,7 @@ def test_onnxruntime_attention_has_no_subnormals_on_real_frames(
 
 
 def _probabilities(backend, features, pose) -> list[np.ndarray]:
-    points, strength = pose
-    feeds = {**features.rows, graphs.KEYPOINTS: points, graphs.STRENGTH: strength}
+    feeds = {**features.rows, **graphs.pose_feeds(pose)}
     return backend.sessions[graphs.ANIMATOR_GRAPH].run([PROBABILITIES], feeds)
 
 
@@ -254,10 +253,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _end_to_end(backend, avatar_image: np.ndarray, driving: np.ndarray) -> np.ndarray:
     avatar = backend.encode_avatar(avatar_image)
-    points, strength = backend.detect(driving)
-    return np.concatenate(
-        [backend.animate(avatar, points[i : i + 1], strength[i : i + 1]) for i in range(4)]
-    )
+    pose = backend.detect(driving)
+    return np.concatenate([backend.animate(avatar, pose.select(i)) for i in range(4)])
 
 
 @needs_openvino

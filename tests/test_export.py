@@ -22,7 +22,7 @@ from iwarp.checkpoint import file_sha256, load_network, save_checkpoint
 from iwarp.cli import main
 from iwarp.config import get_config
 from iwarp.engine_build import ATTENTION_NODE, ATTENTION_SCOPE, check_build, load_metadata
-from iwarp.engine_build.export import INPUTS, example_inputs, graph_path, ort_session
+from iwarp.engine_build.export import example_inputs, graph_path, ort_session
 from iwarp.errors import CheckpointError
 from iwarp.graphs import graph_specs
 from iwarp.media import make_test_clip, read_image, read_video
@@ -103,7 +103,7 @@ def test_graphs_match_pytorch_with_1_and_3_sources(build, net, batch):
     cases = [("keypoints", 1), ("source_encoder", 1), ("animator", 1), ("animator", 3)]
     for graph, sources in cases:
         feeds = example_inputs(config, graph, batch, sources, seed=batch * 10 + sources)
-        assert list(feeds) == list(INPUTS[graph])
+        assert list(feeds) == list(graph_specs(config.model)[graph].input_names)
         got = ort_session(graph_path(out, graph), threads=2).run(None, feeds)
         ref = _torch_graph(net, graph, feeds)
         for g, r in zip(got, ref, strict=True):
@@ -123,8 +123,9 @@ def test_avatar_of_3_sources_matches_pytorch_end_to_end(build, net, ckpt):
     for backend in (torch_backend, ort_backend):
         avatar = backend.encode_avatar(images)
         assert avatar.num_sources == 3
-        points, strength = backend.detect(images[1:2])
-        frames.append(backend.animate(avatar, points, strength))
+        pose = backend.detect(images[1:2])
+        assert pose.expression is None  # a network without an expression
+        frames.append(backend.animate(avatar, pose))
     assert frames[1].shape == (1, 3, SIZE, SIZE)
     assert float(np.abs(frames[0] - frames[1]).max()) < 1e-3
 
@@ -165,6 +166,8 @@ def test_metadata(build, ckpt):
     graphs = meta["graphs"]
     assert set(graphs) == {"keypoints", "source_encoder", "animator"}
 
+    io_sides = ("inputs", "outputs")
+
     def io(graph: str, side: str) -> dict[str, tuple[str, list]]:
         return {v["name"]: (v["dtype"], v["shape"]) for v in graphs[graph][side]}
 
@@ -188,6 +191,18 @@ def test_metadata(build, ckpt):
         "key_mask": ("bool", ["batch", "tokens"]),
     }
     assert io("animator", "outputs") == {"image": ("float32", ["batch", 3, SIZE, SIZE])}
+    # A network without an expression (E = 0): exactly these tensors, in this order.
+    names = {g: {side: [v["name"] for v in graphs[g][side]] for side in io_sides} for g in graphs}
+    assert names["keypoints"] == {"inputs": ["image"], "outputs": ["keypoints", "strength"]}
+    assert names["source_encoder"]["inputs"] == ["image", "keypoints", "strength"]
+    assert names["animator"]["inputs"] == [
+        "keypoints",
+        "strength",
+        "keys",
+        "values",
+        "pixels",
+        "key_mask",
+    ]
     # The exported graphs are exactly the contract that every consumer reads (iwarp.graphs).
     for name, spec in graph_specs(config.model).items():
         assert graphs[name]["inputs"] == [t.as_dict() for t in spec.inputs], name

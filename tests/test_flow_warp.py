@@ -284,11 +284,12 @@ def flow_build(tmp_path_factory):
 def test_flow_graphs_keep_the_avatar_rows_contract(flow_build) -> None:
     """The animator takes the same inputs as the pixel skip's: the photos travel as the pixel
     rows, the number of sources is tokens / T inside the graph."""
-    from iwarp.graphs import ANIMATOR_GRAPH, INPUTS
+    from iwarp.graphs import ANIMATOR_GRAPH, graph_specs
 
     _, meta, config = flow_build
     animator = meta["graphs"][ANIMATOR_GRAPH]
-    assert [i["name"] for i in animator["inputs"]] == list(INPUTS[ANIMATOR_GRAPH])
+    names = graph_specs(config.model)[ANIMATOR_GRAPH].input_names
+    assert [i["name"] for i in animator["inputs"]] == list(names)
     pixels = next(i for i in animator["inputs"] if i["name"] == "pixels")
     assert pixels["shape"][-1] == 3 * config.model.attn_stride**2
     assert max(animator["max_abs_error"].values()) < 1e-3

@@ -9,17 +9,25 @@ from iwarp.config import get_config
 from iwarp.graphs import (
     ANIMATOR_GRAPH,
     BATCH,
+    EXPRESSION,
     GRAPHS,
-    INPUTS,
+    IMAGE,
     KEY_MASK,
-    OUTPUTS,
+    KEYPOINTS,
+    KEYPOINTS_GRAPH,
+    KEYS,
     PIXELS,
+    SOURCE_ENCODER_GRAPH,
+    STRENGTH,
     TOKENS,
-    feeds,
+    VALUES,
     graph_specs,
     image_to_tensor,
+    pose_feeds,
+    pose_of,
     tensor_to_image,
 )
+from iwarp.motion import Pose
 
 
 def test_shapes_follow_the_config():
@@ -32,18 +40,59 @@ def test_shapes_follow_the_config():
         assert anim.input(KEY_MASK).dtype == "bool"
         assert anim.output("image").concrete(batch=2) == (2, 3, model.image_size, model.image_size)
         assert anim.input(PIXELS).dynamic_axes == {0: BATCH, 1: TOKENS}
-        for name, spec in specs.items():
-            assert spec.input_names == INPUTS[name]
-            assert spec.output_names == OUTPUTS[name]
     # The tiny model's pixel rows are 8x8 RGB patches; without pixel skip, the mean RGB.
     assert graph_specs(tiny)[ANIMATOR_GRAPH].input(PIXELS).shape[-1] == 192
     assert graph_specs(paper)[ANIMATOR_GRAPH].input(PIXELS).shape[-1] == 3
 
 
+def test_the_expression_is_a_tensor_only_of_networks_that_have_one():
+    plain = get_config("tiny_flow").model
+    expressive = get_config("tiny_expression").model
+    assert plain.expression_dim == 0 and expressive.expression_dim == 4
+    rows = (KEYS, VALUES, PIXELS)
+    # Without one the graphs are exactly what they always were.
+    before = graph_specs(plain)
+    assert before[KEYPOINTS_GRAPH].input_names == (IMAGE,)
+    assert before[KEYPOINTS_GRAPH].output_names == (KEYPOINTS, STRENGTH)
+    assert before[SOURCE_ENCODER_GRAPH].input_names == (IMAGE, KEYPOINTS, STRENGTH)
+    assert before[ANIMATOR_GRAPH].input_names == (KEYPOINTS, STRENGTH, *rows, KEY_MASK)
+    after = graph_specs(expressive)
+    assert after[KEYPOINTS_GRAPH].output_names == (KEYPOINTS, STRENGTH, EXPRESSION)
+    assert after[SOURCE_ENCODER_GRAPH].input_names == (IMAGE, KEYPOINTS, STRENGTH, EXPRESSION)
+    assert after[ANIMATOR_GRAPH].input_names == (
+        KEYPOINTS,
+        STRENGTH,
+        EXPRESSION,
+        *rows,
+        KEY_MASK,
+    )
+    for spec in (
+        after[KEYPOINTS_GRAPH].output(EXPRESSION),
+        after[ANIMATOR_GRAPH].input(EXPRESSION),
+    ):
+        assert spec.shape == (BATCH, 4) and spec.dtype == "float32"
+    for name in (SOURCE_ENCODER_GRAPH, ANIMATOR_GRAPH):  # their outputs are unchanged
+        assert after[name].outputs == before[name].outputs
+
+
 def test_feeds_are_in_input_order_and_counted():
-    assert list(feeds(ANIMATOR_GRAPH, *range(6))) == list(INPUTS[ANIMATOR_GRAPH])
+    spec = graph_specs(get_config("tiny_flow").model)[ANIMATOR_GRAPH]
+    assert list(spec.feeds(*range(6))) == list(spec.input_names)
     with pytest.raises(ValueError):
-        feeds(ANIMATOR_GRAPH, 1, 2)
+        spec.feeds(1, 2)
+    spec = graph_specs(get_config("tiny_expression").model)[ANIMATOR_GRAPH]
+    with pytest.raises(ValueError):
+        spec.feeds(*range(6))  # one short: the expression
+
+
+def test_a_pose_as_graph_tensors_and_back():
+    points, strength, expression = np.zeros((1, 20, 2)), np.ones((1, 20)), np.full((1, 4), 2.0)
+    assert list(pose_feeds(Pose(points, strength))) == [KEYPOINTS, STRENGTH]
+    named = pose_feeds(Pose(points, strength, expression))
+    assert list(named) == [KEYPOINTS, STRENGTH, EXPRESSION]
+    back = pose_of(named)
+    assert back.points is points and back.strength is strength and back.expression is expression
+    assert pose_of({KEYPOINTS: points, STRENGTH: strength}).expression is None
 
 
 def test_image_tensor_round_trip():

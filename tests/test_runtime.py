@@ -99,19 +99,19 @@ def test_relative_motion_uses_source_face(backend, portrait, driving):
     assert stream.set_reference(driving[0])
     # Driving with the reference frame itself gives the avatar's own keypoints back.
     pose = stream._relative(animator.get(avatar), stream.driving_pose(driving[0]))
-    np.testing.assert_allclose(pose[0], animator.get(avatar).features.points[:1], atol=0.02)
+    np.testing.assert_allclose(pose.points, animator.get(avatar).features.points[:1], atol=0.02)
     # Another frame moves the avatar's keypoints by that frame's displacement.
-    ref_points = stream.reference[0]
+    ref_points = stream.reference.points
     moved = stream.driving_pose(driving[6])
     pose = stream._relative(animator.get(avatar), moved)
-    expected = animator.get(avatar).features.points[:1] + (moved[0] - ref_points)
-    np.testing.assert_allclose(pose[0], expected, atol=1e-6)
+    expected = animator.get(avatar).features.points[:1] + (moved.points - ref_points)
+    np.testing.assert_allclose(pose.points, expected, atol=1e-6)
     stream.clear_reference()
     assert stream._relative(animator.get(avatar), moved) is moved
     # Without a frame, the neutral pose is the raw pose of the last frame animated.
     stream.animate(avatar, driving[6])
     assert stream.set_reference()
-    np.testing.assert_array_equal(stream.reference[0], moved[0])
+    np.testing.assert_array_equal(stream.reference.points, moved.points)
 
 
 def test_photo_without_face_is_a_clear_error(backend, tmp_path):
@@ -168,9 +168,9 @@ def test_a_stream_closes_what_it_owns_and_nothing_else(backend, portrait, drivin
     stream = animator.stream()
     # Through the animator, not its backend: the same keypoints and the same frame.
     crop = stream.face_crop(driving[3])
-    points, strength = animator.detect(crop)
-    np.testing.assert_array_equal(points, stream.crop_pose(crop)[0])
-    frame = animator.render(animator.get(avatar), points, strength)
+    pose = animator.detect(crop)
+    np.testing.assert_array_equal(pose.points, stream.crop_pose(crop).points)
+    frame = animator.render(animator.get(avatar), pose)
     assert frame.shape == (animator.image_size, animator.image_size, 3)
     assert frame.dtype == np.uint8
     stream.animate(avatar, driving[4])

@@ -261,8 +261,8 @@ def test_engines_match_onnxruntime(tmp_path, precision):
     a_trt = trt_backend.encode_avatar(images)
     a_ort = ort_backend.encode_avatar(images)
     for i in range(3):
-        points, strength = ort_backend.detect(images[i % 2 : i % 2 + 1])
-        ref = ort_backend.animate(a_ort, points, strength)
-        got = trt_backend.animate(a_trt, points, strength)  # 2nd+ call: CUDA graph replay
+        pose = ort_backend.detect(images[i % 2 : i % 2 + 1])
+        ref = ort_backend.animate(a_ort, pose)
+        got = trt_backend.animate(a_trt, pose)  # 2nd+ call: CUDA graph replay
         limit = 45.0 if precision == "fp32" else tb.FP16_MIN_PSNR_DB - 5.0
         assert tb.psnr(got, ref) >= limit

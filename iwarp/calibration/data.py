@@ -9,8 +9,9 @@ face-centred square crop per clip, resized to the model size, as training sees t
 
 Each set holds driving frames and, per clip, one avatar of M source frames from the same clip
 (never one of its driving frames). The FP32 graphs then give every input the three graphs
-see at run time: driving keypoints (keypoints graph), the avatars' keypoints and their key /
-value / pixel rows (source_encoder graph). Driving frame i animates avatar `avatar[i]` with
+see at run time: the driving frames' poses (keypoints graph: keypoints, strength and, for a
+network with one, expression), the avatars' poses and their key / value / pixel rows
+(source_encoder graph). Driving frame i animates avatar `avatar[i]` with
 its first `1 + i % M` sources, so 1-source and multi-source avatars are both calibrated.
 
 Everything is kept in one `.npz` (uint8 frames, float32 graph inputs, a JSON header with the
@@ -35,6 +36,7 @@ import numpy as np
 from iwarp import graphs
 from iwarp.errors import InputError, NoFaceError
 from iwarp.graphs import image_to_tensor
+from iwarp.motion import Pose
 
 CACHE_FORMAT = "iwarp-calibration-cache/1"
 MIN_FRAMES = 16  # fewer frames than this cannot calibrate activation ranges
@@ -48,6 +50,8 @@ _ARRAYS = (
     "strength",
     "source_points",
     "source_strength",
+    "expression",
+    "source_expression",
     "keys",
     "values",
     "pixels",
@@ -73,6 +77,9 @@ class FrameSet:
     strength: np.ndarray | None = None  # (N, K)
     source_points: np.ndarray | None = None  # (A, M, K, 2)
     source_strength: np.ndarray | None = None  # (A, M, K)
+    # A network with an expression (E > 0) only; None without one.
+    expression: np.ndarray | None = None  # (N, E) of the driving frames
+    source_expression: np.ndarray | None = None  # (A, M, E)
     keys: np.ndarray | None = None  # (A, M * T, d)
     values: np.ndarray | None = None  # (A, M * T, dv)
     pixels: np.ndarray | None = None  # (A, M * T, p)
@@ -98,52 +105,72 @@ class FrameSet:
             return self
         keep = np.unique(np.linspace(0, len(self) - 1, count).round().astype(int))
         out = FrameSet(**{f.name: getattr(self, f.name) for f in fields(self)})
-        for name in ("driving", "driving_index", "avatar", "points", "strength"):
+        for name in ("driving", "driving_index", "avatar", "points", "strength", "expression"):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value[keep])
         return out
 
+    # -- poses ---------------------------------------------------------------------------------
+    @property
+    def poses(self) -> Pose:
+        """The driving frames' FP32 poses (N faces)."""
+        self._need_annotations()
+        return Pose(self.points, self.strength, self.expression)
+
+    @property
+    def source_poses(self) -> Pose:
+        """The avatars' FP32 poses, (A, M, ...) arrays."""
+        self._need_annotations()
+        return Pose(self.source_points, self.source_strength, self.source_expression)
+
+    def set_poses(self, driving: Pose, sources: Pose) -> None:
+        """Stores the FP32 poses: `driving` (N faces), `sources` (A, M, ...)."""
+        self.points, self.strength, self.expression = (
+            driving.points,
+            driving.strength,
+            driving.expression,
+        )
+        self.source_points, self.source_strength, self.source_expression = (
+            sources.points,
+            sources.strength,
+            sources.expression,
+        )
+
     # -- graph inputs (batch 1, float32, as the runtime feeds them) ----------------------------
     def keypoint_feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for image in self.all_images():
-            yield graphs.feeds(graphs.KEYPOINTS_GRAPH, image_to_tensor(image))
+            yield {graphs.IMAGE: image_to_tensor(image)}
 
     def source_feeds(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Avatar frames first, then driving frames (any face crop is a valid source)."""
-        self._need_annotations()
         a, m = self.sources.shape[:2]
+        sources = self.source_poses
         items = [
-            (self.sources[i, j], self.source_points[i, j], self.source_strength[i, j])
+            (self.sources[i, j], sources.map(lambda x, i=i, j=j: x[i, j][None]))
             for i in range(a)
             for j in range(m)
         ]
-        items += list(zip(self.driving, self.points, self.strength, strict=True))
-        for image, points, strength in items[:limit]:
-            yield graphs.feeds(
-                graphs.SOURCE_ENCODER_GRAPH, image_to_tensor(image), points[None], strength[None]
-            )
+        driving = self.poses
+        items += [(image, driving.select(n)) for n, image in enumerate(self.driving)]
+        for image, pose in items[:limit]:
+            yield {graphs.IMAGE: image_to_tensor(image), **graphs.pose_feeds(pose)}
 
     def animator_feeds(self) -> Iterator[dict[str, np.ndarray]]:
-        self._need_annotations()
+        poses = self.poses
         for i in range(len(self)):
-            yield self.animator_feed(i, self.points[i], self.strength[i])
+            yield self.animator_feed(i, poses.select(i))
 
     def animator_feed(
-        self,
-        i: int,
-        points: np.ndarray,
-        strength: np.ndarray,
-        rows: dict[str, np.ndarray] | None = None,
+        self, i: int, pose: Pose, rows: dict[str, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
-        """Animator inputs of driving frame i; `rows` replaces the stored key/value rows."""
+        """Animator inputs of driving frame i at `pose` (one face); `rows` replaces the stored
+        key/value rows."""
         avatar = self.avatar_rows(i, rows)
-        return graphs.feeds(
-            graphs.ANIMATOR_GRAPH,
-            np.ascontiguousarray(points[None], np.float32),
-            np.ascontiguousarray(strength[None], np.float32),
-            *(avatar[k] for k in graphs.AVATAR_ROWS),
-            np.ones(avatar[graphs.KEYS].shape[:2], dtype=bool),
-        )
+        return {
+            **graphs.pose_feeds(pose.map(lambda x: np.ascontiguousarray(x, np.float32))),
+            **avatar,
+            graphs.KEY_MASK: np.ones(avatar[graphs.KEYS].shape[:2], dtype=bool),
+        }
 
     def avatar_rows(
         self, i: int, rows: dict[str, np.ndarray] | None = None

@@ -5,7 +5,8 @@ FP32 one or a variant of it with some graphs replaced (`OrtBackend.with_graphs`)
 the runtime feeds it. Each graph is measured alone, fed the FP32 graphs' inputs, so an error is
 charged to the graph that made it:
 
-- keypoints: mean abs error of the keypoints ([-1, 1] units and pixels) and strengths;
+- keypoints: mean abs error of the keypoints ([-1, 1] units and pixels), strengths and (for a
+  network with one) the expression;
 - source_encoder: relative error of the key/value rows, and the PSNR of the FP32 animator's
   output when it is fed those rows instead of the FP32 ones (what the error costs in pixels);
 - animator: PSNR of its output against the FP32 output;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from iwarp.graphs import (
     image_to_tensor,
 )
 from iwarp.metrics import frame_psnr, interleaved_median_ms, psnr
+from iwarp.motion import Pose
 from iwarp.runtime.backends.base import AvatarFeatures
 from iwarp.runtime.backends.ort_backend import OrtBackend
 
@@ -54,23 +57,20 @@ def variant(
 # --------------------------------------------------------------------------- running graphs
 
 
-def detect(engine: OrtBackend, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, ...]:
-    """Keypoints and strengths of (B, S, S, 3) uint8 images."""
-    points, strength = [], []
-    for start in range(0, len(images), batch):
-        p, s = engine.detect(image_to_tensor(images[start : start + batch]))
-        points.append(p)
-        strength.append(s)
-    return np.concatenate(points), np.concatenate(strength)
+def detect(engine: OrtBackend, images: np.ndarray, batch: int = 8) -> Pose:
+    """The poses of (B, S, S, 3) uint8 images."""
+    parts = [
+        engine.detect(image_to_tensor(images[start : start + batch]))
+        for start in range(0, len(images), batch)
+    ]
+    return Pose.join(parts, np.concatenate)
 
 
-def encode(
-    engine: OrtBackend, fs: FrameSet, points: np.ndarray, strength: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Key/value/pixel rows (A, M*T, .) of every avatar, from the given source keypoints."""
+def encode(engine: OrtBackend, fs: FrameSet, poses: Pose) -> dict[str, np.ndarray]:
+    """Key/value/pixel rows (A, M*T, .) of every avatar, from the given source poses (A, M)."""
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ROWS}
     for a in range(fs.sources.shape[0]):
-        out = engine.encode_source(image_to_tensor(fs.sources[a]), points[a], strength[a])
+        out = engine.encode_source(image_to_tensor(fs.sources[a]), poses.map(itemgetter(a)))
         for name in ROWS:
             rows[name].append(out[name].reshape(1, -1, out[name].shape[-1]))  # M -> one avatar
     return {k: np.concatenate(v) for k, v in rows.items()}
@@ -83,7 +83,7 @@ def annotate(
     show_progress: bool = True,
     label: str = "",
 ) -> FrameSet:
-    """Fills in the FP32 keypoints of every frame and the key/value rows of every avatar."""
+    """Fills in the FP32 poses of every frame and the key/value rows of every avatar."""
     from tqdm import tqdm
 
     a, m = fs.sources.shape[:2]
@@ -91,14 +91,13 @@ def annotate(
     steps = tqdm(
         range(0, len(images), batch), desc=f"keypoints {label}".strip(), disable=not show_progress
     )
-    parts = [detect(fp32, images[start : start + batch], batch) for start in steps]
-    p_all = np.concatenate([p for p, _ in parts])
-    s_all = np.concatenate([s for _, s in parts])
+    poses = Pose.join(
+        [detect(fp32, images[start : start + batch], batch) for start in steps], np.concatenate
+    )
     n = len(fs.driving)
-    fs.points, fs.strength = p_all[:n], s_all[:n]
-    fs.source_points = p_all[n:].reshape(a, m, *p_all.shape[1:])
-    fs.source_strength = s_all[n:].reshape(a, m, *s_all.shape[1:])
-    rows = encode(fp32, fs, fs.source_points, fs.source_strength)
+    sources = poses.select(slice(n, None)).map(lambda x: x.reshape(a, m, *x.shape[1:]))
+    fs.set_poses(poses.select(slice(None, n)), sources)
+    rows = encode(fp32, fs, sources)
     fs.keys, fs.values, fs.pixels = (rows[k] for k in ROWS)
     return fs
 
@@ -108,24 +107,22 @@ def avatar_features(
 ) -> AvatarFeatures:
     """The avatar driving frame i animates, as the backend keeps it (its first sources)."""
     a, n = int(fs.avatar[i]), fs.num_sources(i)
+    sources = fs.source_poses.map(lambda x: x[a, :n])
     return AvatarFeatures(
         engine.join_sources([fs.avatar_rows(i, rows)]),
-        fs.source_points[a, :n],
-        fs.source_strength[a, :n],
+        sources.points,
+        sources.strength,
         n,
+        sources.expression,
     )
 
 
 def animate(
-    engine: OrtBackend,
-    fs: FrameSet,
-    points: np.ndarray,
-    strength: np.ndarray,
-    rows: dict[str, np.ndarray] | None = None,
+    engine: OrtBackend, fs: FrameSet, poses: Pose, rows: dict[str, np.ndarray] | None = None
 ) -> np.ndarray:
-    """(N, 3, S, S) outputs for every driving frame of `fs`."""
+    """(N, 3, S, S) outputs for every driving frame of `fs`, at `poses` (N faces)."""
     out = [
-        engine.animate(avatar_features(engine, fs, i, rows), points[i : i + 1], strength[i : i + 1])
+        engine.animate(avatar_features(engine, fs, i, rows), poses.select(i))
         for i in range(len(fs))
     ]
     return np.concatenate(out)
@@ -135,8 +132,7 @@ def animate(
 class Outputs:
     """What one variant's graphs give on the evaluation set."""
 
-    points: np.ndarray  # keypoints graph on the driving frames
-    strength: np.ndarray
+    poses: Pose  # keypoints graph on the driving frames
     rows: dict[str, np.ndarray] | None = None  # source_encoder on FP32 keypoints
     image_rows: np.ndarray | None = None  # FP32 animator on these rows
     image_alone: np.ndarray | None = None  # animator on FP32 inputs
@@ -149,17 +145,15 @@ def run_graph(
     """`engine`'s `graph` alone on FP32 inputs (the source encoder's rows go through the FP32
     animator of `fp32`)."""
     if graph == KEYPOINTS_GRAPH:
-        p, s = detect(engine, fs.driving)
-        return Outputs(p, s)
+        return Outputs(detect(engine, fs.driving))
     if graph == SOURCE_ENCODER_GRAPH:
-        rows = encode(engine, fs, fs.source_points, fs.source_strength)
-        out = Outputs(fs.points, fs.strength, rows=rows)
+        rows = encode(engine, fs, fs.source_poses)
+        out = Outputs(fs.poses, rows=rows)
         if fp32 is not None:
-            out.image_rows = animate(fp32, fs, fs.points, fs.strength, rows)
+            out.image_rows = animate(fp32, fs, fs.poses, rows)
         return out
     if graph == ANIMATOR_GRAPH:
-        image = animate(engine, fs, fs.points, fs.strength)
-        return Outputs(fs.points, fs.strength, image_alone=image)
+        return Outputs(fs.poses, image_alone=animate(engine, fs, fs.poses))
     raise ValueError(f"unknown graph {graph!r}")
 
 
@@ -169,17 +163,16 @@ def run_variant(engine: OrtBackend, fs: FrameSet, fp32: OrtBackend) -> Outputs:
     src = run_graph(SOURCE_ENCODER_GRAPH, engine, fs, fp32)
     alone = run_graph(ANIMATOR_GRAPH, engine, fs).image_alone
     a, m = fs.sources.shape[:2]
-    sp, ss = detect(engine, fs.sources.reshape(a * m, *fs.sources.shape[2:]))
-    sp, ss = sp.reshape(a, m, *sp.shape[1:]), ss.reshape(a, m, *ss.shape[1:])
-    rows = encode(engine, fs, sp, ss)
-    e2e = animate(engine, fs, kp.points, kp.strength, rows)
-    return Outputs(kp.points, kp.strength, src.rows, src.image_rows, alone, e2e)
+    sources = detect(engine, fs.sources.reshape(a * m, *fs.sources.shape[2:]))
+    rows = encode(engine, fs, sources.map(lambda x: x.reshape(a, m, *x.shape[1:])))
+    e2e = animate(engine, fs, kp.poses, rows)
+    return Outputs(kp.poses, src.rows, src.image_rows, alone, e2e)
 
 
 def reference_outputs(fp32: OrtBackend, fs: FrameSet) -> Outputs:
     """The FP32 graphs: their inputs are the cache's, so only the animator needs running."""
-    image = animate(fp32, fs, fs.points, fs.strength)
-    return Outputs(fs.points, fs.strength, fs.rows(), image, image, image)
+    image = animate(fp32, fs, fs.poses)
+    return Outputs(fs.poses, fs.rows(), image, image, image)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -192,13 +185,17 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def graph_metrics(graph: str, out: Outputs, ref: Outputs, image_size: int) -> dict[str, float]:
     """The per-graph numbers (see the module docstring)."""
     if graph == KEYPOINTS_GRAPH:
-        err = float(np.abs(out.points - ref.points).mean())
-        return {
+        got, want = out.poses, ref.poses
+        err = float(np.abs(got.points - want.points).mean())
+        m = {
             "keypoint_mae": err,
             "keypoint_mae_px": err * image_size / 2.0,
-            "keypoint_max_px": float(np.abs(out.points - ref.points).max() * image_size / 2.0),
-            "strength_mae": float(np.abs(out.strength - ref.strength).mean()),
+            "keypoint_max_px": float(np.abs(got.points - want.points).max() * image_size / 2.0),
+            "strength_mae": float(np.abs(got.strength - want.strength).mean()),
         }
+        if got.expression is not None and want.expression is not None:
+            m["expression_mae"] = float(np.abs(got.expression - want.expression).mean())
+        return m
     if graph == SOURCE_ENCODER_GRAPH:
         assert out.rows is not None and ref.rows is not None
         m = {f"{k}_rel_error": _rel(out.rows[k], ref.rows[k]) for k in ROWS}
@@ -280,16 +277,16 @@ def measure_latency(
     animator."""
     image = image_to_tensor(fs.driving[0])
     source = image_to_tensor(fs.sources[0, 0])
-    src_points, src_strength = fs.source_points[0, :1], fs.source_strength[0, :1]
-    points, strength = fs.points[:1], fs.strength[:1]  # frame 0: one source
+    source_pose = fs.source_poses.map(lambda x: x[0, :1])
+    pose = fs.poses.select(0)  # frame 0: one source
 
     def calls(engine: OrtBackend) -> dict[str, Callable[[], Any]]:
         avatar = avatar_features(engine, fs, 0)
         return {
             KEYPOINTS_GRAPH: lambda: engine.detect(image),
-            SOURCE_ENCODER_GRAPH: lambda: engine.encode_source(source, src_points, src_strength),
-            ANIMATOR_GRAPH: lambda: engine.animate(avatar, points, strength),
-            "per_frame": lambda: (engine.detect(image), engine.animate(avatar, points, strength)),
+            SOURCE_ENCODER_GRAPH: lambda: engine.encode_source(source, source_pose),
+            ANIMATOR_GRAPH: lambda: engine.animate(avatar, pose),
+            "per_frame": lambda: (engine.detect(image), engine.animate(avatar, pose)),
         }
 
     runs = {name: calls(engine) for name, engine in variants.items()}

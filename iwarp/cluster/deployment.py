@@ -112,17 +112,17 @@ class AnimatorDeployment:
         return replies
 
     def _keypoints(self, crops: list[np.ndarray | None]) -> list[wire.Pose | None]:
-        """`DrivingStream.crop_pose` for a batch: the faces' keypoints in one network call."""
+        """`DrivingStream.crop_pose` for a batch: the faces' poses in one network call."""
         faces = [c for c in crops if c is not None]
         if not faces:
             return [None] * len(crops)
-        points, strength = self.animator.backend.detect(image_to_tensor(np.stack(faces)))
+        detected = self.animator.backend.detect(image_to_tensor(np.stack(faces)))
         poses: list[wire.Pose | None] = []
         n = 0
         for crop in crops:
             if crop is None:
                 poses.append(None)
             else:
-                poses.append((points[n : n + 1], strength[n : n + 1]))
+                poses.append(detected.select(n))
                 n += 1
         return poses

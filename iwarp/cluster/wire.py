@@ -14,9 +14,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from iwarp.motion import Pose
 from iwarp.runtime.avatar_store import AvatarRecord
-
-Pose = tuple[np.ndarray, np.ndarray]
 
 # The request being served, for Serve's multiplexed loader (which gets only the avatar key):
 # it runs in the request's own task, so it sees this request's reference to the crops.

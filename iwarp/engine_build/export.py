@@ -2,10 +2,11 @@
 
     keypoints.onnx, source_encoder.onnx, animator.onnx
 
-Their inputs and outputs (names, shapes, dtypes) are the contract in `iwarp.graphs`.
-An avatar of N photos runs `source_encoder` once per photo and concatenates the rows along the
-token axis (NT = N * T); `key_mask` is bool, True where a token may be attended to. Batch B is
-dynamic in all three graphs and NT in the animator.
+Their inputs and outputs (names, shapes, dtypes) are the contract in `iwarp.graphs`; a network
+with an expression (`expression_dim` > 0) has it as one more keypoints output and one more
+source encoder and animator input. An avatar of N photos runs `source_encoder` once per photo
+and concatenates the rows along the token axis (NT = N * T); `key_mask` is bool, True where a
+token may be attended to. Batch B is dynamic in all three graphs and NT in the animator.
 
 Exporter: `torch.onnx.export(dynamo=True)` at opset 23. It turns
 `F.scaled_dot_product_attention` into one ONNX `Attention` node, folds BatchNorm into the
@@ -43,9 +44,9 @@ from iwarp.errors import CheckpointError, IwarpError
 from iwarp.graphs import (
     ANIMATOR_GRAPH,
     BATCH,
+    EXPRESSION,
     GRAPHS,
     IMAGE,
-    INPUTS,
     KEY_MASK,
     KEYPOINTS,
     KEYPOINTS_GRAPH,
@@ -57,8 +58,10 @@ from iwarp.graphs import (
     VALUES,
     graph_specs,
     image_to_tensor,
+    pose_feeds,
+    pose_of,
 )
-from iwarp.graphs import feeds as graph_feeds
+from iwarp.motion import Pose
 from iwarp.options import option
 
 FORMAT = "iwarp-onnx/1"
@@ -271,7 +274,9 @@ def export_onnx(
 
 
 def _graph_modules(net: Any) -> dict[str, Any]:
-    """torch modules whose forward is exactly one exported graph."""
+    """torch modules whose forward is exactly one exported graph; their arguments are named
+    and ordered as the graphs' inputs (`iwarp.graphs`), with the expression only for a network
+    that has one."""
     from torch import nn
 
     from iwarp.model import Keypoints, SourceSet
@@ -283,7 +288,9 @@ def _graph_modules(net: Any) -> dict[str, Any]:
 
         def forward(self, image):
             kp = self.net.detect(image)
-            return kp.points, kp.strength
+            if kp.expression is None:
+                return kp.points, kp.strength
+            return kp.points, kp.strength, kp.expression
 
     class SourceEncoderGraph(nn.Module):
         def __init__(self) -> None:
@@ -291,10 +298,15 @@ def _graph_modules(net: Any) -> dict[str, Any]:
             self.net = net
 
         def forward(self, image, keypoints, strength):
-            s = self.net.encode_with_keypoints(
-                image, Keypoints(keypoints, strength), image.shape[0], 1
-            )
+            return self.encode(image, Keypoints(keypoints, strength))
+
+        def encode(self, image, kp):
+            s = self.net.encode_with_keypoints(image, kp, image.shape[0], 1)
             return s.keys, s.values, s.pixels
+
+    class SourceEncoderExpressionGraph(SourceEncoderGraph):
+        def forward(self, image, keypoints, strength, expression):
+            return self.encode(image, Keypoints(keypoints, strength, expression))
 
     class AnimatorGraph(nn.Module):
         def __init__(self) -> None:
@@ -302,12 +314,14 @@ def _graph_modules(net: Any) -> dict[str, Any]:
             self.net = net
 
         def forward(self, keypoints, strength, keys, values, pixels, key_mask):
+            return self.animate(Keypoints(keypoints, strength), keys, values, pixels, key_mask)
+
+        def animate(self, driving, keys, values, pixels, key_mask):
             # `source.keypoints` is not used per frame; all tokens share one softmax, so the
             # number of sources matters to the graph only through the flow warp's per-source
             # columns: N = tokens / T, a symbolic size (multi_source_mode="attention").
-            driving = Keypoints(keypoints, strength)
             source = SourceSet(
-                keypoints=Keypoints(keypoints[:, None], strength[:, None]),
+                keypoints=Keypoints(driving.points[:, None], driving.strength[:, None]),
                 keys=keys,
                 values=values,
                 pixels=pixels,
@@ -317,10 +331,18 @@ def _graph_modules(net: Any) -> dict[str, Any]:
             )
             return self.net.animate(source, driving)
 
+    class AnimatorExpressionGraph(AnimatorGraph):
+        def forward(self, keypoints, strength, expression, keys, values, pixels, key_mask):
+            driving = Keypoints(keypoints, strength, expression)
+            return self.animate(driving, keys, values, pixels, key_mask)
+
+    expression = net.config.expression_dim > 0
     return {
         KEYPOINTS_GRAPH: KeypointsGraph().eval(),
-        SOURCE_ENCODER_GRAPH: SourceEncoderGraph().eval(),
-        ANIMATOR_GRAPH: AnimatorGraph().eval(),
+        SOURCE_ENCODER_GRAPH: (
+            SourceEncoderExpressionGraph() if expression else SourceEncoderGraph()
+        ).eval(),
+        ANIMATOR_GRAPH: (AnimatorExpressionGraph() if expression else AnimatorGraph()).eval(),
     }
 
 
@@ -340,10 +362,12 @@ def example_inputs(
         PIXELS: (rng.uniform, 0.0, 1.0),
         KEYS: (rng.normal, 0.0, 1.0),  # the same draws as standard_normal
         VALUES: (rng.normal, 0.0, 1.0),
+        EXPRESSION: (rng.normal, 0.0, 1.0),  # standardised openness ratios
     }
     # Drawn in one fixed order (the driving keypoints always first), so that the inputs of a
-    # seed stay the same whichever graph asks.
-    order = (KEYPOINTS, STRENGTH, IMAGE, KEY_MASK, KEYS, VALUES, PIXELS)
+    # seed stay the same whichever graph asks (the expression last: a network without one
+    # draws what it always drew).
+    order = (KEYPOINTS, STRENGTH, IMAGE, KEY_MASK, KEYS, VALUES, PIXELS, EXPRESSION)
     kp_specs = graph_specs(config.model)[KEYPOINTS_GRAPH].outputs
     specs = {t.name: t for t in (*kp_specs, *spec.inputs)}
     drawn: dict[str, np.ndarray] = {}
@@ -548,12 +572,13 @@ def check_parity(
     import torch
 
     config = Config(model=net.config)
+    specs = graph_specs(net.config)
     modules = _graph_modules(net)
     sessions = {g: ort_session(graph_path(build_dir, g), threads) for g in GRAPHS}
 
     def compare(graph: str, feeds: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
         with torch.no_grad():
-            ref = modules[graph](*(torch.from_numpy(feeds[n]) for n in INPUTS[graph]))
+            ref = modules[graph](*(torch.from_numpy(feeds[n]) for n in specs[graph].input_names))
         ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
         got = sessions[graph].run(None, feeds)
         err = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
@@ -566,23 +591,22 @@ def check_parity(
 
     # Real inputs: the packaged face, detected, encoded as an avatar of 3 sources, animated.
     crop, avatar = packaged_face_images(net.config.image_size)
-    err, (points, strength) = compare(KEYPOINTS_GRAPH, {IMAGE: crop})
+    err, outputs = compare(KEYPOINTS_GRAPH, {IMAGE: crop})
+    driving = pose_of(specs[KEYPOINTS_GRAPH].named_outputs(outputs))
     errors[KEYPOINTS_GRAPH]["real"] = err
     worst, rows = 0.0, []
     with torch.no_grad():
         kp = net.detect(torch.from_numpy(avatar))
+    sources_pose = Pose(kp.points, kp.strength, kp.expression).map(lambda t: t.numpy())
     for i in range(avatar.shape[0]):
-        one = slice(i, i + 1)
-        feeds = graph_feeds(
-            SOURCE_ENCODER_GRAPH, avatar[one], kp.points[one].numpy(), kp.strength[one].numpy()
-        )
+        feeds = {IMAGE: avatar[i : i + 1], **pose_feeds(sources_pose.select(i))}
         err, ref = compare(SOURCE_ENCODER_GRAPH, feeds)
         worst = max(worst, err)
         rows.append(ref)
     errors[SOURCE_ENCODER_GRAPH]["real"] = worst
     keys, values, pixels = (np.concatenate([r[j] for r in rows], axis=1) for j in range(3))
     mask = np.ones(keys.shape[:2], dtype=bool)
-    feeds = graph_feeds(ANIMATOR_GRAPH, points, strength, keys, values, pixels, mask)
+    feeds = {**pose_feeds(driving), KEYS: keys, VALUES: values, PIXELS: pixels, KEY_MASK: mask}
     errors[ANIMATOR_GRAPH]["real"] = compare(ANIMATOR_GRAPH, feeds)[0]
     if show_progress:
         for graph in GRAPHS:

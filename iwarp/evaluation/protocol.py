@@ -71,7 +71,7 @@ from iwarp.metrics import frame_psnr
 from iwarp.model import ImplicitWarpingNetwork
 from iwarp.model.keypoints import Keypoints
 from iwarp.model.warp import SourceSet
-from iwarp.motion import relative_motion
+from iwarp.motion import relative_expression, relative_motion
 from iwarp.options import comma_tuple, none_if_empty, option
 from iwarp.train.plots import to_uint8
 
@@ -186,6 +186,7 @@ def expand_source(source: SourceSet, batch: int) -> SourceSet:
         keypoints=Keypoints(
             kp.points.expand(batch, *kp.points.shape[1:]),
             kp.strength.expand(batch, *kp.strength.shape[1:]),
+            None if kp.expression is None else kp.expression.expand(batch, -1, -1),
         ),
         keys=source.keys.expand(batch, -1, -1),
         values=source.values.expand(batch, -1, -1),
@@ -252,14 +253,15 @@ class Evaluator:
             if kp_override is None:
                 kp = self.net.detect(chunk)
             else:
-                kp = Keypoints(kp_override.points[i : i + b], kp_override.strength[i : i + b])
+                kp = kp_override.select(slice(i, i + b))
             outs.append(self.net.animate(expand_source(source, chunk.shape[0]), kp))
         return torch.cat(outs)
 
     def _detect(self, driving: torch.Tensor) -> Keypoints:
         b = self.settings.batch_size
-        kps = [self.net.detect(driving[i : i + b]) for i in range(0, driving.shape[0], b)]
-        return Keypoints(torch.cat([k.points for k in kps]), torch.cat([k.strength for k in kps]))
+        return Keypoints.cat(
+            [self.net.detect(driving[i : i + b]) for i in range(0, driving.shape[0], b)]
+        )
 
     def _relative_keypoints(
         self, source: SourceSet, driving_kp: Keypoints, neutral: torch.Tensor
@@ -268,16 +270,22 @@ class Evaluator:
         the driver's motion from its `neutral` frame (1, 3, H, W)."""
         n = driving_kp.points.shape[0]
         reference = self.net.detect(neutral)
-        return Keypoints(
-            *relative_motion(
-                source.keypoints.points[:, 0].expand(n, -1, -1),
-                source.keypoints.strength[:, 0].expand(n, -1),
-                driving_kp.points,
-                driving_kp.strength,
-                reference.points.expand(n, -1, -1),
-                reference.strength.expand(n, -1),
-            )
+        points, strength = relative_motion(
+            source.keypoints.points[:, 0].expand(n, -1, -1),
+            source.keypoints.strength[:, 0].expand(n, -1),
+            driving_kp.points,
+            driving_kp.strength,
+            reference.points.expand(n, -1, -1),
+            reference.strength.expand(n, -1),
         )
+        expression = None
+        if driving_kp.expression is not None:
+            expression = relative_expression(
+                source.keypoints.expression[:, 0].expand(n, -1),
+                driving_kp.expression,
+                reference.expression.expand(n, -1),
+            )
+        return Keypoints(points, strength, expression)
 
     # -- reconstruction --------------------------------------------------------------------------
     @torch.no_grad()
@@ -380,7 +388,9 @@ class Evaluator:
         # here shows how much of the flicker is detector jitter the product already removes.
         points = keypoint_filter().sequence(kp.points.numpy())
         smoothed = self._animate(
-            source_set, driving, Keypoints(torch.from_numpy(points).float(), kp.strength)
+            source_set,
+            driving,
+            Keypoints(torch.from_numpy(points).float(), kp.strength, kp.expression),
         )
         return {
             "clip": name,

@@ -49,11 +49,12 @@ class _GridUNet(nn.Module):
 
 
 class QueryEncoder(_GridUNet):
-    """Driving keypoint maps (B, K, kp, kp) -> query features on the grid (B, d, g, g)."""
+    """Driving keypoint maps (B, K, kp, kp) [+ expression planes (B, E, kp, kp)] -> query
+    features on the grid (B, d, g, g)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(
-            config.num_keypoints,
+            config.num_keypoints + config.expression_dim,
             config.query_channels,
             config.attn_dim,
             config.attn_stride // config.kp_downsample,
@@ -61,11 +62,12 @@ class QueryEncoder(_GridUNet):
 
 
 class KeyEncoder(_GridUNet):
-    """Source keypoint maps + source RGB at the keypoint resolution -> keys (B, d, g, g)."""
+    """Source keypoint maps + source RGB at the keypoint resolution [+ the source's expression
+    planes] -> keys (B, d, g, g)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(
-            config.num_keypoints + 3,
+            config.num_keypoints + 3 + config.expression_dim,
             config.key_channels,
             config.attn_dim,
             config.attn_stride // config.kp_downsample,

@@ -22,7 +22,7 @@ class Generator(nn.Module):
         super().__init__()
         c = config.generator_channels
         self.flow_warp = config.flow_warp
-        self.stem = ConvBNReLU(config.value_dim, c)
+        self.stem = ConvBNReLU(config.value_dim + config.expression_dim, c)
         self.res = nn.Sequential(*(ResBlock(c) for _ in range(config.generator_res_blocks)))
         ups: list[nn.Module] = []
         for cout in config.generator_up_channels:
@@ -38,8 +38,8 @@ class Generator(nn.Module):
             self.out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, warped: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, dv, g, g) features [+ (B, 4, H, W) the flow warp's blended photo and unmatched
-        share] -> (B, 3, H, W) in [0, 1]."""
+        """(B, dv [+ E], g, g) features [and the driving expression's planes] [+ (B, 4, H, W)
+        the flow warp's blended photo and unmatched share] -> (B, 3, H, W) in [0, 1]."""
         features = self.up(self.res(self.stem(warped)))
         if not self.flow_warp:
             return torch.sigmoid(self.out(features))

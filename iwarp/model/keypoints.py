@@ -14,10 +14,27 @@ from iwarp.model.blocks import UNet, make_coordinate_grid
 
 @dataclass
 class Keypoints:
-    """`points` (B, K, 2) as (x, y) in [-1, 1]; `strength` (B, K) in (0, 1)."""
+    """`points` (B, K, 2) as (x, y) in [-1, 1]; `strength` (B, K) in (0, 1); `expression`
+    (B, E), the face's openness (`model.expression`), or None when the network has none."""
 
     points: torch.Tensor
     strength: torch.Tensor
+    expression: torch.Tensor | None = None
+
+    def select(self, index: slice) -> Keypoints:
+        """The same keypoints for a slice of the batch."""
+        expression = None if self.expression is None else self.expression[index]
+        return Keypoints(self.points[index], self.strength[index], expression)
+
+    @staticmethod
+    def cat(parts: list[Keypoints]) -> Keypoints:
+        """Batches joined along the batch axis."""
+        expression = (
+            None if parts[0].expression is None else torch.cat([k.expression for k in parts])
+        )
+        return Keypoints(
+            torch.cat([k.points for k in parts]), torch.cat([k.strength for k in parts]), expression
+        )
 
 
 class KeypointDetector(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 
 from iwarp.config import ModelConfig
 from iwarp.model.encoders import KeyEncoder, QueryEncoder, ValueEncoder, downsample_to
+from iwarp.model.expression import ExpressionEncoder, expression_planes
 from iwarp.model.generator import Generator
 from iwarp.model.keypoints import KeypointDetector, Keypoints, keypoint_maps
 from iwarp.model.source_features import CHANNELS as SOURCE_FEATURE_CHANNELS
@@ -47,6 +48,18 @@ class ImplicitWarpingNetwork(nn.Module):
         self.value_encoder = ValueEncoder(config)
         self.warp = ImplicitWarp(config)
         self.generator = Generator(config)
+        self.expression_encoder = ExpressionEncoder(config) if config.expression_dim else None
+        if config.expression_dim:
+            # The expression planes (query and key encoders, generator) start with no effect:
+            # the network begins as the one without them (a fine-tune from such weights,
+            # `train.trainer.load_compatible`, zeroes the same weights).
+            for stem in (
+                self.query_encoder.unet.stem,
+                self.key_encoder.unet.stem,
+                self.generator.stem,
+            ):
+                with torch.no_grad():
+                    stem[0].weight[:, -config.expression_dim :].zero_()
         if config.source_features:
             self.source_features = SourceFeatures()
             # Zero-initialised: the network starts exactly as the one without the features.
@@ -65,8 +78,11 @@ class ImplicitWarpingNetwork(nn.Module):
 
     # -- per frame -------------------------------------------------------------------------
     def detect(self, driving: torch.Tensor) -> Keypoints:
-        """Driving frame(s) (B, 3, H, W) in [0, 1] -> keypoints and strength."""
-        return self.keypoint_detector(driving)
+        """Driving frame(s) (B, 3, H, W) in [0, 1] -> keypoints, strength [and expression]."""
+        kp = self.keypoint_detector(driving)
+        if self.expression_encoder is not None:
+            kp.expression = self.expression_encoder(driving)
+        return kp
 
     def animate(
         self, source: SourceSet, driving: Keypoints, source_dropout: float = 0.0
@@ -90,7 +106,9 @@ class ImplicitWarpingNetwork(nn.Module):
         """
         kp_size = source.image_size // self.config.kp_downsample
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
-        query_features = self.query_encoder(maps)
+        query_features = self.query_encoder(
+            torch.cat([maps, expression_planes(driving.expression, maps)], dim=1)
+        )
         queries = self.warp.project_queries(query_features)
         attended = self.warp(queries, source, source_dropout)
         if attention_filter is not None:
@@ -98,6 +116,9 @@ class ImplicitWarpingNetwork(nn.Module):
         warped, _, coordinate_sums = attended
         g = query_features.shape[-1]
         warped = warped.transpose(1, 2).reshape(warped.shape[0], -1, g, g)
+        # The generator paints what the warp cannot move (a mouth's inside, a shut lid): it
+        # sees the driving expression beside the warped features.
+        warped = torch.cat([warped, expression_planes(driving.expression, warped)], dim=1)
         if not self.config.flow_warp:
             return self.generator(warped), None
         photos = photos_from_pixels(source.pixels, self.warp.grid_side(source))
@@ -109,7 +130,7 @@ class ImplicitWarpingNetwork(nn.Module):
         """Source images (B, N, 3, H, W) in [0, 1] -> the avatar's cached source set."""
         b, n = images.shape[:2]
         flat = images.flatten(0, 1)
-        kp = self.keypoint_detector(flat)
+        kp = self.detect(flat)
         return self.encode_with_keypoints(flat, kp, b, n)
 
     def encode_with_keypoints(
@@ -120,7 +141,11 @@ class ImplicitWarpingNetwork(nn.Module):
         kp_size = flat.shape[-1] // cfg.kp_downsample
         grid = flat.shape[-1] // cfg.attn_stride
         maps = keypoint_maps(kp, kp_size, cfg.kp_variance)
-        key_features = self.key_encoder(torch.cat([maps, downsample_to(flat, kp_size)], dim=1))
+        key_features = self.key_encoder(
+            torch.cat(
+                [maps, downsample_to(flat, kp_size), expression_planes(kp.expression, maps)], dim=1
+            )
+        )
         value_features = self.value_encoder(flat)
         if cfg.source_features:
             imagenet = self.source_features(flat)
@@ -151,6 +176,7 @@ class ImplicitWarpingNetwork(nn.Module):
             keypoints=Keypoints(
                 kp.points.reshape(batch, num_sources, *kp.points.shape[1:]),
                 kp.strength.reshape(batch, num_sources, -1),
+                None if kp.expression is None else kp.expression.reshape(batch, num_sources, -1),
             ),
             keys=join(keys),
             values=join(tokens(value_features)),

@@ -4,9 +4,10 @@ Per avatar (once):   photo -> face crop -> backend.encode_avatar -> cached Avata
 Per frame (stream):  frame -> face tracking -> crop -> backend.detect -> relative motion
                      -> smoothing -> backend.animate -> frame
 
-A `DrivingStream` holds what belongs to one driving video (its face tracker, neutral pose,
-keypoint filter), so one Animator serves several streams; `Animator.animate` uses a default
-stream for the single-user case.
+A face's pose (keypoints, strength and, for a network with one, expression) is one
+`motion.Pose` from `detect` to `animate`. A `DrivingStream` holds what belongs to one driving
+video (its face tracker, neutral pose, keypoint and expression filters), so one Animator serves
+several streams; `Animator.animate` uses a default stream for the single-user case.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from iwarp.face import (
 )
 from iwarp.graphs import image_to_tensor, tensor_to_image
 from iwarp.media import read_image, to_rgb
-from iwarp.motion import relative_motion
+from iwarp.motion import Pose, relative_pose
 from iwarp.runtime.avatar_store import AvatarRecord, AvatarStore
 from iwarp.runtime.backends import AvatarFeatures, Backend, create_backend
 
@@ -77,16 +78,16 @@ class DrivingStream:
     animator: Animator
     smoothing: bool = True
     tracker: FaceCropper = field(default_factory=FaceCropper)
-    reference: tuple[np.ndarray, np.ndarray] | None = None
-    last_pose: tuple[np.ndarray, np.ndarray] | None = None  # what was animated last
-    last_driving: tuple[np.ndarray, np.ndarray] | None = None  # raw pose of the last face seen
+    reference: Pose | None = None
+    last_pose: Pose | None = None  # what was animated last
+    last_driving: Pose | None = None  # raw pose of the last face seen
     times: StageTimes = field(default_factory=StageTimes)
     # Relative motion from the start (live use): the first face seen is the neutral pose at
     # once, replaced by the mean of the first AUTO_NEUTRAL_FRAMES steady frames. A cross-identity
     # driver in absolute mode pastes its own face geometry onto the avatar.
     auto_reference: bool = False
     reference_origin: str = "none"  # none | first face | steady frames | set
-    neutral_window: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    neutral_window: list[Pose] = field(default_factory=list)
     # Every attribute is in exactly one of these two lists (tests/test_runtime.py checks it),
     # so a new field is a decision: what travels to a Ray replica with each frame (the motion
     # carried from frame to frame), and what stays with the process that made it.
@@ -99,11 +100,17 @@ class DrivingStream:
         "reference_origin",
         "neutral_window",
         "filter",
+        "expression_filter",
     )
     local_fields: ClassVar[tuple[str, ...]] = ("animator", "tracker", "times")
 
     def __post_init__(self) -> None:
         self.filter = keypoint_filter()
+        # The expression (standardised openness: 1 = one standard deviation) through a filter
+        # of the same settings: at rest its jitter is smoothed, and a blink or a mouth opening
+        # (~1 in a frame or two) moves it fast enough that beta opens the cutoff to tens of Hz,
+        # so it passes with little lag.
+        self.expression_filter = keypoint_filter()
 
     # The frame path in three steps: face_crop (face tracking, no network) -> crop_pose
     # (keypoints) -> animate_pose (relative motion, smoothing, the animator network). A remote
@@ -116,18 +123,18 @@ class DrivingStream:
         self.times.face_tracking = (time.perf_counter() - t0) * 1e3  # the crop included
         return crop
 
-    def crop_pose(self, crop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Keypoints and strength of a face crop (None stays None: no face in view)."""
+    def crop_pose(self, crop: np.ndarray | None) -> Pose | None:
+        """The pose of a face crop (None stays None: no face in view)."""
         if crop is None:
             self.times.keypoints = 0.0
             return None
         t0 = time.perf_counter()
-        points, strength = self.animator.detect(crop)
+        pose = self.animator.detect(crop)
         self.times.keypoints = (time.perf_counter() - t0) * 1e3
-        return points, strength
+        return pose
 
-    def driving_pose(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Face-tracked keypoints of a driving frame, or None when no face is in view."""
+    def driving_pose(self, frame: np.ndarray) -> Pose | None:
+        """The face-tracked pose of a driving frame, or None when no face is in view."""
         return self.crop_pose(self.face_crop(frame))
 
     def motion_state(self) -> dict[str, Any]:
@@ -156,18 +163,18 @@ class DrivingStream:
         self.reference_origin = "none"
         self.auto_reference = False
 
-    def _take_neutral(self, pose: tuple[np.ndarray, np.ndarray]) -> None:
-        """Automatic neutral pose: the first face at once, then the first steady frames."""
+    def _take_neutral(self, pose: Pose) -> None:
+        """Automatic neutral pose: the first face at once, then the first steady frames (steady
+        keypoints; their expression is averaged too)."""
         if self.reference_origin in ("steady frames", "set"):
             return
         if self.reference is None:
             self.reference, self.reference_origin = pose, "first face"
         window = [*self.neutral_window, pose][-AUTO_NEUTRAL_FRAMES:]
-        steps = [float(np.abs(b[0] - a[0]).mean()) for a, b in itertools.pairwise(window)]
+        steps = [float(np.abs(b.points - a.points).mean()) for a, b in itertools.pairwise(window)]
         if len(window) == AUTO_NEUTRAL_FRAMES and max(steps) < AUTO_NEUTRAL_STEADY:
-            self.reference = (
-                np.mean([p[0] for p in window], axis=0).astype(np.float32),
-                np.mean([p[1] for p in window], axis=0).astype(np.float32),
+            self.reference = Pose.join(window, np.stack).map(
+                lambda a: a.mean(axis=0).astype(np.float32)
             )
             self.reference_origin = "steady frames"
             window = []
@@ -186,17 +193,15 @@ class DrivingStream:
         """`animate` from the face crop on (None: no face in view)."""
         return self.animate_pose(avatar, self.crop_pose(crop))
 
-    def animate_pose(
-        self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray] | None
-    ) -> np.ndarray:
-        """`animate` from the driver's raw keypoints on (None: no face in view)."""
+    def animate_pose(self, avatar: Avatar, pose: Pose | None) -> np.ndarray:
+        """`animate` from the driver's raw pose on (None: no face in view)."""
         if pose is not None:
             self.last_driving = pose
             if self.auto_reference:
                 self._take_neutral(pose)
             pose = self._relative(avatar, pose)
             if self.smoothing:
-                pose = (self.filter(pose[0]).astype(np.float32), pose[1])
+                pose = self._smooth(pose)
             self.last_pose = pose
         elif self.last_pose is not None:
             pose = self.last_pose
@@ -204,23 +209,31 @@ class DrivingStream:
             self.times.animator = 0.0
             return avatar.crops[0].copy()
         t0 = time.perf_counter()
-        out = self.animator.render(avatar, *pose)
+        out = self.animator.render(avatar, pose)
         self.times.animator = (time.perf_counter() - t0) * 1e3
         return out
 
-    def _relative(
-        self, avatar: Avatar, pose: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _relative(self, avatar: Avatar, pose: Pose) -> Pose:
         if self.reference is None:
             return pose
-        # The first source is the avatar's canonical face: move it as the driver moves.
-        f = avatar.features
-        points, strength = relative_motion(f.points[:1], f.strength[:1], *pose, *self.reference)
-        return points.astype(np.float32), strength.astype(np.float32)
+        # The first source is the avatar's canonical face: move it as the driver moves (its
+        # keypoints, strength and expression alike).
+        source = avatar.features.pose.select(0)
+        return relative_pose(source, pose, self.reference).map(lambda a: a.astype(np.float32))
+
+    def _smooth(self, pose: Pose) -> Pose:
+        """The keypoints and the expression through their One-Euro filters (strength as it
+        is)."""
+        points = self.filter(pose.points).astype(np.float32)
+        expression = pose.expression
+        if expression is not None:
+            expression = self.expression_filter(expression).astype(np.float32)
+        return Pose(points, pose.strength, expression)
 
     def reset(self) -> None:
         self.tracker.reset()
         self.filter.reset()
+        self.expression_filter.reset()
         self.last_pose = None
         self.last_driving = None
 
@@ -275,13 +288,14 @@ class Animator:
         """Side of the face crops the network takes and of the frames it makes."""
         return self.backend.image_size
 
-    def detect(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keypoints (1, K, 2) and strength (1, K) of one S x S uint8 face crop."""
+    def detect(self, crop: np.ndarray) -> Pose:
+        """The pose of one S x S uint8 face crop: keypoints (1, K, 2), strength (1, K) and
+        expression (1, E) or None."""
         return self.backend.detect(image_to_tensor(crop))
 
-    def render(self, avatar: Avatar, points: np.ndarray, strength: np.ndarray) -> np.ndarray:
-        """The avatar at these (already relative, smoothed) keypoints: an S x S uint8 frame."""
-        return tensor_to_image(self.backend.animate(avatar.features, points, strength)[0])
+    def render(self, avatar: Avatar, pose: Pose) -> np.ndarray:
+        """The avatar at this (already relative, smoothed) pose: an S x S uint8 frame."""
+        return tensor_to_image(self.backend.animate(avatar.features, pose)[0])
 
     # -- avatars ----------------------------------------------------------------------------
     def add_avatar(

@@ -100,9 +100,9 @@ def raw_graph_times(animator: Animator, avatar_id: str, frame: np.ndarray, runs:
     detect_ms, animate_ms = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
-        points, strength = backend.detect(image)
+        pose = backend.detect(image)
         t1 = time.perf_counter()
-        backend.animate(features, points, strength)
+        backend.animate(features, pose)
         t2 = time.perf_counter()
         detect_ms.append((t1 - t0) * 1e3)
         animate_ms.append((t2 - t1) * 1e3)

@@ -100,7 +100,8 @@ class ServerConfig:
 def avatar_bytes(avatar: Any) -> int:
     """Memory an avatar holds: its face crops and the backend's cached features."""
     arrays = [*avatar.crops, *avatar.features.rows.values()]
-    arrays += [avatar.features.points, avatar.features.strength]
+    pose = avatar.features.pose
+    arrays += [a for a in (pose.points, pose.strength, pose.expression) if a is not None]
     return sum(_nbytes(a) for a in arrays)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from iwarp.errors import InputError
@@ -236,11 +237,18 @@ class ClipDataset:
                 self.landmarks.append(np.load(lm_file))
                 continue
             faces = faces or DlibFaces()
+            # dlib's HOG detector misses faces under about 80 px: small crops are enlarged.
+            scale = max(1, -(-200 // self.size))
             points = np.full((len(frames), 68, 2), np.nan, dtype=np.float32)
             for i, frame in enumerate(frames):
-                found = faces.landmarks(np.asarray(frame))
+                image = np.asarray(frame)
+                if scale > 1:
+                    image = np.asarray(
+                        Image.fromarray(image).resize((self.size * scale,) * 2, Image.BICUBIC)
+                    )
+                found = faces.landmarks(image)
                 if found is not None:
-                    points[i] = to_unit(found, self.size)
+                    points[i] = to_unit(found, self.size * scale)
             _save_atomic(lm_file, points)
             self.landmarks.append(points)
 

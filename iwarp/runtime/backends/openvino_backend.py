@@ -16,7 +16,7 @@ ones, and a compile takes ~0.2 s. Compiled models are cached per (graph file, pr
 threads, shapes) for the whole process, so several Animators, streams and benchmark runs share
 them; each thread gets its own infer request. An avatar's rows become OpenVINO tensors once
 (`join_sources`) and are bound to a request only when the avatar changes, so per frame only the
-driving keypoints (K x 3 floats) are copied in.
+driving pose (K x 3 floats, and E for a network with an expression) is copied in.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 from iwarp import graphs
 from iwarp.config import Config
 from iwarp.errors import IwarpError
+from iwarp.motion import Pose
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 from iwarp.runtime.backends.denormals import openvino_config
 from iwarp.system import has_bf16_compute, physical_cores
@@ -155,20 +156,20 @@ class OpenVinoBackend(Backend):
         return request
 
     # -- stages -------------------------------------------------------------------------------
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, images: np.ndarray) -> Pose:
         if images.shape[0] != 1:
             # An avatar's photos: one at a time through the batch-1 graph (no extra compile).
             parts = [self.detect(images[i : i + 1]) for i in range(images.shape[0])]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        request = self._request(graphs.KEYPOINTS_GRAPH, batch=1)
-        points, strength = request.run({graphs.IMAGE: images})
-        return points, strength
+            return Pose.join(parts, np.concatenate)
+        spec = self.specs[graphs.KEYPOINTS_GRAPH]
+        request = self._request(spec.name, batch=1)
+        return graphs.pose_of(spec.named_outputs(request.run(spec.feeds(images))))
 
-    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
-        graph = graphs.SOURCE_ENCODER_GRAPH
-        request = self._request(graph, batch=1)
-        feeds = {graphs.IMAGE: image, graphs.KEYPOINTS: points, graphs.STRENGTH: strength}
-        return dict(zip(graphs.OUTPUTS[graph], request.run(feeds), strict=True))
+    def encode_source(self, image: np.ndarray, pose: Pose) -> dict:
+        spec = self.specs[graphs.SOURCE_ENCODER_GRAPH]
+        request = self._request(spec.name, batch=1)
+        feeds = {graphs.IMAGE: image, **graphs.pose_feeds(pose)}
+        return spec.named_outputs(request.run(feeds))
 
     def join_sources(self, rows: list[dict]) -> dict[str, Any]:
         """One OpenVINO tensor per animator input, made once per avatar."""
@@ -176,14 +177,12 @@ class OpenVinoBackend(Backend):
         joined[graphs.KEY_MASK] = np.ones(joined[graphs.KEYS].shape[:2], dtype=bool)
         return {k: self._ov.Tensor(np.ascontiguousarray(v)) for k, v in joined.items()}
 
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
+    def animate(self, avatar: AvatarFeatures, pose: Pose) -> np.ndarray:
         rows = avatar.rows
         tokens = int(rows[graphs.KEYS].shape[1])
         request = self._request(graphs.ANIMATOR_GRAPH, batch=1, tokens=tokens)
         request.bind(rows)
-        return request.run({graphs.KEYPOINTS: points, graphs.STRENGTH: strength})[0]
+        return request.run(graphs.pose_feeds(pose))[0]
 
     def label(self) -> str:
         return f"OpenVINO {self.precision.upper()}"

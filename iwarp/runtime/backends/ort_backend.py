@@ -3,7 +3,7 @@
 Graphs are exported on first use into the user's cache (one folder per checkpoint sha256) and
 reused after. An avatar's rows are made into OrtValues once, on the session's device, in
 `join_sources` (one per animator input of `iwarp.graphs`: keys, values, pixels, key_mask);
-per frame only the driving keypoints (K x 3 floats) go in.
+per frame only the driving pose (K x 3 floats, and E for a network with an expression) goes in.
 
 IOBinding with a pre-allocated output was measured against `run()` on the CPU (256 px, 1 and
 3 sources, 1 and 2 threads): paired median differences of -1 to +4 ms on a 25-110 ms frame,
@@ -24,6 +24,7 @@ import onnxruntime as ort
 from iwarp import graphs
 from iwarp.config import Config
 from iwarp.errors import IwarpError
+from iwarp.motion import Pose
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 from iwarp.runtime.backends.onnx_build import prepared_graphs
 from iwarp.system import physical_cores
@@ -66,6 +67,7 @@ class OrtBackend(Backend):
             self.device, self._device_id = "cpu", 0
         self.threads = threads or physical_cores()
         self._providers = providers
+        self.specs = graphs.graph_specs(self.config)
         self.sessions = {
             g: ort_session(graph_path(self.build_dir, g), self.threads, providers)
             for g in graphs.GRAPHS
@@ -110,15 +112,15 @@ class OrtBackend(Backend):
         return cls(folder, device, threads, metadata)
 
     # -- stages -------------------------------------------------------------------------------
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feeds = graphs.feeds(graphs.KEYPOINTS_GRAPH, _f32(images))
-        points, strength = self.sessions[graphs.KEYPOINTS_GRAPH].run(None, feeds)
-        return points, strength
+    def detect(self, images: np.ndarray) -> Pose:
+        spec = self.specs[graphs.KEYPOINTS_GRAPH]
+        outputs = self.sessions[spec.name].run(None, spec.feeds(_f32(images)))
+        return graphs.pose_of(spec.named_outputs(outputs))
 
-    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
-        graph = graphs.SOURCE_ENCODER_GRAPH
-        feeds = graphs.feeds(graph, _f32(image), _f32(points), _f32(strength))
-        return dict(zip(graphs.OUTPUTS[graph], self.sessions[graph].run(None, feeds), strict=True))
+    def encode_source(self, image: np.ndarray, pose: Pose) -> dict:
+        spec = self.specs[graphs.SOURCE_ENCODER_GRAPH]
+        feeds = {graphs.IMAGE: _f32(image), **graphs.pose_feeds(pose.map(_f32))}
+        return spec.named_outputs(self.sessions[spec.name].run(None, feeds))
 
     def join_sources(self, rows: list[dict]) -> dict[str, Any]:
         """One contiguous array per animator input, made into an OrtValue on the session's
@@ -127,11 +129,9 @@ class OrtBackend(Backend):
         joined[graphs.KEY_MASK] = np.ones(joined[graphs.KEYS].shape[:2], dtype=bool)
         return {k: self._ort_value(v) for k, v in joined.items()}
 
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
+    def animate(self, avatar: AvatarFeatures, pose: Pose) -> np.ndarray:
         # The avatar's rows are keyed by the animator's own input names (join_sources).
-        feeds = {**avatar.rows, graphs.KEYPOINTS: _f32(points), graphs.STRENGTH: _f32(strength)}
+        feeds = {**avatar.rows, **graphs.pose_feeds(pose.map(_f32))}
         return self.sessions[graphs.ANIMATOR_GRAPH].run(None, feeds)[0]
 
     def _ort_value(self, array: np.ndarray) -> ort.OrtValue:

@@ -9,6 +9,7 @@ import torch
 
 from iwarp.checkpoint import load_network
 from iwarp.model import Keypoints, SourceSet
+from iwarp.motion import Pose
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 from iwarp.runtime.backends.denormals import flush_denormals_torch
 
@@ -33,16 +34,19 @@ class TorchBackend(Backend):
     def _t(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    @torch.inference_mode()
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        kp = self.net.detect(self._t(images))
-        return kp.points.cpu().numpy(), kp.strength.cpu().numpy()
+    def _keypoints(self, pose: Pose) -> Keypoints:
+        """A numpy pose as the network's keypoints on this device."""
+        on_device = pose.map(self._t)
+        return Keypoints(on_device.points, on_device.strength, on_device.expression)
 
     @torch.inference_mode()
-    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
-        s = self.net.encode_with_keypoints(
-            self._t(image), Keypoints(self._t(points), self._t(strength)), 1, 1
-        )
+    def detect(self, images: np.ndarray) -> Pose:
+        kp = self.net.detect(self._t(images))
+        return Pose(kp.points, kp.strength, kp.expression).map(lambda t: t.cpu().numpy())
+
+    @torch.inference_mode()
+    def encode_source(self, image: np.ndarray, pose: Pose) -> dict:
+        s = self.net.encode_with_keypoints(self._t(image), self._keypoints(pose), 1, 1)
         return {"keys": s.keys, "values": s.values, "pixels": s.pixels}
 
     def join_sources(self, rows: list[dict]) -> dict:
@@ -55,7 +59,7 @@ class TorchBackend(Backend):
         rows = features.rows
         # Built once per avatar: the per-frame path only adds the driving keypoints.
         rows["source_set"] = SourceSet(
-            keypoints=Keypoints(self._t(features.points[None]), self._t(features.strength[None])),
+            keypoints=self._keypoints(features.pose.map(lambda a: a[None])),  # (1, N, ...)
             keys=rows["keys"],
             values=rows["values"],
             pixels=rows["pixels"],
@@ -66,10 +70,8 @@ class TorchBackend(Backend):
         return features
 
     @torch.inference_mode()
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
-        driving = Keypoints(self._t(points), self._t(strength))
+    def animate(self, avatar: AvatarFeatures, pose: Pose) -> np.ndarray:
+        driving = self._keypoints(pose)
         return self.net.animate(avatar.rows["source_set"], driving).float().cpu().numpy()
 
     def label(self) -> str:

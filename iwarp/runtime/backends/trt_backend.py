@@ -2,8 +2,8 @@
 
 Memory: torch CUDA tensors are the device buffers (`data_ptr()` -> `set_tensor_address`); an
 avatar's rows (keys, values, pixels, mask) are made once by the source encoder and stay on the
-GPU. Per frame only the driving keypoints (K x 3 floats) go up and the image comes down, both
-through pinned host buffers with async copies.
+GPU. Per frame only the driving pose (K x 3 floats, and E for a network with an expression) goes
+up and the image comes down, both through pinned host buffers with async copies.
 
 Per-frame path: `detect` (keypoints engine) and `animate` (animator engine) each run one
 `execute_async_v3` on the backend's stream. After one eager warm-up run for a shape (and, for
@@ -38,12 +38,13 @@ from iwarp.graphs import (
     AVATAR_ROWS,
     IMAGE,
     KEY_MASK,
-    KEYPOINTS,
     KEYPOINTS_GRAPH,
     KEYS,
     SOURCE_ENCODER_GRAPH,
-    STRENGTH,
+    pose_feeds,
+    pose_of,
 )
+from iwarp.motion import Pose
 from iwarp.runtime.backends.base import AvatarFeatures, Backend
 
 GRAPH_CACHE = 8
@@ -285,10 +286,10 @@ class TensorRTBackend(Backend):
         return cls(engines, config.model, library, description=desc)
 
     # -- stages -------------------------------------------------------------------------------
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, images: np.ndarray) -> Pose:
         if images.shape[0] != 1:  # an avatar's photos (once): one at a time, batch-1 engine
             parts = [self.detect(images[i : i + 1]) for i in range(images.shape[0])]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return Pose.join(parts, np.concatenate)
         engine = self.engines[KEYPOINTS_GRAPH]
         with self._lock:
             key = tuple(images.shape)
@@ -297,18 +298,15 @@ class TensorRTBackend(Backend):
                 step = _Step(self, engine, {IMAGE: key})
                 self._detect_steps[key] = step
             out = step.run({}, {IMAGE: images})
-        return out[KEYPOINTS], out[STRENGTH]
+        return pose_of(out)
 
-    def encode_source(self, image: np.ndarray, points: np.ndarray, strength: np.ndarray) -> dict:
+    def encode_source(self, image: np.ndarray, pose: Pose) -> dict:
         """Once per photo: eager, and the rows it returns stay on the GPU."""
         torch = _torch()
         engine = self.engines[SOURCE_ENCODER_GRAPH]
         with self._lock, torch.cuda.stream(self.stream):
-            feeds = {
-                IMAGE: self._to_device(image, engine.dtypes[IMAGE]),
-                KEYPOINTS: self._to_device(points, engine.dtypes[KEYPOINTS]),
-                STRENGTH: self._to_device(strength, engine.dtypes[STRENGTH]),
-            }
+            host = {IMAGE: image, **pose_feeds(pose)}
+            feeds = {n: self._to_device(v, engine.dtypes[n]) for n, v in host.items()}
             outs = engine.bind(feeds, {})
             engine.execute(self.stream)
             rows = {k: outs[k].clone() for k in AVATAR_ROWS}
@@ -329,19 +327,18 @@ class TensorRTBackend(Backend):
         self.stream.synchronize()
         return joined
 
-    def animate(
-        self, avatar: AvatarFeatures, points: np.ndarray, strength: np.ndarray
-    ) -> np.ndarray:
+    def animate(self, avatar: AvatarFeatures, pose: Pose) -> np.ndarray:
         engine = self.engines[ANIMATOR_GRAPH]
         rows = avatar.rows
+        driving = pose_feeds(pose)
         key = (
-            tuple(points.shape),
+            *((n, tuple(v.shape)) for n, v in driving.items()),
             *((rows[k].data_ptr(), tuple(rows[k].shape)) for k in _ROW_KEYS),
         )
         with self._lock:
             entry = self._animate_steps.get(key)
             if entry is None:
-                step = _Step(self, engine, {KEYPOINTS: points.shape, STRENGTH: strength.shape})
+                step = _Step(self, engine, {n: tuple(v.shape) for n, v in driving.items()})
                 entry = (step, rows)  # keeps the rows alive while the graph uses them
                 self._animate_steps[key] = entry
                 while len(self._animate_steps) > GRAPH_CACHE:
@@ -349,7 +346,7 @@ class TensorRTBackend(Backend):
             else:
                 self._animate_steps.move_to_end(key)
             fixed = {k: rows[k] for k in _ROW_KEYS}
-            out = entry[0].run(fixed, {KEYPOINTS: points, STRENGTH: strength})
+            out = entry[0].run(fixed, driving)
         return out[IMAGE].astype(np.float32, copy=False)
 
     def _to_device(self, array: np.ndarray, dtype: Any) -> Any:

@@ -1,0 +1,190 @@
+"""The driving side's expression (issue 28): the landmark ratios it is taught, the loss terms
+that teach it, and a network that starts exactly as the one it grows from.
+
+The ratios are checked on dlib's landmarks of real photos (the packaged portrait, and the same
+face with its mouth pulled open by a warp), not only on numbers made up for the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iwarp.checkpoint import load_network
+from iwarp.config import get_config
+from iwarp.landmarks import (
+    EXPRESSION_NAMES,
+    MIRROR_68,
+    expression_ratios,
+    mirror_landmarks,
+    standardised_expression,
+)
+from iwarp.model import ImplicitWarpingNetwork, Keypoints
+from iwarp.model.expression import ExpressionEncoder
+from iwarp.motion import relative_expression
+from iwarp.train.losses import expression_loss, region_l1_loss, region_mask
+from iwarp.train.trainer import TrainStep, load_compatible, seeded_generator
+
+
+def face_68(mouth_gap: float = 0.02, eye_gap: float = 0.06) -> np.ndarray:
+    """A schematic frontal face's 68 landmarks in [-1, 1] with the given lip and lid gaps."""
+    p = np.zeros((68, 2), dtype=np.float32)
+    p[:17] = np.stack(
+        [np.linspace(-0.7, 0.7, 17), 0.4 - 0.3 * np.cos(np.linspace(0, np.pi, 17))], 1
+    )
+    p[17:27] = np.stack([np.linspace(-0.55, 0.55, 10), np.full(10, -0.45)], 1)
+    p[27:36] = np.stack([np.zeros(9), np.linspace(-0.3, 0.05, 9)], 1)
+    for first, cx in ((36, -0.3), (42, 0.3)):  # corners 0 and 3, upper lid 1-2, lower lid 4-5
+        xs = cx + np.array([-0.12, -0.04, 0.04, 0.12, 0.04, -0.04])
+        ys = -0.25 + np.array([0, -eye_gap / 2, -eye_gap / 2, 0, eye_gap / 2, eye_gap / 2])
+        p[first : first + 6] = np.stack([xs, ys], 1)
+    p[48:60] = np.stack(
+        [
+            0.25 * np.cos(np.linspace(np.pi, -np.pi, 12)),
+            0.35 + 0.05 * np.sin(np.linspace(np.pi, -np.pi, 12)),
+        ],
+        1,
+    )
+    p[48], p[54] = (-0.25, 0.35), (0.25, 0.35)
+    inner_x = np.array([-0.2, -0.1, 0.0, 0.1, 0.2, 0.1, 0.0, -0.1])
+    inner_y = 0.35 + np.array([0, -1, -1, -1, 0, 1, 1, 1]) * mouth_gap / 2
+    p[60:68] = np.stack([inner_x, inner_y], 1)
+    return p
+
+
+def test_ratios_measure_what_they_name() -> None:
+    shut, open_ = face_68(mouth_gap=0.01), face_68(mouth_gap=0.2)
+    closed_eyes = face_68(eye_gap=0.005)
+    r_shut, r_open, r_closed = (expression_ratios(f) for f in (shut, open_, closed_eyes))
+    names = dict(zip(EXPRESSION_NAMES, range(4), strict=True))
+    assert r_open[names["mouth_open"]] == pytest.approx(0.2 / 0.5, rel=1e-3)
+    assert r_shut[names["mouth_open"]] == pytest.approx(0.01 / 0.5, rel=1e-3)
+    assert r_closed[names["right_eye"]] < 0.05 < r_shut[names["right_eye"]]
+    assert r_shut[names["mouth_width"]] == pytest.approx(0.5 / 0.84, rel=1e-3)
+    # Size and place do not change them; numpy and torch agree.
+    moved = shut * 0.5 + 0.2
+    np.testing.assert_allclose(expression_ratios(moved), r_shut, rtol=1e-5)
+    np.testing.assert_allclose(expression_ratios(torch.from_numpy(shut)).numpy(), r_shut, rtol=1e-5)
+
+
+def test_a_mirrored_face_swaps_its_eyes() -> None:
+    face = face_68()
+    face[36:42, 1] = -0.25 + (face[36:42, 1] + 0.25) * 0.3  # the right eye half shut
+    ratios = expression_ratios(face)
+    mirrored = expression_ratios(mirror_landmarks(face[None])[0])
+    assert ratios[2] < ratios[3]
+    assert mirrored[2] == pytest.approx(ratios[3], rel=1e-4)
+    assert mirrored[3] == pytest.approx(ratios[2], rel=1e-4)
+    assert MIRROR_68[36] == 45
+
+
+def test_expression_loss_leaves_out_frames_without_landmarks() -> None:
+    landmarks = torch.from_numpy(np.stack([face_68(), face_68()]))
+    landmarks[1] = float("nan")
+    target = standardised_expression(landmarks[:1])
+    exact = torch.cat([target, torch.full((1, 4), 99.0)])
+    assert float(expression_loss(exact, landmarks)) == pytest.approx(0.0, abs=1e-8)
+    off = exact.clone()
+    off[0] += 1.0
+    assert float(expression_loss(off, landmarks)) == pytest.approx(1.0, rel=1e-5)
+    assert float(expression_loss(off, torch.full_like(landmarks, float("nan")))) == 0.0
+
+
+def test_region_l1_sees_only_eyes_and_mouth() -> None:
+    size = 64
+    landmarks = torch.from_numpy(face_68())[None]
+    mask = region_mask(landmarks, size)
+    assert 0.05 < float(mask.mean()) < 0.4
+
+    # The mouth's centre and an eye's centre are in, the forehead and the cheek are out.
+    def at(x: float, y: float) -> float:
+        return float(mask[0, 0, int((y + 1) / 2 * size), int((x + 1) / 2 * size)])
+
+    assert at(0.0, 0.35) == at(-0.3, -0.25) == 1.0
+    assert at(0.0, -0.8) == at(-0.6, 0.1) == 0.0
+    target = torch.zeros(1, 3, size, size)
+    output = target.clone()
+    output[..., :8, :] = 1.0  # wrong only at the top: no region there
+    assert float(region_l1_loss(output, target, landmarks)) == 0.0
+    output[..., 40:48, 28:36] = 1.0  # the mouth
+    assert float(region_l1_loss(output, target, landmarks)) > 0.1
+    unknown = torch.full_like(landmarks, float("nan"))
+    assert float(region_l1_loss(output, target, unknown)) == 0.0
+
+
+def test_encoder_reads_a_multiple_of_its_size() -> None:
+    config = get_config("tiny_expression").model
+    encoder = ExpressionEncoder(config).eval()
+    with torch.no_grad():
+        assert encoder(torch.rand(2, 3, 256, 256)).shape == (2, config.expression_dim)
+        assert encoder(torch.rand(1, 3, 128, 128)).shape == (1, config.expression_dim)
+        with pytest.raises(ValueError, match="multiple of 128"):
+            encoder(torch.rand(1, 3, 192, 192))
+
+
+@pytest.fixture(scope="module")
+def grown() -> tuple[ImplicitWarpingNetwork, ImplicitWarpingNetwork]:
+    """The shipped network, and the same weights grown an expression."""
+    shipped = load_network()[0].eval()
+    net = ImplicitWarpingNetwork(get_config("tiny_expression").model)
+    adapted = load_compatible(net, shipped.state_dict())
+    assert any("query_encoder.unet.stem.0.weight" in a for a in adapted)
+    return shipped, net.eval()
+
+
+def test_grown_network_starts_as_the_one_it_grows_from(grown) -> None:
+    shipped, net = grown
+    torch.manual_seed(0)
+    sources, driving = torch.rand(1, 2, 3, 256, 256), torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        before = shipped(sources.expand(2, -1, -1, -1, -1), driving)[0]
+        after, kp, source = net(sources.expand(2, -1, -1, -1, -1), driving)
+    assert kp.expression.shape == (2, 4)
+    assert source.keypoints.expression.shape == (2, 2, 4)
+    torch.testing.assert_close(after, before)
+
+
+def test_expression_moves_the_output_once_trained_weights_use_it(grown) -> None:
+    _, net = grown
+    net = ImplicitWarpingNetwork(net.config).eval().requires_grad_(False)
+    net.load_state_dict(grown[1].state_dict())
+    torch.manual_seed(1)
+    net.query_encoder.unet.stem[0].weight[:, -4:].normal_(0, 0.5)
+    sources, driving = torch.rand(1, 1, 3, 256, 256), torch.rand(1, 3, 256, 256)
+    source = net.encode_sources(sources)
+    kp = net.detect(driving)
+    wide = Keypoints(kp.points, kp.strength, kp.expression + 2.0)
+    assert float((net.animate(source, kp) - net.animate(source, wide)).abs().mean()) > 1e-3
+
+
+def test_relative_expression_returns_the_avatars_own_at_the_reference() -> None:
+    avatar, reference = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 0.0]])
+    torch.testing.assert_close(relative_expression(avatar, reference, reference), avatar)
+    wider = relative_expression(avatar, reference + torch.tensor([[1.0, 0.0]]), reference)
+    torch.testing.assert_close(wider, torch.tensor([[1.5, -1.0]]))
+
+
+def test_training_step_teaches_and_uses_the_expression(grown) -> None:
+    """A step's losses include the expression and the eye-and-mouth L1; with the teacher's
+    share at 1 the animator gets the landmarks' expression, at 0 the encoder's."""
+    config = get_config("tiny_expression")
+    config.train.loss.perceptual = 0.0
+    config.train.source_dropout = 0.0
+    step = TrainStep(config)
+    step.net.load_state_dict(grown[1].state_dict())
+    step.net.query_encoder.unet.stem[0].weight.data[:, -4:].normal_(0, 0.5)
+    torch.manual_seed(0)
+    sources, driving = torch.rand(2, 1, 3, 128, 128), torch.rand(2, 3, 128, 128)
+    landmarks = torch.from_numpy(np.stack([face_68(mouth_gap=0.2), face_68()]))
+
+    def run(share: float):
+        config.train.expression_teacher = share
+        with torch.no_grad():
+            return step(sources, driving, seeded_generator(0, 3, 0), landmarks)
+
+    taught, losses = run(1.0)
+    own, _ = run(0.0)
+    assert {"expression", "region_l1"} <= set(losses)
+    assert float(losses["expression"]) > 0
+    assert float((taught - own).abs().mean()) > 1e-4
