@@ -11,7 +11,7 @@ Two checks of an expression checkpoint (`ModelConfig.expression_dim` > 0), for i
    with a face). The landmarks are found once and cached, as for training.
 
     python bench/expression_sweep.py --checkpoint runs/expr128/checkpoints/best.safetensors \
-        --photo iwarp/assets/avatar.png --out sweep.png --reading-size 128
+        --out sweep.jpg --size 256 --reading-size 128
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ ROWS = {"mouth open": (0,), "mouth width": (1,), "eyes": (2, 3)}
 
 
 @torch.no_grad()
-def sweep(net, photo: np.ndarray) -> np.ndarray:
+def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
     """A grid: one row per ROWS entry, one column per LEVELS value, the photo's own pose."""
-    size = net.config.image_size
     box = clip_crop_box([FaceDetector().detect(photo)], scale=DEFAULT_SCALE)
     face = crop_and_resize(photo, box, size)
     image = torch.from_numpy(image_to_tensor(face))
@@ -89,6 +88,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--photo", default=str(DEFAULT_AVATAR))
     parser.add_argument("--out", default="expression_sweep.png")
+    parser.add_argument("--size", type=int, default=0, help="0: the checkpoint's image size")
     parser.add_argument("--reading-size", type=int, default=0, help="0: skip the reading")
     parser.add_argument("--max-clips", type=int, default=None)
     parser.add_argument("--json", default=None)
@@ -96,7 +96,8 @@ def main() -> None:
     net = load_network(args.checkpoint)[0].eval()
     if not net.config.expression_dim:
         raise SystemExit(f"{args.checkpoint} has no expression (expression_dim 0)")
-    Image.fromarray(sweep(net, read_image(args.photo))).save(args.out)
+    grid = sweep(net, read_image(args.photo), args.size or net.config.image_size)
+    Image.fromarray(grid).save(args.out, quality=90)
     print(f"sweep: {args.out}")
     if args.reading_size:
         result = reading(net, args.reading_size, args.max_clips)

@@ -241,6 +241,10 @@ class TrainConfig:
     # measured expression (its landmarks') instead of the encoder's, so the rest of the network
     # learns to follow the expression before the encoder reads it well.
     expression_teacher: float = 0.0
+    # The share of samples whose driving frame is drawn in proportion to how far its mouth and
+    # eyes are from the clip's usual (`ClipDataset.focus_on_expression`): most frames of a
+    # clip show the same face, so the open mouths and shut eyes are otherwise rarely asked for.
+    expression_focus: float = 0.0
 
     def validate(self) -> None:
         """ConfigError for settings a run cannot use, before any data is read."""
@@ -262,6 +266,11 @@ class TrainConfig:
             raise ConfigError(
                 f"keypoint noise {self.keypoint_noise} is not a standard deviation",
                 "use --keypoint-noise 0 (off) or more, e.g. 0.01",
+            )
+        if not 0 <= self.expression_focus <= 1:
+            raise ConfigError(
+                f"expression focus {self.expression_focus} is not a share of samples",
+                "use --expression-focus between 0 (off) and 1",
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(

@@ -156,9 +156,10 @@ def test_dry_run_survives_a_crashed_step_and_ships_the_ema(prepared, tmp_path):
     tensors = shipped.state_dict()
     start, _ = load_network(None)
     moved = max(float((tensors[k] - p.detach()).abs().max()) for k, p in start.named_parameters())
-    # Two Adam steps move the raw weights by ~2e-4 (the learning rate); their EMA at decay
-    # 0.999 by ~4e-7: the EMA of a run that started from the shipped weights.
-    assert shipped.step == 2 and 0 < moved < 1e-5, moved
+    # Two Adam steps move the raw weights by at most ~4e-4 (twice the learning rate); the
+    # EMA, warming up (decay 0.1 and 0.18 at steps 0 and 1, `EmaWeights.decay_at`), follows
+    # them to ~90 % of that: weights two steps from the shipped ones, not new ones.
+    assert shipped.step == 2 and 0 < moved < 1e-3, moved
 
     report_md = (out / "report.md").read_text()
     for step in report["steps"].values():

@@ -188,3 +188,32 @@ def test_training_step_teaches_and_uses_the_expression(grown) -> None:
     assert {"expression", "region_l1"} <= set(losses)
     assert float(losses["expression"]) > 0
     assert float((taught - own).abs().mean()) > 1e-4
+
+
+def test_expression_focus_draws_the_clips_extreme_frames() -> None:
+    """Frames carry their index in their pixels; one frame of 40 opens the mouth wide. With the
+    focus on, it is the driving frame of far more than 1/40 of the focused samples; off, the
+    batches are those of a dataset that never heard of it."""
+    from iwarp.train.data import ClipDataset
+
+    frames = np.stack([np.full((16, 16, 3), (i, 0, 0), np.uint8) for i in range(40)])
+    landmarks = np.stack([face_68(mouth_gap=0.3 if i == 17 else 0.02) for i in range(40)])
+
+    def dataset() -> ClipDataset:
+        data = ClipDataset.__new__(ClipDataset)
+        data.clips, data.size, data.clip_weights = [frames], 16, np.ones(1)
+        data.landmarks = [landmarks]
+        return data
+
+    plain, focused = dataset(), dataset()
+    focused.focus_on_expression(1.0)
+    driving = focused.batch_with_landmarks(0, 0, 400, 1, augment=False)[1]
+    drawn = np.round(driving[:, 0, 0, 0].numpy() * 255).astype(int)
+    assert (drawn == 17).mean() > 0.3
+    focused.focus_on_expression(0.0)
+    a, b = (d.batch_with_landmarks(0, 3, 8, 2, augment=False) for d in (plain, focused))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="load_landmarks"):
+        data = dataset()
+        data.landmarks = None
+        data.focus_on_expression(0.5)

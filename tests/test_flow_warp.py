@@ -164,8 +164,15 @@ def test_cosine_schedule_and_ema() -> None:
     start = net.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(2.0)
-    ema.update(net)
+    ema.update(net, step=1000)
     assert torch.allclose(ema.module.weight, start + 1.0)
+    # Warm-up: at step 0 the average moves 90 % of the way (decay 1/10), not 50 %.
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(10**6) == 0.5
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update(net, step=0)
+    assert torch.allclose(ema.module.weight, start + 1.0 + 0.9 * 3.0)
 
 
 def test_blockiness_sees_grid_seams_at_any_phase() -> None:

@@ -155,6 +155,10 @@ class ClipDataset:
     # Per clip, dlib's 68 landmarks of every frame, (T, 68, 2) in [-1, 1], NaN where no face
     # was found (`load_landmarks`, for landmark guidance); None: not loaded.
     landmarks: list[np.ndarray] | None = None
+    # Per clip, the chance of each frame to be the driving frame of an expression-focused
+    # sample, and the share of such samples (`focus_on_expression`); None / 0: off.
+    expression_weights: list[np.ndarray] | None = None
+    expression_share: float = 0.0
 
     def __init__(
         self,
@@ -252,6 +256,26 @@ class ClipDataset:
             _save_atomic(lm_file, points)
             self.landmarks.append(points)
 
+    def focus_on_expression(self, share: float) -> None:
+        """Draws `share` of the driving frames in proportion to how far the frame's mouth and
+        eyes are from its clip's median (standardised openness: |mouth open| + half of each
+        eye's distance, plus 0.25 so that no frame is never drawn). Needs `load_landmarks`."""
+        from iwarp.landmarks import standardised_expression
+
+        if share <= 0:
+            self.expression_weights, self.expression_share = None, 0.0
+            return
+        if self.landmarks is None:
+            raise ValueError("focus_on_expression needs the landmarks: call load_landmarks first")
+        self.expression_weights = []
+        for points in self.landmarks:
+            ratios = standardised_expression(points)  # (T, 4), NaN without a face
+            distance = np.abs(ratios - np.nanmedian(ratios, axis=0))
+            score = distance[:, 0] + 0.5 * (distance[:, 2] + distance[:, 3])
+            weights = np.nan_to_num(score, nan=0.0) + 0.25
+            self.expression_weights.append(weights / weights.sum())
+        self.expression_share = share
+
     def sample(
         self, rng: np.random.Generator, num_sources: int, augment: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -268,6 +292,9 @@ class ClipDataset:
         clip = self.clips[c]
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
+        # (Drawn only when on, so that runs without it keep their batches.)
+        if self.expression_share > 0 and rng.random() < self.expression_share:
+            idx[-1] = rng.choice(len(clip), p=self.expression_weights[c])
         sources, driving, landmarks = self._clip_frames(
             rng, c, np.sort(idx[:num_sources]).tolist(), [int(idx[-1])], augment
         )

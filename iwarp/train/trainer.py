@@ -229,6 +229,11 @@ class TrainOptions:
         help="temporal and stillness losses: most frames between a pair's two frames "
         "(1..N, uniform; default: the config's)",
     )
+    expression_focus: float | None = setting(
+        "train.expression_focus",
+        help="share of samples whose driving frame is drawn towards its clip's most open or "
+        "shut mouth and eyes (needs the landmarks; default: the config's)",
+    )
     loss: list[str] = option(
         default_factory=list, metavar="NAME=W", help="override a loss weight (repeatable)"
     )
@@ -418,7 +423,7 @@ def train_step(trainer: Trainer, batch: Batch, step: int, steps: int, rank: int 
         group["lr"] = learning_rate(tc, step, steps)
     trainer.optimizer.step()
     if trainer.ema is not None:
-        trainer.ema.update(trainer.net)
+        trainer.ema.update(trainer.net, step)
     if use_gan:
         losses["discriminator"] = _discriminator_step(trainer, output, batch.driving)
     terms = {k: float(v.detach()) for k, v in losses.items()}
@@ -511,8 +516,9 @@ def _prepare(
     resumed = _resume(trainer, latest) if resume and latest.is_file() else None
     if resumed is None:
         _initialise(trainer, init_checkpoint, ddp.main)
-    if tc.loss.needs_landmarks:
+    if tc.loss.needs_landmarks or tc.expression_focus > 0:
         train_data.load_landmarks(cache_dir, show_progress)
+        train_data.focus_on_expression(tc.expression_focus)
     if tc.loss.landmark_guidance > 0 and not tc.guided_keypoints:
         tc.guided_keypoints = _assign_guided_keypoints(trainer.net, train_data, tc, device)
         if ddp.main:
@@ -751,18 +757,31 @@ def learning_rate(tc: TrainConfig, step: int, steps: int) -> float:
 
 
 class EmaWeights:
-    """An exponential moving average of a network's weights (buffers copied as they are)."""
+    """An exponential moving average of a network's weights (integer buffers copied as they
+    are).
+
+    The decay warms up with the step, min(decay, (1 + step) / (10 + step)): early in a run the
+    average follows the weights closely, later it averages over ~1 / (1 - decay) steps. Without
+    the warm-up, a module that starts from random weights (the expression encoder added to
+    trained weights) is averaged with its own untrained start for thousands of steps: at step
+    1750 of issue 28's run its average gave near-constant numbers (std 0.013 where the weights
+    themselves gave 0.75).
+    """
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         self.decay = decay
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, net: nn.Module) -> None:
+    def update(self, net: nn.Module, step: int) -> None:
+        decay = self.decay_at(step)
         pairs = zip(self.module.state_dict().values(), net.state_dict().values(), strict=True)
         for mine, theirs in pairs:
             if mine.dtype.is_floating_point:
-                mine.lerp_(theirs, 1 - self.decay)
+                mine.lerp_(theirs, 1 - decay)
             else:
                 mine.copy_(theirs)
 
