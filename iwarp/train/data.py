@@ -259,7 +259,8 @@ class ClipDataset:
     def focus_on_expression(self, share: float) -> None:
         """Draws `share` of the driving frames in proportion to how far the frame's mouth and
         eyes are from its clip's median (standardised openness: |mouth open| + half of each
-        eye's distance, plus 0.25 so that no frame is never drawn). Needs `load_landmarks`."""
+        eye's distance, plus 0.25 so that every frame can still be drawn). Needs
+        `load_landmarks`."""
         from iwarp.landmarks import standardised_expression
 
         if share <= 0:
