@@ -64,6 +64,7 @@ import aiohttp
 from aiortc import RTCPeerConnection
 from PIL import Image
 
+from iwarp.benchmarks.slow_clients import trickle_request_head
 from iwarp.benchmarks.webrtc import load_frames
 from iwarp.media import default_driving_clip, read_image
 from iwarp.metrics import latency_summary_ms
@@ -429,26 +430,9 @@ async def _slow_uploads(port: int, token: str | None) -> list[str]:
 
 async def _slow_headers(port: int, count: int = 20) -> float:
     """`count` connections sending a request head a byte a second: seconds until the server
-    closed the last one (inf: one was still open after 30 s)."""
-
-    async def one() -> float:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, local_addr=("127.0.0.68", 0)
-        )
-        t0 = time.monotonic()
-        try:
-            for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
-                writer.write(bytes([byte]))
-                with contextlib.suppress(TimeoutError):
-                    if not await asyncio.wait_for(reader.read(1), 1.0):
-                        return time.monotonic() - t0
-            return float("inf")
-        except ConnectionError:
-            return time.monotonic() - t0
-        finally:
-            writer.close()
-
-    return max(await asyncio.gather(*(one() for _ in range(count))))
+    closed the last one (inf: one was still open after its 40-byte head)."""
+    heads = (trickle_request_head(port, local_address="127.0.0.68") for _ in range(count))
+    return max(await asyncio.gather(*heads))
 
 
 async def _offers(url: str, token: str | None, sdps: list[str], address: str) -> list[int]:

@@ -25,6 +25,7 @@ from aiortc import RTCPeerConnection, rtcdtlstransport
 from PIL import Image
 from test_streaming import _form, run, running
 
+from iwarp.benchmarks.slow_clients import trickle_request_head
 from iwarp.media import read_image
 from iwarp.paths import DEFAULT_AVATAR
 from iwarp.runtime.animator import Animator
@@ -271,22 +272,6 @@ def test_slow_headers_and_slow_bodies_are_cut_off(small_animator):
     at 1 byte per second held its upload slot for as long as it lasted. With the defaults
     (10 s for a request's head; a body at 16 KiB/s after its first 10 s) both end."""
 
-    async def trickle_head(port: int) -> float:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        t0 = time.monotonic()
-        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 16
-        try:
-            for byte in head:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                if await _closed(reader, 1.0):
-                    return time.monotonic() - t0
-            return float("inf")
-        except ConnectionError:
-            return time.monotonic() - t0
-        finally:
-            writer.close()
-
     async def trickle_body(port: int) -> tuple[float, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         t0 = time.monotonic()
@@ -310,7 +295,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(small_animator):
     async def scenario():
         async with running(small_animator, ServerConfig()) as (url, _api):
             port = _port(url)
-            heads = asyncio.gather(*(trickle_head(port) for _ in range(40)))
+            heads = asyncio.gather(*(trickle_request_head(port, padding=16) for _ in range(40)))
             body_seconds, answer = await trickle_body(port)
             return await heads, body_seconds, answer
 
@@ -318,17 +303,6 @@ def test_slow_headers_and_slow_bodies_are_cut_off(small_animator):
     assert max(head_seconds) < 14, f"slow-header connections open for {max(head_seconds)} s"
     assert body_seconds < 14 and answer.startswith(b"HTTP/1.1 408"), (body_seconds, answer)
     assert b"too slowly" in answer, answer
-
-
-async def _closed(reader: asyncio.StreamReader, timeout: float) -> bool:
-    """True when the server closed the connection within `timeout` (it sends nothing else)."""
-    try:
-        data = await asyncio.wait_for(reader.read(1), timeout)
-    except TimeoutError:
-        return False
-    except ConnectionError:
-        return True
-    return data == b"" or data.startswith(b"H")
 
 
 # -- 5. offers that never connect, candidate floods ----------------------------------------------
