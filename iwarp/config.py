@@ -163,6 +163,10 @@ class LossWeights:
     # L1 on the eyes and the mouth alone (their landmarks' boxes, padded): the whole-image L1
     # is mostly head pose and background, where a shut mouth costs a few hundred pixels.
     region_l1: float = 0.0
+    # The output's expression as the network's own encoder reads it, against the driving
+    # frame's (`losses.output_expression_loss`): the region L1 shrinks a shut mouth's cost to
+    # the pixels it misses; this term asks whether the mouth is open as much as the driver's.
+    output_expression: float = 0.0
 
     @property
     def needs_landmarks(self) -> bool:

@@ -23,7 +23,12 @@ from iwarp.landmarks import (
 from iwarp.model import ImplicitWarpingNetwork, Keypoints
 from iwarp.model.expression import ExpressionEncoder
 from iwarp.motion import relative_expression
-from iwarp.train.losses import expression_loss, region_l1_loss, region_mask
+from iwarp.train.losses import (
+    expression_loss,
+    output_expression_loss,
+    region_l1_loss,
+    region_mask,
+)
 from iwarp.train.trainer import TrainStep, load_compatible, seeded_generator
 
 
@@ -113,6 +118,26 @@ def test_region_l1_sees_only_eyes_and_mouth() -> None:
     assert float(region_l1_loss(output, target, unknown)) == 0.0
 
 
+def test_output_expression_judges_the_output_not_the_judge() -> None:
+    """The term is zero for an output that reads like the driver and grows as it reads
+    otherwise; its gradient reaches the output only, and the judge's running statistics stay
+    as they were."""
+    config = get_config("tiny_expression").model
+    torch.manual_seed(0)
+    encoder = ExpressionEncoder(config).train()
+    driving = torch.rand(2, 3, 128, 128)
+    stats = [b.clone() for b in encoder.buffers()]
+    same = output_expression_loss(encoder, driving.clone(), driving)
+    assert float(same) < 1e-10
+    output = (1 - driving).requires_grad_()
+    loss = output_expression_loss(encoder, output, driving)
+    assert float(loss) > 1e-4
+    loss.backward()
+    assert output.grad is not None and float(output.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(stats, encoder.buffers(), strict=True))
+
+
 def test_encoder_reads_a_multiple_of_its_size() -> None:
     config = get_config("tiny_expression").model
     encoder = ExpressionEncoder(config).eval()
@@ -186,6 +211,7 @@ def test_training_step_teaches_and_uses_the_expression(grown) -> None:
     taught, losses = run(1.0)
     own, _ = run(0.0)
     assert {"expression", "region_l1"} <= set(losses)
+    assert "output_expression" not in losses  # off in the preset, and then not computed
     assert float(losses["expression"]) > 0
     assert float((taught - own).abs().mean()) > 1e-4
 

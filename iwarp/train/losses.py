@@ -301,6 +301,21 @@ def expression_loss(expression: torch.Tensor, landmarks: torch.Tensor) -> torch.
     return error[known].mean()
 
 
+def output_expression_loss(
+    encoder: nn.Module, output: torch.Tensor, driving: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error between the expression `encoder` reads on the output and the one
+    it reads on the driving frame: a mouth left shut costs the generator here, whatever share
+    of the pixels it covers. The encoder is a fixed judge for this term (its weights get no
+    gradient from it, so it cannot learn to excuse the output) and reads both images in one
+    batch, its running statistics untouched."""
+    params = {name: value.detach() for name, value in encoder.named_parameters()}
+    buffers = {name: value.clone() for name, value in encoder.named_buffers()}
+    both = torch.func.functional_call(encoder, (params, buffers), (torch.cat([driving, output]),))
+    wanted, got = both.float().chunk(2)
+    return ((got - wanted.detach()) ** 2).mean()
+
+
 def expression_targets(landmarks: torch.Tensor) -> torch.Tensor:
     """(B, 68, 2) landmarks -> (B, E) standardised openness, NaN where unknown."""
     return standardised_expression(landmarks.float())

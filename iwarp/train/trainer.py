@@ -50,6 +50,7 @@ from iwarp.train.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
     landmark_guidance_loss,
+    output_expression_loss,
     region_l1_loss,
     stillness_loss,
     temporal_loss,
@@ -93,6 +94,10 @@ class TrainStep(nn.Module):
             losses["expression"] = expression_loss(kp.expression, landmarks)
         if w.region_l1 > 0 and landmarks is not None:
             losses["region_l1"] = region_l1_loss(output, driving, landmarks)
+        if w.output_expression > 0 and self.net.expression_encoder is not None:
+            losses["output_expression"] = output_expression_loss(
+                self.net.expression_encoder, output, driving
+            )
         if w.warp_l1 > 0 and flow is not None:
             # Where the sources claim the pixel, their warp alone must already be right.
             claimed = 1 - flow.unmatched.detach()
