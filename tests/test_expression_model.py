@@ -216,6 +216,27 @@ def test_training_step_teaches_and_uses_the_expression(grown) -> None:
     assert float((taught - own).abs().mean()) > 1e-4
 
 
+def test_output_expression_in_a_step_trains_the_generator_alone(grown) -> None:
+    """The step's output_expression term is painted again from detached inputs: its
+    gradient reaches the generator and nothing upstream (keypoints, attention, encoders)."""
+    config = get_config("tiny_expression")
+    config.train.loss.perceptual = 0.0
+    config.train.loss.output_expression = 0.1
+    step = TrainStep(config)
+    step.net.load_state_dict(grown[1].state_dict())
+    torch.manual_seed(0)
+    sources, driving = torch.rand(2, 1, 3, 128, 128), torch.rand(2, 3, 128, 128)
+    landmarks = torch.from_numpy(np.stack([face_68(mouth_gap=0.2), face_68()]))
+    _, losses = step(sources, driving, seeded_generator(0, 3, 0), landmarks)
+    losses["output_expression"].backward()
+    reached = {
+        name.split(".")[0]
+        for name, p in step.net.named_parameters()
+        if p.grad is not None and float(p.grad.abs().sum()) > 0
+    }
+    assert reached == {"generator"}
+
+
 def test_expression_focus_draws_the_clips_extreme_frames() -> None:
     """Frames carry their index in their pixels; one frame of 40 opens the mouth wide. With the
     focus on, it is the driving frame of far more than 1/40 of the focused samples; off, the

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,29 @@ AttentionFilter = Callable[
     [tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ]
+
+
+@dataclass
+class GeneratorInputs:
+    """What the generator paints from: the warped features with the driving expression's
+    planes, and (flow warp) the full-resolution warp, whose blended photo and unmatched share
+    it also sees."""
+
+    features: torch.Tensor  # (B, C + E, g, g)
+    flow: FlowWarp | None
+
+    def detached(self) -> GeneratorInputs:
+        """The same inputs cut from the graph: a loss on what the generator paints from them
+        trains the generator alone."""
+        flow = self.flow
+        if flow is not None:
+            flow = FlowWarp(
+                flow.blended.detach(),
+                flow.unmatched.detach(),
+                flow.flow.detach(),
+                flow.mass.detach(),
+            )
+        return GeneratorInputs(self.features.detach(), flow)
 
 
 class ImplicitWarpingNetwork(nn.Module):
@@ -104,6 +128,18 @@ class ImplicitWarpingNetwork(nn.Module):
         warped colours, coordinate sums; `ImplicitWarp.forward`) and returns them changed, before
         the flow is rendered: `bench/live_smoothing_sweep.py` smooths them over time with it.
         """
+        inputs = self.warp_to_driving(source, driving, source_dropout, attention_filter)
+        return self.paint(inputs), inputs.flow
+
+    def warp_to_driving(
+        self,
+        source: SourceSet,
+        driving: Keypoints,
+        source_dropout: float = 0.0,
+        attention_filter: AttentionFilter | None = None,
+    ) -> GeneratorInputs:
+        """The attention's half of `animate_with_warp`: the sources warped to the driving
+        keypoints, as the generator's inputs."""
         kp_size = source.image_size // self.config.kp_downsample
         maps = keypoint_maps(driving, kp_size, self.config.kp_variance)
         query_features = self.query_encoder(
@@ -120,10 +156,16 @@ class ImplicitWarpingNetwork(nn.Module):
         # sees the driving expression beside the warped features.
         warped = torch.cat([warped, expression_planes(driving.expression, warped)], dim=1)
         if not self.config.flow_warp:
-            return self.generator(warped), None
+            return GeneratorInputs(warped, None)
         photos = photos_from_pixels(source.pixels, self.warp.grid_side(source))
-        flow = render_flow(coordinate_sums, photos, g)
-        return self.generator(warped, torch.cat([flow.blended, flow.unmatched], dim=1)), flow
+        return GeneratorInputs(warped, render_flow(coordinate_sums, photos, g))
+
+    def paint(self, inputs: GeneratorInputs) -> torch.Tensor:
+        """The generator's half of `animate_with_warp`: its inputs -> image (B, 3, H, W)."""
+        if inputs.flow is None:
+            return self.generator(inputs.features)
+        flow = inputs.flow
+        return self.generator(inputs.features, torch.cat([flow.blended, flow.unmatched], dim=1))
 
     # -- per avatar ------------------------------------------------------------------------
     def encode_sources(self, images: torch.Tensor) -> SourceSet:
