@@ -13,6 +13,7 @@ import torch
 
 from iwarp.checkpoint import load_network
 from iwarp.config import get_config
+from iwarp.errors import ConfigError
 from iwarp.landmarks import (
     EXPRESSION_NAMES,
     MIRROR_68,
@@ -235,6 +236,13 @@ def test_output_expression_in_a_step_trains_the_generator_alone(grown) -> None:
         if p.grad is not None and float(p.grad.abs().sum()) > 0
     }
     assert reached == {"generator"}
+
+
+def test_output_expression_needs_a_network_that_reads_expression() -> None:
+    config = get_config("tiny_flow")
+    config.train.loss.output_expression = 0.1
+    with pytest.raises(ConfigError, match="no judge"):
+        TrainStep(config)
 
 
 def test_expression_focus_draws_the_clips_extreme_frames() -> None:

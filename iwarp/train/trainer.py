@@ -64,6 +64,11 @@ class TrainStep(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        if config.train.loss.output_expression > 0 and not config.model.expression_dim:
+            raise ConfigError(
+                f"the {config.name} network reads no expression, so output_expression has no judge",
+                "use a config with an expression (tiny_expression), or output_expression=0",
+            )
         self.net = ImplicitWarpingNetwork(config.model)
         w = config.train.loss
         self.perceptual = (
