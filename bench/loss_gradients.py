@@ -24,7 +24,12 @@ from iwarp.checkpoint import Checkpoint
 from iwarp.config import PRESETS, get_config
 from iwarp.paths import shared_data_dir
 from iwarp.train.data import ClipDataset
-from iwarp.train.trainer import TrainStep, seeded_generator, training_batch
+from iwarp.train.trainer import (
+    TrainStep,
+    load_training_landmarks,
+    seeded_generator,
+    training_batch,
+)
 
 
 def term_gradients(step: TrainStep, losses: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -68,19 +73,12 @@ def main() -> None:
     config = get_config(args.config) if args.config else ckpt.config
     config.train.train_size, config.train.batch_size = args.size, args.batch_size
     config.train.expression_focus = args.expression_focus
-    for item in args.loss:
-        name, _, weight = item.partition("=")
-        if not hasattr(config.train.loss, name):
-            raise SystemExit(f"no loss named {name!r}")
-        setattr(config.train.loss, name, float(weight))
+    config.train.loss.override(args.loss)
     root = shared_data_dir()
     if root is None:
         raise SystemExit("needs ../shared/data/clips (or IWARP_DATA)")
     data = ClipDataset(root / "clips", args.size, "train", show_progress=False)
-    if config.train.loss.needs_landmarks:
-        data.load_landmarks(show_progress=False)
-        if config.train.expression_focus:
-            data.focus_on_expression(config.train.expression_focus)
+    load_training_landmarks(data, config.train, show_progress=False)
 
     step = TrainStep(config)
     ckpt.load_module(step.net)

@@ -512,6 +512,19 @@ def _training_data(
     return train_data, val_data
 
 
+def load_training_landmarks(
+    data: ClipDataset,
+    tc: TrainConfig,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> None:
+    """The driving frames' landmarks, loaded into `data` when the losses or the expression
+    focus need them, and the focus set."""
+    if tc.loss.needs_landmarks or tc.expression_focus > 0:
+        data.load_landmarks(cache_dir, show_progress)
+        data.focus_on_expression(tc.expression_focus)
+
+
 def _prepare(
     config: Config,
     train_data: ClipDataset,
@@ -531,9 +544,7 @@ def _prepare(
     resumed = _resume(trainer, latest) if resume and latest.is_file() else None
     if resumed is None:
         _initialise(trainer, init_checkpoint, ddp.main)
-    if tc.loss.needs_landmarks or tc.expression_focus > 0:
-        train_data.load_landmarks(cache_dir, show_progress)
-        train_data.focus_on_expression(tc.expression_focus)
+    load_training_landmarks(train_data, tc, cache_dir, show_progress)
     if tc.loss.landmark_guidance > 0 and not tc.guided_keypoints:
         tc.guided_keypoints = _assign_guided_keypoints(trainer.net, train_data, tc, device)
         if ddp.main:
