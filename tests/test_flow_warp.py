@@ -258,11 +258,11 @@ def test_selection_split_holds_out_whole_train_identities(tmp_path) -> None:
 
 
 def test_driving_motion_moves_the_frame_and_keeps_its_range() -> None:
-    from iwarp.train.data import _move
+    from iwarp.train.data import move_frames
 
     frame = torch.from_numpy(read_image(DEFAULT_AVATAR)[:128, :128].copy()).permute(2, 0, 1)
     frame = frame.float() / 255
-    moved = [_move(frame, np.random.default_rng(seed))[0] for seed in range(4)]
+    moved = [move_frames(frame, np.random.default_rng(seed))[0] for seed in range(4)]
     assert all(m.shape == frame.shape and 0 <= float(m.min()) <= float(m.max()) <= 1 for m in moved)
     assert all(float((m - frame).abs().mean()) > 0.005 for m in moved)
 

@@ -27,7 +27,7 @@ from iwarp.landmarks import (
 )
 from iwarp.media import make_test_clip, read_image
 from iwarp.paths import DEFAULT_AVATAR
-from iwarp.train.data import ClipDataset, _move
+from iwarp.train.data import ClipDataset, move_frames
 from iwarp.train.losses import assign_guided_keypoints, landmark_guidance_loss
 from iwarp.train.trainer import train
 
@@ -74,7 +74,7 @@ def test_landmarks_follow_the_driving_motion(faces: DlibFaces, portrait: np.ndar
     points = to_unit(faces.landmarks(portrait), SIZE)
     frame = torch.from_numpy(portrait).permute(2, 0, 1).float() / 255
     for seed in range(3):
-        moved, theta = _move(frame, np.random.default_rng(seed))
+        moved, theta = move_frames(frame, np.random.default_rng(seed))
         picture = (moved.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         seen = to_unit(faces.landmarks(picture), SIZE)
         error_px = np.abs(seen - move_landmarks(points, theta)).mean() * SIZE / 2

@@ -286,8 +286,8 @@ class ClipDataset:
         landmarks = np.full((68, 2), np.nan, dtype=np.float32)
         if augment and self.stills is not None and rng.random() < self.still_share:
             still = self.stills[rng.integers(len(self.stills))]
-            x = _augment(torch.from_numpy(image_to_tensor(still)), rng)[0][0]
-            moved = torch.stack([_move(x, rng)[0] for _ in range(num_sources + 1)])
+            x = augment_scene(torch.from_numpy(image_to_tensor(still)), rng)[0][0]
+            moved = torch.stack([move_frames(x, rng)[0] for _ in range(num_sources + 1)])
             return moved[:num_sources], moved[num_sources], landmarks
         c = rng.choice(len(self.clips), p=self.clip_weights)
         clip = self.clips[c]
@@ -343,11 +343,11 @@ class ClipDataset:
         x = torch.from_numpy(image_to_tensor(frames))
         n = len(sources)
         if augment:
-            x, flipped = _augment(x, rng)
+            x, flipped = augment_scene(x, rng)
             if flipped:
                 landmarks = mirror_landmarks(landmarks)
             if rng.random() < DRIVING_MOTION_SHARE:
-                x[n:], theta = _move(x[n:], rng)
+                x[n:], theta = move_frames(x[n:], rng)
                 landmarks = move_landmarks(landmarks, theta)
         return x[:n], x[n:], landmarks
 
@@ -426,7 +426,7 @@ def load_stills(
     return stills
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+def augment_scene(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
     """The same flip and colour jitter for all frames of a sample (they are one scene); also
     says whether it flipped."""
     flipped = bool(rng.random() < 0.5)
@@ -447,16 +447,23 @@ def _augment(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, b
 DRIVING_MOTION_SHARE = 0.25
 
 
-def _move(frame: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+def move_frames(
+    frame: torch.Tensor,
+    rng: np.random.Generator,
+    zoom: tuple[float, float] = (0.95, 1.1),
+    turn: float = 6.0,
+    shift: float = 0.04,
+) -> tuple[torch.Tensor, np.ndarray]:
     """A random similarity transform of a (3, S, S) frame, or the same one of each of a stack
-    (F, 3, S, S): zoom 0.95-1.1, turn +-6 degrees, shift +-4 %; reflected at the border
-    (background, not a smeared edge). Also returns theta (2, 3), output -> input coordinates
-    in [-1, 1] (`iwarp.landmarks.move_landmarks`)."""
-    scale = rng.uniform(0.95, 1.1)
-    angle = np.deg2rad(rng.uniform(-6.0, 6.0))
-    shift = rng.uniform(-0.04, 0.04, size=2)
+    (F, 3, S, S): zoom in `zoom`, turn +-`turn` degrees, shift +-`shift` of the side (by
+    default 0.95-1.1, 6 degrees, 4 %); reflected at the border (background, not a smeared
+    edge). Also returns theta (2, 3), output -> input coordinates in [-1, 1]
+    (`iwarp.landmarks.move_landmarks`)."""
+    scale = rng.uniform(*zoom)
+    angle = np.deg2rad(rng.uniform(-turn, turn))
+    offset = rng.uniform(-shift, shift, size=2)
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-    theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=frame.dtype)
+    theta = torch.tensor([[cos, -sin, offset[0]], [sin, cos, offset[1]]], dtype=frame.dtype)
     stack = frame if frame.dim() == 4 else frame[None]
     grid = torch.nn.functional.affine_grid(
         theta.expand(len(stack), 2, 3), list(stack.shape), align_corners=False
