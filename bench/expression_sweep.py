@@ -27,11 +27,11 @@ from PIL import Image, ImageDraw
 from iwarp.checkpoint import load_network
 from iwarp.face import DEFAULT_SCALE, FaceDetector, clip_crop_box, crop_and_resize
 from iwarp.graphs import image_to_tensor
-from iwarp.landmarks import EXPRESSION_NAMES, standardised_expression
 from iwarp.media import read_image
 from iwarp.model import Keypoints
 from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
 from iwarp.train.data import ClipDataset
+from iwarp.train.expression_reader import reading_scores
 
 LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 # Rows of the sweep: which numbers move together (both eyes shut together).
@@ -60,9 +60,9 @@ def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-@torch.no_grad()
-def reading(net, size: int, max_clips: int | None) -> dict[str, float]:
-    """Pearson r of the encoder's numbers against the landmarks' on the val split's frames."""
+def reading(net, size: int, max_clips: int | None) -> dict:
+    """Pearson r of the encoder's numbers against the landmarks' on the val split's frames,
+    per clip (averaged) and pooled (`train.expression_reader.reading_scores`)."""
     root = shared_data_dir()
     if root is None:
         raise SystemExit("the reading needs the val clips: ../shared/data or $IWARP_DATA")
@@ -70,17 +70,7 @@ def reading(net, size: int, max_clips: int | None) -> dict[str, float]:
     if max_clips:
         data.clips, data.cache_files = data.clips[:max_clips], data.cache_files[:max_clips]
     data.load_landmarks()
-    predicted, taught = [], []
-    for frames, landmarks in zip(data.clips, data.landmarks, strict=True):
-        x = torch.from_numpy(image_to_tensor(np.asarray(frames)))
-        predicted.append(torch.cat([net.expression_encoder(c) for c in x.split(32)]).numpy())
-        taught.append(standardised_expression(landmarks))
-    p, t = np.concatenate(predicted), np.concatenate(taught)
-    known = np.isfinite(t).all(1)
-    return {
-        name: round(float(np.corrcoef(p[known, i], t[known, i])[0, 1]), 3)
-        for i, name in enumerate(EXPRESSION_NAMES)
-    } | {"frames": int(known.sum())}
+    return reading_scores(net.expression_encoder, data.clips, data.landmarks)
 
 
 def main() -> None:

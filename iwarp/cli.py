@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "iwarp.train.trainer:TrainOptions",
         "iwarp.train.trainer:run_train",
     ),
+    "train-expression": (
+        "train the expression encoder alone on the clips' landmarks (minutes on a CPU)",
+        "iwarp.train.expression_reader:ReaderOptions",
+        "iwarp.train.expression_reader:run_train_expression",
+    ),
     "animate": (
         "animate source photo(s) with a driving video",
         "iwarp.offline:AnimateOptions",

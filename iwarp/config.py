@@ -76,6 +76,12 @@ class ModelConfig:
     expression_dim: int = 0
     expression_size: int = 128
     expression_channels: tuple[int, ...] = (8, 16, 32, 64)
+    # The expression encoder's head: 0 flattens the last map as it is (64 channels, 4,096
+    # numbers into the 64-unit layer); N > 0 first squeezes it to N channels with a 1x1
+    # convolution (and drops out 20 % in training). The wide head learned the training faces'
+    # identities: it read unseen faces' mouths and eyes with r 0.24-0.45, the squeezed one
+    # (`iwarp train-expression`) with 0.55-0.74 (`docs/RESULTS.md`, "round 4").
+    expression_head_channels: int = 0
 
     # Settings of older checkpoints that this version no longer has, with the one value it can
     # still run: the pixel skip (the weights before issue 17) is retired.

@@ -25,6 +25,7 @@ class ExpressionEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.size = config.expression_size
         layers: list[nn.Module] = []
         cin = 3
@@ -37,8 +38,15 @@ class ExpressionEncoder(nn.Module):
         side = config.expression_size // 2 ** len(config.expression_channels)
         # Flattened, not pooled: where on the map a feature sits says which part of the face it
         # is (the crop follows the face), and that is what tells an eye from a mouth.
+        squeeze: list[nn.Module] = []
+        if config.expression_head_channels:
+            # Fewer numbers per place: the wide head had room to learn who, not what.
+            squeeze = [nn.Conv2d(cin, config.expression_head_channels, 1), nn.ReLU(inplace=True)]
+            cin = config.expression_head_channels
         self.head = nn.Sequential(
+            *squeeze,
             nn.Flatten(),
+            *([nn.Dropout(0.2)] if squeeze else []),
             nn.Linear(cin * side * side, 64),
             nn.ReLU(inplace=True),
             nn.Linear(64, config.expression_dim),

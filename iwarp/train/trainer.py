@@ -263,6 +263,11 @@ class TrainOptions:
         False,
         help="add frozen ImageNet features of the sources to keys and values",
     )
+    expression_head_channels: int | None = setting(
+        "model.expression_head_channels",
+        help="expression encoder's head squeezed to N channels (0: wide; the weights of "
+        "`iwarp train-expression` have 8; default: the config's)",
+    )
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     stills: str | None = option(
         None, help="folder of portrait photos mixed in with synthetic motion (still_share)"
