@@ -176,3 +176,20 @@ def test_training_can_go_on_from_a_squeezed_reader() -> None:
     assert config.model.expression_head_channels == 8
     reader = squeezed_encoder(ExpressionEncoder(get_config("tiny_expression").model), 8)
     ExpressionEncoder(config.model).load_state_dict(reader.state_dict())  # strict: same keys
+
+
+def test_a_reader_of_another_design_is_refused(tmp_path) -> None:
+    """--reader-from weights whose encoder gives other numbers: said before any data is read."""
+    other = small_config()
+    save_checkpoint(tmp_path / "other.safetensors", other, ImplicitWarpingNetwork(other.model))
+    mine = get_config("tiny_expression")
+    mine.model.image_size = 128
+    save_checkpoint(tmp_path / "mine.safetensors", mine, ImplicitWarpingNetwork(mine.model))
+    options = ReaderOptions(
+        checkpoint=str(tmp_path / "mine.safetensors"),
+        data=str(tmp_path / "no-such-folder"),
+        out=str(tmp_path / "reader.safetensors"),
+        reader_from=str(tmp_path / "other.safetensors"),
+    )
+    with pytest.raises(ConfigError, match="does not fit"):
+        run_train_expression(options)

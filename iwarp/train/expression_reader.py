@@ -50,7 +50,7 @@ READER_NOISE = 0.03  # most per-pixel noise (standard deviation, of [0, 1])
 
 @dataclass
 class ReaderSettings:
-    steps: int = option(3000, help="training steps")
+    steps: int = option(3000, help="training steps (0: put the reader in as it starts)")
     batch_size: int = option(32, help="face crops per step")
     lr: float = option(1e-3, help="peak learning rate (cosine to 0)")
     head_channels: int = option(
@@ -67,6 +67,11 @@ class ReaderOptions:
     checkpoint: str = option(help="weights of a network with an expression (its rest is kept)")
     data: str = option(help="folder of clips (manifest.csv with train and select splits)")
     out: str = option(help="write the network with the trained encoder here (.safetensors)")
+    reader_from: str | None = option(
+        None,
+        help="start the encoder from these weights' (e.g. an earlier train-expression's) "
+        "instead of --checkpoint's: a reader trained beside a renderer that went on training",
+    )
     settings: ReaderSettings = option(default_factory=ReaderSettings)
     cache: str | None = option(None, help="clip and landmark cache (default: ~/.cache/iwarp)")
     quiet: bool = option(False, help="no progress bars")
@@ -232,6 +237,11 @@ def run_train_expression(o: ReaderOptions) -> int:
             f"{o.checkpoint} has no expression encoder (config {ckpt.config.name!r})",
             "start from weights of a network with an expression, e.g. config tiny_expression",
         )
+    start = net.expression_encoder
+    if o.reader_from:
+        start = _reader_of(o.reader_from, net)
+    if o.settings.steps < 0:
+        raise ConfigError(f"--steps {o.settings.steps}", "use 0 or more steps")
     show = not o.quiet
     size = net.config.image_size
     train = ClipDataset(o.data, size, split="train", cache_dir=o.cache, show_progress=show)
@@ -240,7 +250,7 @@ def run_train_expression(o: ReaderOptions) -> int:
         data.load_landmarks(o.cache, show)
     selection = (select.clips, select.landmarks)
     before = reading_scores(net.expression_encoder, *selection, every=2)
-    encoder = squeezed_encoder(net.expression_encoder, o.settings.head_channels)
+    encoder = squeezed_encoder(start, o.settings.head_channels)
     encoder, history = train_reader(
         encoder,
         ReaderBatches(train.clips, train.landmarks),
@@ -268,12 +278,30 @@ def run_train_expression(o: ReaderOptions) -> int:
     return 0
 
 
+def _reader_of(path: str, net: ImplicitWarpingNetwork) -> ExpressionEncoder:
+    """The expression encoder of the weights at `path`, checked to give what `net` reads."""
+    other, _ = load_network(path)
+    theirs, ours = other.config, net.config
+    if other.expression_encoder is None or (theirs.expression_dim, theirs.expression_size) != (
+        ours.expression_dim,
+        ours.expression_size,
+    ):
+        raise ConfigError(
+            f"{path}'s expression encoder does not fit: expression_dim / expression_size "
+            f"{theirs.expression_dim} / {theirs.expression_size}, the network's "
+            f"{ours.expression_dim} / {ours.expression_size}",
+            "pass weights of the same design (e.g. both config tiny_expression)",
+        )
+    return other.expression_encoder
+
+
 def _summary(
     o: ReaderOptions, before: dict[str, Any], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     chosen = max(history, key=mean_reading)
     return {
         "from": str(o.checkpoint),
+        "reader_from": o.reader_from,
         "settings": vars(o.settings),
         "step": chosen["step"],
         "selection_r_per_clip": chosen["per_clip"],
