@@ -79,8 +79,8 @@ class ModelConfig:
     # The expression encoder's head: 0 flattens the last map as it is (64 channels, 4,096
     # numbers into the 64-unit layer); N > 0 first squeezes it to N channels with a 1x1
     # convolution (and drops out 20 % in training). The wide head learned the training faces'
-    # identities: it read unseen faces' mouths and eyes with r 0.24-0.45, the squeezed one
-    # (`iwarp train-expression`) with 0.55-0.74 (`docs/RESULTS.md`, "round 4").
+    # identities: it read unseen faces' mouths and eyes with r 0.24-0.43, the squeezed one
+    # (`iwarp train-expression`) with 0.61-0.72 (`docs/RESULTS.md`, "round 4").
     expression_head_channels: int = 0
 
     # Settings of older checkpoints that this version no longer has, with the one value it can

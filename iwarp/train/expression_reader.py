@@ -3,7 +3,7 @@
 The expression encoder (`model.expression`) is taught dlib's openness ratios
 (`landmarks.EXPRESSION_NAMES`). Inside the whole network's training it sees 75 faces with the
 light augmentation the warp needs, and its wide head learned them: it reads the train clips
-with r 0.76-0.84 and unseen faces with 0.24-0.45. Alone it costs a few milliseconds per
+with r 0.76-0.84 and unseen faces with 0.24-0.43. Alone it costs a few milliseconds per
 sample, so thousands of steps fit in minutes on a CPU, with what a reader of unseen faces
 needs: stronger moves than the warp's training uses (zoom 0.85-1.2, +-12 degrees, +-8 %),
 colour and sensor noise, and a squeezed head (`ModelConfig.expression_head_channels`).
