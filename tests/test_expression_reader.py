@@ -193,3 +193,17 @@ def test_a_reader_of_another_design_is_refused(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match="does not fit"):
         run_train_expression(options)
+
+
+def test_steps_0_never_puts_in_an_untrained_head(tmp_path) -> None:
+    config = get_config("tiny_expression")
+    config.model.image_size = 128
+    save_checkpoint(tmp_path / "wide.safetensors", config, ImplicitWarpingNetwork(config.model))
+    options = ReaderOptions(
+        checkpoint=str(tmp_path / "wide.safetensors"),
+        data=str(tmp_path / "no-such-folder"),
+        out=str(tmp_path / "reader.safetensors"),
+        settings=ReaderSettings(steps=0, head_channels=8),
+    )
+    with pytest.raises(ConfigError, match="untrained head"):
+        run_train_expression(options)

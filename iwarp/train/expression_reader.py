@@ -242,6 +242,13 @@ def run_train_expression(o: ReaderOptions) -> int:
         start = _reader_of(o.reader_from, net)
     if o.settings.steps < 0:
         raise ConfigError(f"--steps {o.settings.steps}", "use 0 or more steps")
+    has = start.config.expression_head_channels
+    if o.settings.steps == 0 and o.settings.head_channels != has:
+        raise ConfigError(
+            f"--steps 0 puts the reader in as it is, but its head has {has} channels and "
+            f"--head-channels asks for {o.settings.head_channels} (an untrained head)",
+            f"pass --head-channels {has}, or train it (--steps N)",
+        )
     show = not o.quiet
     size = net.config.image_size
     train = ClipDataset(o.data, size, split="train", cache_dir=o.cache, show_progress=show)
