@@ -156,13 +156,8 @@ def test_a_new_reader_changes_nothing_else(tmp_path) -> None:
 
 
 def test_a_network_without_expression_is_refused_before_any_data_is_read(tmp_path) -> None:
-    options = ReaderOptions(
-        checkpoint=str(DEFAULT_CHECKPOINT),
-        data=str(tmp_path / "no-such-folder"),
-        out=str(tmp_path / "reader.safetensors"),
-    )
     with pytest.raises(ConfigError, match="no expression encoder"):
-        run_train_expression(options)
+        run_train_expression(options_without_data(tmp_path, str(DEFAULT_CHECKPOINT)))
     assert not (tmp_path / "reader.safetensors").exists()
 
 
@@ -178,32 +173,38 @@ def test_training_can_go_on_from_a_squeezed_reader() -> None:
     ExpressionEncoder(config.model).load_state_dict(reader.state_dict())  # strict: same keys
 
 
-def test_a_reader_of_another_design_is_refused(tmp_path) -> None:
-    """--reader-from weights whose encoder gives other numbers: said before any data is read."""
-    other = small_config()
-    save_checkpoint(tmp_path / "other.safetensors", other, ImplicitWarpingNetwork(other.model))
-    mine = get_config("tiny_expression")
-    mine.model.image_size = 128
-    save_checkpoint(tmp_path / "mine.safetensors", mine, ImplicitWarpingNetwork(mine.model))
-    options = ReaderOptions(
-        checkpoint=str(tmp_path / "mine.safetensors"),
+def saved(path, config) -> str:
+    """A fresh network of `config` saved at `path`, for options that name weights."""
+    save_checkpoint(path, config, ImplicitWarpingNetwork(config.model))
+    return str(path)
+
+
+def options_without_data(tmp_path, checkpoint: str, **kwargs) -> ReaderOptions:
+    """Options whose data folder does not exist: a refusal must come before it is read."""
+    return ReaderOptions(
+        checkpoint=checkpoint,
         data=str(tmp_path / "no-such-folder"),
         out=str(tmp_path / "reader.safetensors"),
-        reader_from=str(tmp_path / "other.safetensors"),
+        **kwargs,
     )
+
+
+def wide_128():
+    config = get_config("tiny_expression")
+    config.model.image_size = 128
+    return config
+
+
+def test_a_reader_of_another_design_is_refused(tmp_path) -> None:
+    """--reader-from weights whose encoder gives other numbers: said before any data is read."""
+    other = saved(tmp_path / "other.safetensors", small_config())
+    mine = saved(tmp_path / "mine.safetensors", wide_128())
     with pytest.raises(ConfigError, match="does not fit"):
-        run_train_expression(options)
+        run_train_expression(options_without_data(tmp_path, mine, reader_from=other))
 
 
 def test_steps_0_never_puts_in_an_untrained_head(tmp_path) -> None:
-    config = get_config("tiny_expression")
-    config.model.image_size = 128
-    save_checkpoint(tmp_path / "wide.safetensors", config, ImplicitWarpingNetwork(config.model))
-    options = ReaderOptions(
-        checkpoint=str(tmp_path / "wide.safetensors"),
-        data=str(tmp_path / "no-such-folder"),
-        out=str(tmp_path / "reader.safetensors"),
-        settings=ReaderSettings(steps=0, head_channels=8),
-    )
+    wide = saved(tmp_path / "wide.safetensors", wide_128())
+    settings = ReaderSettings(steps=0, head_channels=8)
     with pytest.raises(ConfigError, match="untrained head"):
-        run_train_expression(options)
+        run_train_expression(options_without_data(tmp_path, wide, settings=settings))
