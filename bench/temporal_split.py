@@ -31,10 +31,10 @@ from iwarp.evaluation.metrics import temporal_split
 from iwarp.evaluation.protocol import (
     expand_source,
     frames_to_tensor,
+    live_smoothed,
     load_eval_clips,
     resize_frames,
 )
-from iwarp.face import keypoint_filter
 from iwarp.model.keypoints import Keypoints
 from iwarp.system import cpu_name
 
@@ -54,12 +54,12 @@ def head_mask(points: np.ndarray, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def animate(net, source, points: torch.Tensor, strength: torch.Tensor, batch: int = 4):
+def animate(net, source, kp: Keypoints, batch: int = 4):
     """Output frames and, for flow models, the blended flow warp alone."""
     outputs, warps = [], []
-    for i in range(0, len(points), batch):
-        kp = Keypoints(points[i : i + batch], strength[i : i + batch])
-        image, flow = net.animate_with_warp(expand_source(source, len(kp.points)), kp)
+    for i in range(0, len(kp.points), batch):
+        part = kp.select(slice(i, i + batch))
+        image, flow = net.animate_with_warp(expand_source(source, len(part.points)), part)
         outputs.append(image)
         warps.append(flow.blended if flow is not None else None)
     return torch.cat(outputs), (torch.cat(warps) if warps[0] is not None else None)
@@ -89,10 +89,9 @@ def main() -> None:
         with torch.no_grad():
             source = net.encode_sources(source_photo[None])
             kp = net.detect(driving)
-        smoothed = torch.from_numpy(keypoint_filter().sequence(kp.points.numpy())).float()
         landmarks = faces.landmarks(frames[1]) if faces is not None else None
-        for path, points in (("raw", kp.points), ("smoothed", smoothed)):
-            output, warp = animate(net, source, points, kp.strength)
+        for path, driven_by in (("raw", kp), ("smoothed", live_smoothed(kp))):
+            output, warp = animate(net, source, driven_by)
             rows[f"output, {path}"].append(temporal_split(output, driving))
             if path == "smoothed" and landmarks is not None:
                 head = head_mask(landmarks, size)

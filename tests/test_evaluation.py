@@ -25,6 +25,7 @@ from iwarp.evaluation.protocol import (
     EvalSettings,
     Evaluator,
     evaluate,
+    live_smoothed,
     source_positions,
     target_positions,
 )
@@ -112,6 +113,31 @@ def test_source_and_target_positions() -> None:
     assert len(targets) == 10 and not {0, 50, 99} & set(targets)
     assert targets == sorted(targets) and targets[-1] - targets[0] > 80
     assert target_positions(5, (1, 2, 3), 10) == [1, 3]  # short clip: every non-source frame
+
+
+def test_live_smoothing_covers_the_expression_as_the_live_paths_do() -> None:
+    """The eval's smoothed run filters the expression as well as the points (the runtime
+    smooths both): jitter around a held face mostly goes, a blink-sized step gets through."""
+    from iwarp.model import Keypoints
+
+    frames = 40
+    jitter = torch.tensor([0.3, -0.3]).repeat(frames // 2)[:, None, None]
+    points = (0.1 + 0.01 * jitter).expand(frames, 10, 2).contiguous()
+    expression = torch.zeros(frames, 4)
+    expression[: frames // 2, 0] = 0.3 * jitter[: frames // 2, 0, 0]
+    expression[frames // 2 :, 1] = -2.0  # the eyes shut and stay shut
+    strength = torch.rand(frames, 10)
+    smoothed = live_smoothed(Keypoints(points, strength, expression))
+
+    def change(x: torch.Tensor) -> float:
+        return float((x[1:] - x[:-1]).abs().mean())
+
+    half = frames // 2
+    assert change(smoothed.expression[5:half, 0]) < 0.5 * change(expression[5:half, 0])
+    assert change(smoothed.points[5:]) < 0.5 * change(points[5:])
+    assert float(smoothed.expression[half + 3, 1]) < -1.5  # followed within 3 frames
+    assert torch.equal(smoothed.strength, strength)
+    assert live_smoothed(Keypoints(points, strength)).expression is None
 
 
 def _clip(seed: int, frames: int = 12, size: int = 64) -> np.ndarray:

@@ -178,6 +178,18 @@ def multi_source_mode(net: ImplicitWarpingNetwork, mode: str) -> Iterator[None]:
         net.warp.multi_source_mode = before
 
 
+def live_smoothed(kp: Keypoints) -> Keypoints:
+    """A run of driving keypoints (T frames, in order) through the live paths' smoothing
+    (`DrivingStream._smooth`): the points and the expression each through a One-Euro filter
+    of their own, the strength as it is. Shows how much of the flicker is detector jitter the
+    product already removes."""
+    points = torch.from_numpy(keypoint_filter().sequence(kp.points.numpy())).float()
+    expression = kp.expression
+    if expression is not None:
+        expression = torch.from_numpy(keypoint_filter().sequence(expression.numpy())).float()
+    return Keypoints(points, kp.strength, expression)
+
+
 def expand_source(source: SourceSet, batch: int) -> SourceSet:
     """A batch-1 source set repeated for `batch` driving frames (views, no copies)."""
     kp = source.keypoints
@@ -384,14 +396,7 @@ class Evaluator:
         source_set = self.net.encode_sources(frames_to_tensor(frames[:1])[None])
         kp = self.net.detect(driving)
         out = self._animate(source_set, driving, kp)
-        # The live paths smooth the keypoints over time (`keypoint_filter`); the same filter
-        # here shows how much of the flicker is detector jitter the product already removes.
-        points = keypoint_filter().sequence(kp.points.numpy())
-        smoothed = self._animate(
-            source_set,
-            driving,
-            Keypoints(torch.from_numpy(points).float(), kp.strength, kp.expression),
-        )
+        smoothed = self._animate(source_set, driving, live_smoothed(kp))
         return {
             "clip": name,
             "frames": len(run),
