@@ -255,6 +255,10 @@ class TrainConfig:
     # eyes are from the clip's usual (`ClipDataset.focus_on_expression`): most frames of a
     # clip show the same face, so the open mouths and shut eyes are otherwise rarely asked for.
     expression_focus: float = 0.0
+    # Expression models: the expression encoder (the reader) keeps its weights and runs in
+    # eval mode, so that the renderer learns to follow a reader trained apart
+    # (`iwarp train-expression`) instead of pulling it back towards its own losses.
+    freeze_expression_encoder: bool = False
 
     def validate(self) -> None:
         """ConfigError for settings a run cannot use, before any data is read."""

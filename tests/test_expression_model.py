@@ -245,6 +245,46 @@ def test_output_expression_needs_a_network_that_reads_expression() -> None:
         TrainStep(config)
 
 
+def test_a_frozen_reader_keeps_its_weights_while_the_renderer_learns(grown) -> None:
+    """`--freeze-expression-encoder`: a step's gradient reaches the renderer but not the
+    expression encoder, which stays in eval mode (no dropout) and drops its own loss."""
+    from iwarp.train.trainer import TrainOptions
+
+    options = TrainOptions(
+        config="tiny_expression", data="d", out="o", freeze_expression_encoder=True
+    )
+    config = options.to_config()
+    config.train.loss.perceptual = 0.0
+    config.model.expression_head_channels = 8  # a head with dropout, as the reader's
+    step = TrainStep(config).train()
+    assert not step.net.expression_encoder.training
+    assert step.net.keypoint_detector.training
+    torch.manual_seed(0)
+    sources, driving = torch.rand(2, 1, 3, 128, 128), torch.rand(2, 3, 128, 128)
+    landmarks = torch.from_numpy(np.stack([face_68(mouth_gap=0.2), face_68()]))
+    _, losses = step(sources, driving, seeded_generator(0, 3, 0), landmarks)
+    assert "expression" not in losses and "region_l1" in losses
+    sum(losses.values()).backward()
+    reached = {
+        name.split(".")[0]
+        for name, p in step.net.named_parameters()
+        if p.grad is not None and float(p.grad.abs().sum()) > 0
+    }
+    assert "expression_encoder" not in reached
+    assert {"generator", "keypoint_detector"} <= reached
+    with torch.no_grad():  # eval mode: the same frame reads the same twice
+        torch.testing.assert_close(
+            step.net.expression_encoder(driving), step.net.expression_encoder(driving)
+        )
+
+
+def test_freezing_needs_an_expression_encoder() -> None:
+    config = get_config("tiny_flow")
+    config.train.freeze_expression_encoder = True
+    with pytest.raises(ConfigError, match="no expression encoder to freeze"):
+        TrainStep(config)
+
+
 def test_expression_focus_draws_the_clips_extreme_frames() -> None:
     """Frames carry their index in their pixels; one frame of 40 opens the mouth wide. With the
     focus on, it is the driving frame of far more than 1/40 of the focused samples; off, the
@@ -265,9 +305,17 @@ def test_expression_focus_draws_the_clips_extreme_frames() -> None:
     driving = focused.batch_with_landmarks(0, 0, 400, 1, augment=False)[1]
     drawn = np.round(driving[:, 0, 0, 0].numpy() * 255).astype(int)
     assert (drawn == 17).mean() > 0.3
+    # Temporal pairs (stillness, temporal losses) too: the pair starts at the open mouth.
+    pairs = focused.batch_with_landmarks(0, 0, 400, 1, augment=False, temporal_gap=2)[1]
+    firsts = np.round(pairs[0::2, 0, 0, 0].numpy() * 255).astype(int)
+    assert (firsts == 17).mean() > 0.3
     focused.focus_on_expression(0.0)
-    a, b = (d.batch_with_landmarks(0, 3, 8, 2, augment=False) for d in (plain, focused))
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for gap in (0, 2):
+        a, b = (
+            d.batch_with_landmarks(0, 3, 8, 2, augment=False, temporal_gap=gap)
+            for d in (plain, focused)
+        )
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(ValueError, match="load_landmarks"):
         data = dataset()
         data.landmarks = None

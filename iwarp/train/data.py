@@ -320,6 +320,11 @@ class ClipDataset:
         clip = self.clips[c]
         gap = int(rng.integers(1, max_gap + 1))
         first = int(rng.integers(len(clip) - gap))
+        # As `sample`: the pair's first frame drawn towards the clip's open mouths and shut
+        # eyes on `expression_share` of pairs (drawn only when on: other runs keep their pairs).
+        if self.expression_share > 0 and rng.random() < self.expression_share:
+            weights = self.expression_weights[c][: len(clip) - gap]
+            first = int(rng.choice(len(weights), p=weights / weights.sum()))
         driving = [first, first + gap]
         idx = rng.choice(len(clip), size=num_sources, replace=len(clip) < num_sources)
         return self._clip_frames(rng, c, np.sort(idx).tolist(), driving, augment)

@@ -70,12 +70,26 @@ class TrainStep(nn.Module):
                 "use a config with an expression (tiny_expression), or output_expression=0",
             )
         self.net = ImplicitWarpingNetwork(config.model)
+        if config.train.freeze_expression_encoder:
+            if self.net.expression_encoder is None:
+                raise ConfigError(
+                    f"the {config.name} network has no expression encoder to freeze",
+                    "use a config with an expression (tiny_expression), or drop "
+                    "--freeze-expression-encoder",
+                )
+            self.net.expression_encoder.requires_grad_(False)
         w = config.train.loss
         self.perceptual = (
             PerceptualLoss(config.train.perceptual_backbone, config.train.perceptual_scales)
             if w.perceptual > 0
             else None
         )
+
+    def train(self, mode: bool = True) -> TrainStep:
+        super().train(mode)
+        if self.config.train.freeze_expression_encoder:
+            self.net.expression_encoder.eval()  # no dropout: it reads as it will live
+        return self
 
     def forward(
         self,
@@ -96,7 +110,13 @@ class TrainStep(nn.Module):
         )
         output, flow = self.net.paint(painted_from), painted_from.flow
         losses = {"l1": (output - driving).abs().mean()}
-        if w.expression > 0 and kp.expression is not None and landmarks is not None:
+        # (A frozen encoder has nothing to learn from its own loss.)
+        if (
+            w.expression > 0
+            and kp.expression is not None
+            and landmarks is not None
+            and not self.config.train.freeze_expression_encoder
+        ):
             losses["expression"] = expression_loss(kp.expression, landmarks)
         if w.region_l1 > 0 and landmarks is not None:
             losses["region_l1"] = region_l1_loss(output, driving, landmarks)
@@ -248,6 +268,12 @@ class TrainOptions:
         "train.expression_focus",
         help="share of samples whose driving frame is drawn towards its clip's most open or "
         "shut mouth and eyes (needs the landmarks; default: the config's)",
+    )
+    freeze_expression_encoder: bool = setting(
+        "train.freeze_expression_encoder",
+        False,
+        help="keep the expression encoder's weights (e.g. a reader from `iwarp "
+        "train-expression`): only the renderer learns",
     )
     loss: list[str] = option(
         default_factory=list, metavar="NAME=W", help="override a loss weight (repeatable)"
