@@ -1,7 +1,7 @@
 """How hard each loss term pulls, and on which module: per-term gradient norms on real batches.
 
     python bench/loss_gradients.py --config tiny_expression --size 256 --batch-size 4 \
-        --checkpoint training/tiny_expression/expr256c_latest.safetensors --loss output_expression=1
+        --checkpoint training/tiny_expression/expr256e_latest.safetensors --loss output_expression=1
 
 Loss weights are set by hand against values, but the clipped, summed gradient is what trains:
 a term whose gradient is ten times the others' steers every module it reaches, whatever its

@@ -277,6 +277,17 @@ class ClipDataset:
             self.expression_weights.append(weights / weights.sum())
         self.expression_share = share
 
+    def _focused_frame(self, rng: np.random.Generator, c: int, count: int) -> int | None:
+        """On `expression_share` of draws, one of clip `c`'s first `count` frames drawn by
+        `focus_on_expression`'s weights; otherwise None. Nothing is drawn while the focus is
+        off, so that runs without it keep their batches."""
+        if not (self.expression_share > 0 and rng.random() < self.expression_share):
+            return None
+        weights = self.expression_weights[c]
+        if count < len(weights):
+            weights = weights[:count] / weights[:count].sum()
+        return int(rng.choice(count, p=weights))
+
     def sample(
         self, rng: np.random.Generator, num_sources: int, augment: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -293,9 +304,9 @@ class ClipDataset:
         clip = self.clips[c]
         replace = len(clip) < num_sources + 1
         idx = rng.choice(len(clip), size=num_sources + 1, replace=replace)
-        # (Drawn only when on, so that runs without it keep their batches.)
-        if self.expression_share > 0 and rng.random() < self.expression_share:
-            idx[-1] = rng.choice(len(clip), p=self.expression_weights[c])
+        focused = self._focused_frame(rng, c, len(clip))
+        if focused is not None:
+            idx[-1] = focused
         sources, driving, landmarks = self._clip_frames(
             rng, c, np.sort(idx[:num_sources]).tolist(), [int(idx[-1])], augment
         )
@@ -320,11 +331,9 @@ class ClipDataset:
         clip = self.clips[c]
         gap = int(rng.integers(1, max_gap + 1))
         first = int(rng.integers(len(clip) - gap))
-        # As `sample`: the pair's first frame drawn towards the clip's open mouths and shut
-        # eyes on `expression_share` of pairs (drawn only when on: other runs keep their pairs).
-        if self.expression_share > 0 and rng.random() < self.expression_share:
-            weights = self.expression_weights[c][: len(clip) - gap]
-            first = int(rng.choice(len(weights), p=weights / weights.sum()))
+        focused = self._focused_frame(rng, c, len(clip) - gap)  # the pair's first frame
+        if focused is not None:
+            first = focused
         driving = [first, first + gap]
         idx = rng.choice(len(clip), size=num_sources, replace=len(clip) < num_sources)
         return self._clip_frames(rng, c, np.sort(idx).tolist(), driving, augment)
