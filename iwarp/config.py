@@ -82,6 +82,14 @@ class ModelConfig:
     # identities: it read unseen faces' mouths and eyes with r 0.24-0.43, the squeezed one
     # (`iwarp train-expression`) with 0.61-0.72 (`docs/RESULTS.md`, "round 4").
     expression_head_channels: int = 0
+    # Expression as a gain, not only a plane: each of the query and key encoders' last feature
+    # maps and the generator's stem is scaled and shifted per channel by a linear map of the
+    # expression (FiLM), zero-initialised. A constant plane into a convolution is a bias the
+    # same at every place, and the trained weights left it at zero in the query and key
+    # encoders (|w| 0.0005 against 0.04): the warp never moved a lid or a lip. A gain acts
+    # where a channel is active, i.e. where the eyes or the mouth are (`docs/RESULTS.md`,
+    # "round 6").
+    expression_film: bool = False
 
     # Settings of older checkpoints that this version no longer has, with the one value it can
     # still run: the pixel skip (the weights before issue 17) is retired.
@@ -125,6 +133,10 @@ class ModelConfig:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of expression_size "
                 f"{self.expression_size}"
+            )
+        if self.expression_film and not self.expression_dim:
+            raise ValueError(
+                "expression_film scales features by the expression: needs expression_dim"
             )
         if self.multi_source_mode not in ("attention", "average"):
             raise ValueError(f"unknown multi_source_mode {self.multi_source_mode!r}")

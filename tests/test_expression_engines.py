@@ -232,3 +232,37 @@ def test_calibration_records_and_feeds_the_expression(ort_backend, tmp_path):
     again = load_cache(path).calib
     np.testing.assert_array_equal(again.expression, fs.expression)
     np.testing.assert_array_equal(again.source_expression, fs.source_expression)
+
+
+def test_film_network_exports_and_runs_on_onnxruntime(ckpt, faces, tmp_path):
+    """`expression_film` adds no graph input: the gains read the expression from the planes.
+    The export's own parity check passes, and ONNX Runtime follows torch when the driving
+    expression changes."""
+    plain = Checkpoint(ckpt)
+    config = plain.config
+    config.model.expression_film = True
+    net = ImplicitWarpingNetwork(config.model)
+    load_compatible(net, plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in (net.query_encoder, net.key_encoder, net.generator):
+            weight = module.film.to_gain_shift.weight
+            weight.copy_(0.3 * torch.randn(weight.shape, generator=g))
+    film = save_checkpoint(tmp_path / "film.safetensors", config, net.eval())
+    out = tmp_path / "onnx"
+    meta = export_onnx(film, out, show_progress=False)  # raises when parity fails
+    spec = graphs.graph_specs(config.model)
+    for name in graphs.GRAPHS:
+        assert meta["graphs"][name]["inputs"] == [t.as_dict() for t in spec[name].inputs]
+    torch_b = create_backend("torch", film, device="cpu")
+    ort_b = OrtBackend.from_checkpoint(film, out, threads=2, show_progress=False)
+    frames = []
+    for backend in (torch_b, ort_b):
+        avatar, pose, _ = _run(backend, faces)
+        frames.append(backend.animate(avatar, replace(pose, expression=pose.expression + 1.0)))
+    assert float(np.abs(frames[0] - frames[1]).max()) < 1e-3
+    # The gains changed the picture: the plain network gives another frame.
+    plain_b = create_backend("torch", ckpt, device="cpu")
+    avatar, pose, _ = _run(plain_b, faces)
+    plain_frame = plain_b.animate(avatar, replace(pose, expression=pose.expression + 1.0))
+    assert float(np.abs(plain_frame - frames[0]).max()) > 0.01

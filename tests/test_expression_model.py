@@ -7,6 +7,8 @@ face with its mouth pulled open by a warp), not only on numbers made up for the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +184,71 @@ def test_expression_moves_the_output_once_trained_weights_use_it(grown) -> None:
     kp = net.detect(driving)
     wide = Keypoints(kp.points, kp.strength, kp.expression + 2.0)
     assert float((net.animate(source, kp) - net.animate(source, wide)).abs().mean()) > 1e-3
+
+
+def test_film_starts_as_the_network_it_grows_from_and_then_gains(grown) -> None:
+    """`expression_film`: grown from weights without it, the network is unchanged; once its
+    gains are trained, another expression gives another warp (queries and keys) and paint."""
+    _, plain = grown
+    config = replace(plain.config, expression_film=True)
+    net = ImplicitWarpingNetwork(config).eval().requires_grad_(False)
+    adapted = load_compatible(net, plain.state_dict())
+    assert sorted(a.split(".")[0] for a in adapted) == [
+        "generator",
+        "generator",
+        "key_encoder",
+        "key_encoder",
+        "query_encoder",
+        "query_encoder",
+    ]
+    torch.manual_seed(2)
+    sources, driving = torch.rand(1, 1, 3, 256, 256), torch.rand(1, 3, 256, 256)
+    kp = plain.detect(driving)
+    wide = Keypoints(kp.points, kp.strength, kp.expression + 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net.animate(net.encode_sources(sources), wide),
+            plain.animate(plain.encode_sources(sources), wide),
+        )
+    # The planes' own weights stay at zero: only the gains can move the warp.
+    for encoder in (net.query_encoder, net.key_encoder):
+        encoder.unet.stem[0].weight[:, -4:].zero_()
+    net.query_encoder.film.to_gain_shift.weight.normal_(0, 0.5)
+    source = net.encode_sources(sources)
+    warps = [net.warp_to_driving(source, k).flow.blended for k in (kp, wide)]
+    assert float((warps[0] - warps[1]).abs().mean()) > 1e-3
+    net.query_encoder.film.to_gain_shift.weight.zero_()
+    net.generator.film.to_gain_shift.weight.normal_(0, 0.5)
+    assert float((net.animate(source, kp) - net.animate(source, wide)).abs().mean()) > 1e-3
+
+
+def test_film_gains_act_where_a_channel_is_active() -> None:
+    """A gain, unlike a plane into a convolution, leaves a channel's silent places silent: the
+    expression can change an eye's features without painting over the cheek."""
+    from iwarp.model.expression import ExpressionFiLM, expression_planes
+
+    film = ExpressionFiLM(4, 2)
+    with torch.no_grad():
+        film.to_gain_shift.weight[:2].fill_(0.5)  # gains only, no shift
+    features = torch.zeros(1, 2, 4, 4)
+    features[:, :, 1, 1] = 1.0  # one active place
+    expression = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    out = film(features, expression_planes(expression, features))
+    torch.testing.assert_close(out[:, :, 1, 1], torch.full((1, 2), 1.5))
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1, 1] = False
+    assert float(out[:, :, mask].abs().max()) == 0.0
+
+
+def test_film_needs_an_expression() -> None:
+    from iwarp.train.trainer import TrainOptions
+
+    options = TrainOptions(config="tiny_expression", data="d", out="o", expression_film=True)
+    assert options.to_config().model.expression_film
+    config = get_config("tiny_flow").model
+    config.expression_film = True
+    with pytest.raises(ValueError, match="needs expression_dim"):
+        ImplicitWarpingNetwork(config)
 
 
 def test_relative_expression_returns_the_avatars_own_at_the_reference() -> None:

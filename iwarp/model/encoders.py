@@ -10,6 +10,7 @@ from torch import nn
 
 from iwarp.config import ModelConfig
 from iwarp.model.blocks import ConvBNReLU, UNet
+from iwarp.model.expression import ExpressionFiLM
 
 
 def sincos_position_encoding(size: int, dim: int, reference: int = 32) -> torch.Tensor:
@@ -33,7 +34,14 @@ def sincos_position_encoding(size: int, dim: int, reference: int = 32) -> torch.
 class _GridUNet(nn.Module):
     """UNet at the keypoint resolution, ending on the attention grid with `out_dim` channels."""
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], out_dim: int, stride: int):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: tuple[int, ...],
+        out_dim: int,
+        stride: int,
+        film_expression_dim: int = 0,
+    ):
         super().__init__()
         self.unet = UNet(in_channels, channels)
         layers: list[nn.Module] = []
@@ -41,11 +49,16 @@ class _GridUNet(nn.Module):
         for _ in range(int(math.log2(stride))):
             layers.append(ConvBNReLU(cin, cin, stride=2))
         self.to_grid = nn.Sequential(*layers)
+        # The input's last `film_expression_dim` channels are the expression planes.
+        self.film = ExpressionFiLM(film_expression_dim, cin) if film_expression_dim else None
         self.out = nn.Conv2d(cin, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, _ = self.unet(x)
-        return self.out(self.to_grid(features))
+        features = self.to_grid(features)
+        if self.film is not None:
+            features = self.film(features, x[:, -self.film.expression_dim :])
+        return self.out(features)
 
 
 class QueryEncoder(_GridUNet):
@@ -58,6 +71,7 @@ class QueryEncoder(_GridUNet):
             config.query_channels,
             config.attn_dim,
             config.attn_stride // config.kp_downsample,
+            config.expression_dim if config.expression_film else 0,
         )
 
 
@@ -71,6 +85,7 @@ class KeyEncoder(_GridUNet):
             config.key_channels,
             config.attn_dim,
             config.attn_stride // config.kp_downsample,
+            config.expression_dim if config.expression_film else 0,
         )
 
 

@@ -68,3 +68,26 @@ def expression_planes(expression: torch.Tensor | None, like: torch.Tensor) -> to
     if expression is None:
         return like.new_zeros(b, 0, h, w)
     return expression[:, :, None, None].expand(-1, -1, h, w)
+
+
+class ExpressionFiLM(nn.Module):
+    """Features (B, C, H, W) scaled and shifted per channel by the expression:
+    `x * (1 + gain(e)) + shift(e)`. Zero-initialised, so it starts as the identity.
+
+    The expression is read back from the constant planes the encoder or generator already
+    receives (their mean), so no graph gains an input and the runtime's and export's paths
+    stay as they are.
+    """
+
+    def __init__(self, expression_dim: int, channels: int) -> None:
+        super().__init__()
+        self.expression_dim = expression_dim
+        self.to_gain_shift = nn.Linear(expression_dim, 2 * channels)
+        nn.init.zeros_(self.to_gain_shift.weight)
+        nn.init.zeros_(self.to_gain_shift.bias)
+
+    def forward(self, features: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+        """`planes` (B, E, H', W'): the expression planes of `expression_planes`."""
+        expression = planes.mean(dim=(2, 3))
+        gain, shift = self.to_gain_shift(expression)[:, :, None, None].chunk(2, dim=1)
+        return features * (1 + gain) + shift

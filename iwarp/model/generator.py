@@ -7,6 +7,7 @@ from torch import nn
 
 from iwarp.config import ModelConfig
 from iwarp.model.blocks import ConvBNReLU, ResBlock, UpBlock
+from iwarp.model.expression import ExpressionFiLM
 
 
 class Generator(nn.Module):
@@ -23,6 +24,10 @@ class Generator(nn.Module):
         c = config.generator_channels
         self.flow_warp = config.flow_warp
         self.stem = ConvBNReLU(config.value_dim + config.expression_dim, c)
+        self.expression_dim = config.expression_dim
+        # Where the stem's channels see an eye or a mouth, the expression scales them: the
+        # painting of a lid or a mouth's inside can be local (`ModelConfig.expression_film`).
+        self.film = ExpressionFiLM(config.expression_dim, c) if config.expression_film else None
         self.res = nn.Sequential(*(ResBlock(c) for _ in range(config.generator_res_blocks)))
         ups: list[nn.Module] = []
         for cout in config.generator_up_channels:
@@ -40,7 +45,10 @@ class Generator(nn.Module):
     def forward(self, warped: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
         """(B, dv [+ E], g, g) features [and the driving expression's planes] [+ (B, 4, H, W)
         the flow warp's blended photo and unmatched share] -> (B, 3, H, W) in [0, 1]."""
-        features = self.up(self.res(self.stem(warped)))
+        features = self.stem(warped)
+        if self.film is not None:
+            features = self.film(features, warped[:, -self.expression_dim :])
+        features = self.up(self.res(features))
         if not self.flow_warp:
             return torch.sigmoid(self.out(features))
         if flow is None:

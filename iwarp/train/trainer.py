@@ -294,6 +294,12 @@ class TrainOptions:
         help="expression encoder's head squeezed to N channels (0: wide; the weights of "
         "`iwarp train-expression` have 8; default: the config's)",
     )
+    expression_film: bool = setting(
+        "model.expression_film",
+        False,
+        help="the expression also scales the query, key and generator features per channel "
+        "(zero-initialised: a fine-tune starts as its --init weights)",
+    )
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     stills: str | None = option(
         None, help="folder of portrait photos mixed in with synthetic motion (still_share)"
