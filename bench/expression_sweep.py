@@ -1,12 +1,14 @@
 """What the network does with its expression numbers, and how well it reads them.
 
-Two checks of an expression checkpoint (`ModelConfig.expression_dim` > 0), for issue 28:
+Checks of an expression checkpoint (`ModelConfig.expression_dim` > 0), for issue 28:
 
 1. **Sweep** (a picture): one photo animated by its own keypoints while one expression number
    at a time is set to -2 .. +3 standard deviations (mouth open, mouth width, both eyes). A
    network that uses its expression opens the mouth and shuts the eyes along the rows; one
    that ignores it shows the same face in every column.
-2. **Reading** (numbers): on the val split's clips, the encoder's expression against the
+2. **Parts** (`--parts`, a picture): the same changes split into what the attention's warp
+   moves and what the generator paints over it.
+3. **Reading** (numbers): on the val split's clips, the encoder's expression against the
    dlib landmarks' standardised ratios it was taught (Pearson r per number, over all frames
    with a face). The landmarks are found once and cached, as for training.
 
@@ -38,26 +40,59 @@ LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 ROWS = {"mouth open": (0,), "mouth width": (1,), "eyes": (2, 3)}
 
 
-@torch.no_grad()
-def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
-    """A grid: one row per ROWS entry, one column per LEVELS value, the photo's own pose."""
+def _posed(net, photo: np.ndarray, size: int):
+    """The photo's face crop as a source set, and its own keypoints."""
     box = clip_crop_box([FaceDetector().detect(photo)], scale=DEFAULT_SCALE)
     face = crop_and_resize(photo, box, size)
     image = torch.from_numpy(image_to_tensor(face))
-    source = net.encode_sources(image[None])
-    kp = net.detect(image)
+    return net.encode_sources(image[None]), net.detect(image)
+
+
+def _tile(image: torch.Tensor, label: str) -> np.ndarray:
+    """(1, 3, S, S) in [0, 1] -> an (S, S, 3) uint8 tile, labelled in its corner."""
+    tile = Image.fromarray((image[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
+    ImageDraw.Draw(tile).text((4, 4), label, fill=(255, 255, 0))
+    return np.asarray(tile)
+
+
+@torch.no_grad()
+def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
+    """A grid: one row per ROWS entry, one column per LEVELS value, the photo's own pose."""
+    source, kp = _posed(net, photo, size)
     rows = []
     for label, dims in ROWS.items():
         tiles = []
         for level in LEVELS:
             expression = kp.expression.clone()
             expression[:, list(dims)] = level
-            out = net.animate(source, Keypoints(kp.points, kp.strength, expression))[0]
-            tile = Image.fromarray((out.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
-            ImageDraw.Draw(tile).text((4, 4), f"{label} {level:+.0f}", fill=(255, 255, 0))
-            tiles.append(np.asarray(tile))
+            out = net.animate(source, Keypoints(kp.points, kp.strength, expression))
+            tiles.append(_tile(out, f"{label} {level:+.0f}"))
         rows.append(np.concatenate(tiles, axis=1))
     return np.concatenate(rows, axis=0)
+
+
+@torch.no_grad()
+def parts(net, photo: np.ndarray, size: int) -> np.ndarray:
+    """Where each row's change comes from: for the mouth and the eyes at -2, 0 and +3, the
+    output, the photo as the attention alone moves it, and the generator's painted share
+    (its colours times how much of the warped photo it replaces). A lid the warp closes shows
+    in the middle row; one the generator paints, in the bottom row."""
+    source, kp = _posed(net, photo, size)
+    columns = []
+    for label, dims in (("mouth", (0,)), ("eyes", (2, 3))):
+        for level in (-2.0, 0.0, 3.0):
+            expression = kp.expression.clone()
+            expression[:, list(dims)] = level
+            inputs = net.warp_to_driving(source, Keypoints(kp.points, kp.strength, expression))
+            flow = torch.cat([inputs.flow.blended, inputs.flow.unmatched], dim=1)
+            colours, keep = net.generator.blend_parts(net.generator.decode(inputs.features), flow)
+            out = keep * inputs.flow.blended + (1 - keep) * colours
+            tiles = [
+                _tile(t, f"{label} {level:+.0f}" if i == 0 else "")
+                for i, t in enumerate((out, inputs.flow.blended, (1 - keep) * colours))
+            ]
+            columns.append(np.concatenate(tiles, axis=0))
+    return np.concatenate(columns, axis=1)
 
 
 def reading(net, size: int, max_clips: int | None) -> dict:
@@ -78,6 +113,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--photo", default=str(DEFAULT_AVATAR))
     parser.add_argument("--out", default="expression_sweep.png")
+    parser.add_argument(
+        "--parts", default=None, help="also a picture of the warp's and the paint's shares"
+    )
     parser.add_argument("--size", type=int, default=0, help="0: the checkpoint's image size")
     parser.add_argument("--reading-size", type=int, default=0, help="0: skip the reading")
     parser.add_argument("--max-clips", type=int, default=None)
@@ -86,9 +124,12 @@ def main() -> None:
     net = load_network(args.checkpoint)[0].eval()
     if not net.config.expression_dim:
         raise SystemExit(f"{args.checkpoint} has no expression (expression_dim 0)")
-    grid = sweep(net, read_image(args.photo), args.size or net.config.image_size)
-    Image.fromarray(grid).save(args.out, quality=90)
+    photo, size = read_image(args.photo), args.size or net.config.image_size
+    Image.fromarray(sweep(net, photo, size)).save(args.out, quality=90)
     print(f"sweep: {args.out}")
+    if args.parts:
+        Image.fromarray(parts(net, photo, size)).save(args.parts, quality=90)
+        print(f"warp and paint: {args.parts}")
     if args.reading_size:
         result = reading(net, args.reading_size, args.max_clips)
         print(json.dumps(result))

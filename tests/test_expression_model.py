@@ -222,6 +222,23 @@ def test_film_starts_as_the_network_it_grows_from_and_then_gains(grown) -> None:
     assert float((net.animate(source, kp) - net.animate(source, wide)).abs().mean()) > 1e-3
 
 
+def test_generator_parts_recombine_to_its_output(grown) -> None:
+    """`bench/expression_sweep.py --parts` shows the warp's and the paint's shares apart:
+    blended as the generator blends them they are the output."""
+    _, net = grown
+    torch.manual_seed(4)
+    sources, driving = torch.rand(1, 1, 3, 256, 256), torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        source, kp = net.encode_sources(sources), net.detect(driving)
+        inputs = net.warp_to_driving(source, kp)
+        flow = torch.cat([inputs.flow.blended, inputs.flow.unmatched], dim=1)
+        colours, keep = net.generator.blend_parts(net.generator.decode(inputs.features), flow)
+        assert float(keep.min()) >= 0 and float(keep.max()) <= 1
+        torch.testing.assert_close(
+            keep * inputs.flow.blended + (1 - keep) * colours, net.animate(source, kp)
+        )
+
+
 def test_film_gains_act_where_a_channel_is_active() -> None:
     """A gain, unlike a plane into a convolution, leaves a channel's silent places silent: the
     expression can change an eye's features without painting over the cheek."""

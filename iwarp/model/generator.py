@@ -42,17 +42,28 @@ class Generator(nn.Module):
         else:
             self.out = nn.Conv2d(c, 3, 3, padding=1)
 
-    def forward(self, warped: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, dv [+ E], g, g) features [and the driving expression's planes] [+ (B, 4, H, W)
-        the flow warp's blended photo and unmatched share] -> (B, 3, H, W) in [0, 1]."""
+    def decode(self, warped: torch.Tensor) -> torch.Tensor:
+        """(B, dv [+ E], g, g) -> the last upsampling's features (B, c, H, W)."""
         features = self.stem(warped)
         if self.film is not None:
             features = self.film(features, warped[:, -self.expression_dim :])
-        features = self.up(self.res(features))
-        if not self.flow_warp:
-            return torch.sigmoid(self.out(features))
+        return self.up(self.res(features))
+
+    def blend_parts(
+        self, features: torch.Tensor, flow: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow warp's two halves: the painted colours (B, 3, H, W) and how much of the
+        warped photo is kept (B, 1, H, W), from `features` and the flow's (B, 4, H, W)."""
         if flow is None:
             raise ValueError("this generator blends the flow warp's photo: pass it")
         out = self.out(torch.cat([features, flow], dim=1))
-        mask = torch.sigmoid(out[:, 3:4])
-        return mask * flow[:, :3] + (1 - mask) * torch.sigmoid(out[:, :3])
+        return torch.sigmoid(out[:, :3]), torch.sigmoid(out[:, 3:4])
+
+    def forward(self, warped: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, dv [+ E], g, g) features [and the driving expression's planes] [+ (B, 4, H, W)
+        the flow warp's blended photo and unmatched share] -> (B, 3, H, W) in [0, 1]."""
+        features = self.decode(warped)
+        if not self.flow_warp:
+            return torch.sigmoid(self.out(features))
+        colours, keep = self.blend_parts(features, flow)
+        return keep * flow[:, :3] + (1 - keep) * colours
