@@ -271,6 +271,10 @@ class TrainConfig:
     # eval mode, so that the renderer learns to follow a reader trained apart
     # (`iwarp train-expression`) instead of pulling it back towards its own losses.
     freeze_expression_encoder: bool = False
+    # Networks with `expression_film`: its gains learn at lr x this. They start at zero beside
+    # trained layers, and at the run's lr (Adam: about lr per step) they had moved 0.01 in 400
+    # steps, a 2 % gain for a two-deviation blink (`docs/RESULTS.md`, "round 6").
+    film_lr_scale: float = 10.0
 
     def validate(self) -> None:
         """ConfigError for settings a run cannot use, before any data is read."""

@@ -257,6 +257,43 @@ def test_film_gains_act_where_a_channel_is_active() -> None:
     assert float(out[:, :, mask].abs().max()) == 0.0
 
 
+def test_film_gains_learn_faster_and_keep_their_rate_across_a_resume(tmp_path) -> None:
+    """The gains start at zero beside trained layers: their group runs at `film_lr_scale`
+    times the schedule's rate in a real step, and a checkpoint brings the group back."""
+    from iwarp.checkpoint import Checkpoint, save_checkpoint
+    from iwarp.train.trainer import Batch, Trainer, learning_rate, train_step
+
+    config = get_config("tiny_expression")
+    config.train.loss.perceptual = 0.0
+    assert len(Trainer.create(config, torch.device("cpu")).optimizer.param_groups) == 1
+    config.model.expression_film = True
+    trainer = Trainer.create(config, torch.device("cpu"))
+    rest, film = trainer.optimizer.param_groups
+    names = {id(p): name for name, p in trainer.net.named_parameters()}
+    assert sorted(names[id(p)].split(".")[0] for p in film["params"]) == [
+        "generator",
+        "generator",
+        "key_encoder",
+        "key_encoder",
+        "query_encoder",
+        "query_encoder",
+    ]
+    assert not any(".film." in names[id(p)] for p in rest["params"])
+    torch.manual_seed(0)
+    batch = Batch(torch.rand(1, 1, 3, 128, 128), torch.rand(1, 3, 128, 128), None)
+    train_step(trainer, batch, step=3, steps=10)
+    expected = learning_rate(config.train, 3, 10)
+    assert rest["lr"] == pytest.approx(expected)
+    assert film["lr"] == pytest.approx(expected * config.train.film_lr_scale)
+    path = save_checkpoint(
+        tmp_path / "c.safetensors", config, trainer.net, optimizers={"generator": trainer.optimizer}
+    )
+    again = Trainer.create(config, torch.device("cpu"))
+    again.optimizer.param_groups[1]["lr_scale"] = 1.0
+    Checkpoint(path).load_optimizer("generator", again.optimizer)
+    assert again.optimizer.param_groups[1]["lr_scale"] == config.train.film_lr_scale
+
+
 def test_film_needs_an_expression() -> None:
     from iwarp.train.trainer import TrainOptions
 

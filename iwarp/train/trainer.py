@@ -300,6 +300,10 @@ class TrainOptions:
         help="the expression also scales the query, key and generator features per channel "
         "(zero-initialised: a fine-tune starts as its --init weights)",
     )
+    film_lr_scale: float | None = setting(
+        "train.film_lr_scale",
+        help="--expression-film's gains learn at lr x this (default: the config's, 10)",
+    )
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     stills: str | None = option(
         None, help="folder of portrait photos mixed in with synthetic motion (still_share)"
@@ -359,7 +363,7 @@ class Trainer:
         tc = config.train
         module = TrainStep(config).to(device)
         optimizer = torch.optim.Adam(
-            module.net.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+            parameter_groups(module.net, tc), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
         )
         disc = PatchDiscriminator().to(device) if tc.loss.gan > 0 else None
         disc_optimizer = (
@@ -472,7 +476,7 @@ def train_step(trainer: Trainer, batch: Batch, step: int, steps: int, rank: int 
         else None
     )
     for group in trainer.optimizer.param_groups:
-        group["lr"] = learning_rate(tc, step, steps)
+        group["lr"] = learning_rate(tc, step, steps) * group.get("lr_scale", 1.0)
     trainer.optimizer.step()
     if trainer.ema is not None:
         trainer.ema.update(trainer.net, step)
@@ -806,6 +810,17 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def parameter_groups(net: nn.Module, tc: TrainConfig) -> list[dict]:
+    """The optimizer's groups: everything at the run's learning rate, and the expression gains
+    (`ModelConfig.expression_film`), when the network has them, at `film_lr_scale` times it.
+    One group without them, as the checkpoints of older runs hold."""
+    film = [p for name, p in net.named_parameters() if ".film." in name]
+    rest = [p for name, p in net.named_parameters() if ".film." not in name]
+    if not film:
+        return [{"params": rest}]
+    return [{"params": rest}, {"params": film, "lr_scale": tc.film_lr_scale}]
 
 
 def learning_rate(tc: TrainConfig, step: int, steps: int) -> float:
