@@ -34,6 +34,9 @@ from iwarp.train.losses import (
 )
 from iwarp.train.trainer import TrainStep, load_compatible, seeded_generator
 
+# Where `expression_film` puts its gains: a weight and a bias in each.
+FILM_MODULES = ["generator"] * 2 + ["key_encoder"] * 2 + ["query_encoder"] * 2
+
 
 def face_68(mouth_gap: float = 0.02, eye_gap: float = 0.06) -> np.ndarray:
     """A schematic frontal face's 68 landmarks in [-1, 1] with the given lip and lid gaps."""
@@ -193,14 +196,7 @@ def test_film_starts_as_the_network_it_grows_from_and_then_gains(grown) -> None:
     config = replace(plain.config, expression_film=True)
     net = ImplicitWarpingNetwork(config).eval().requires_grad_(False)
     adapted = load_compatible(net, plain.state_dict())
-    assert sorted(a.split(".")[0] for a in adapted) == [
-        "generator",
-        "generator",
-        "key_encoder",
-        "key_encoder",
-        "query_encoder",
-        "query_encoder",
-    ]
+    assert sorted(a.split(".")[0] for a in adapted) == FILM_MODULES
     torch.manual_seed(2)
     sources, driving = torch.rand(1, 1, 3, 256, 256), torch.rand(1, 3, 256, 256)
     kp = plain.detect(driving)
@@ -270,14 +266,7 @@ def test_film_gains_learn_faster_and_keep_their_rate_across_a_resume(tmp_path) -
     trainer = Trainer.create(config, torch.device("cpu"))
     rest, film = trainer.optimizer.param_groups
     names = {id(p): name for name, p in trainer.net.named_parameters()}
-    assert sorted(names[id(p)].split(".")[0] for p in film["params"]) == [
-        "generator",
-        "generator",
-        "key_encoder",
-        "key_encoder",
-        "query_encoder",
-        "query_encoder",
-    ]
+    assert sorted(names[id(p)].split(".")[0] for p in film["params"]) == FILM_MODULES
     assert not any(".film." in names[id(p)] for p in rest["params"])
     torch.manual_seed(0)
     batch = Batch(torch.rand(1, 1, 3, 128, 128), torch.rand(1, 3, 128, 128), None)
