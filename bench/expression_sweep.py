@@ -86,7 +86,7 @@ def parts(net, photo: np.ndarray, size: int) -> np.ndarray:
             inputs = net.warp_to_driving(source, Keypoints(kp.points, kp.strength, expression))
             flow = torch.cat([inputs.flow.blended, inputs.flow.unmatched], dim=1)
             colours, keep = net.generator.blend_parts(net.generator.decode(inputs.features), flow)
-            out = keep * inputs.flow.blended + (1 - keep) * colours
+            out = net.paint(inputs)  # the network's own blend, not a copy of it
             tiles = [
                 _tile(t, f"{label} {level:+.0f}" if i == 0 else "")
                 for i, t in enumerate((out, inputs.flow.blended, (1 - keep) * colours))
