@@ -89,7 +89,9 @@ def main() -> None:
         batch = training_batch(data, config.train, index, 0, torch.device("cpu"))
         generator = seeded_generator(config.train.seed, index, 0)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        _, losses = step(batch.sources, batch.driving, generator, batch.landmarks)
+        _, losses = step(
+            batch.sources, batch.driving, generator, batch.landmarks, batch.source_landmarks
+        )
         per_batch.append(term_gradients(step, losses))
 
     modules = sorted({m for b in per_batch for t in b.values() for m in t if m != "all"})

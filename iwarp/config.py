@@ -161,6 +161,10 @@ class LossWeights:
     # nose, chin; `iwarp.landmarks.LANDMARK_GROUPS`), as LivePortrait guides its keypoints:
     # geometry the network need not discover. Landmarks are found once per frame, offline.
     landmark_guidance: float = 0.0
+    # Flow warp: each source's flow at the driving frame's inner-face landmarks must point at
+    # the same landmarks in that source (`losses.landmark_flow_loss`). The warp otherwise
+    # learns head motion and leaves lids and lips to the generator's paint (issue 28).
+    landmark_flow: float = 0.0
     # Temporal consistency: batches become pairs of driving frames a few frames apart with the
     # same sources, and the output's change between them is held to the video's change
     # (L1 of the difference), so that error which changes from frame to frame, seen as flicker,
@@ -189,7 +193,12 @@ class LossWeights:
     @property
     def needs_landmarks(self) -> bool:
         """Whether batches need the driving frames' landmarks."""
-        return self.landmark_guidance > 0 or self.expression > 0 or self.region_l1 > 0
+        return (
+            self.landmark_guidance > 0
+            or self.landmark_flow > 0
+            or self.expression > 0
+            or self.region_l1 > 0
+        )
 
     @property
     def needs_pairs(self) -> bool:

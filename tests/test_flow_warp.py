@@ -375,9 +375,10 @@ def test_stills_become_pairs_with_synthetic_motion(tmp_path) -> None:
     make_test_clip(clips / "a.mp4", frames=6, size=128, image=portrait)
     data = ClipDataset(clips, 64, split=None, cache_dir=tmp_path / "cache", show_progress=False)
     data.add_stills(stills, share=1.0)
-    sources, driving, landmarks = data.sample(np.random.default_rng(0), 2)
+    sources, driving, landmarks, source_landmarks = data.sample(np.random.default_rng(0), 2)
     assert sources.shape == (2, 3, 64, 64) and driving.shape == (3, 64, 64)
     assert np.isnan(landmarks).all()  # a still: no landmarks to guide with
+    assert source_landmarks.shape == (2, 68, 2) and np.isnan(source_landmarks).all()
     assert float((sources[0] - driving).abs().mean()) > 0.005  # moved apart
 
 
@@ -403,11 +404,12 @@ def test_temporal_pairs_share_sources_and_neighbour_in_one_clip() -> None:
         for c, n in ((10, 40), (20, 2), (30, 25))
     ]
     data = _clip_dataset(clips)
-    sources, driving, landmarks = data.batch_with_landmarks(
+    sources, driving, landmarks, source_landmarks = data.batch_with_landmarks(
         0, 7, 8, 2, augment=False, temporal_gap=2
     )
     assert sources.shape == (8, 2, 3, 16, 16) and driving.shape == (8, 3, 16, 16)
     assert landmarks.shape == (8, 68, 2) and torch.isnan(landmarks).all()
+    assert source_landmarks.shape == (8, 2, 68, 2) and torch.isnan(source_landmarks).all()
     code = (driving[:, :2, 0, 0] * 255).round().long()  # (clip, index) of each frame
     gaps = []
     for a in range(0, 8, 2):
@@ -426,7 +428,7 @@ def test_temporal_pairs_get_one_augmentation() -> None:
     data = _clip_dataset([np.stack([photo] * 6)])
     moved = 0
     for step in range(12):
-        _, driving, _ = data.batch_with_landmarks(0, step, 2, 1, temporal_gap=2)
+        _, driving, _, _ = data.batch_with_landmarks(0, step, 2, 1, temporal_gap=2)
         torch.testing.assert_close(driving[0], driving[1], atol=0, rtol=0)
         unmoved = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
         moved += float((driving[0].mean(0) - unmoved.mean(0)).abs().mean()) > 0.02

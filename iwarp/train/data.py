@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -143,6 +144,16 @@ def prepare_clip(
     if box is None:
         raise InputError(f"no face found in {path}", "training clips must show a face")
     return np.stack([crop_and_resize(f, box, size) for f in frames])
+
+
+class FrameSamples(NamedTuple):
+    """Training frames and their dlib landmarks in [-1, 1] (NaN where unknown), per sample or
+    stacked into a batch (a leading B)."""
+
+    sources: torch.Tensor  # (N, 3, S, S)
+    driving: torch.Tensor  # (3, S, S), or (D, 3, S, S) for a temporal pair
+    landmarks: np.ndarray | torch.Tensor  # the driving frames': (68, 2) or (D, 68, 2)
+    source_landmarks: np.ndarray | torch.Tensor  # the sources': (N, 68, 2)
 
 
 class ClipDataset:
@@ -290,16 +301,16 @@ class ClipDataset:
 
     def sample(
         self, rng: np.random.Generator, num_sources: int, augment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1], and the
-        driving frame's landmarks (68, 2) in [-1, 1] as it was flipped and moved (NaN when
-        not loaded, not found, or a still)."""
-        landmarks = np.full((68, 2), np.nan, dtype=np.float32)
+    ) -> FrameSamples:
+        """One sample: sources (N, 3, S, S) and driving (3, S, S), float in [0, 1], with the
+        driving frame's landmarks (68, 2) and the sources' (N, 68, 2), in [-1, 1] as the
+        frames were flipped and moved (NaN when not loaded, not found, or a still)."""
         if augment and self.stills is not None and rng.random() < self.still_share:
             still = self.stills[rng.integers(len(self.stills))]
             x = augment_scene(torch.from_numpy(image_to_tensor(still)), rng)[0][0]
             moved = torch.stack([move_frames(x, rng)[0] for _ in range(num_sources + 1)])
-            return moved[:num_sources], moved[num_sources], landmarks
+            unknown = np.full((num_sources + 1, 68, 2), np.nan, dtype=np.float32)
+            return FrameSamples(moved[:num_sources], moved[num_sources], unknown[-1], unknown[:-1])
         c = rng.choice(len(self.clips), p=self.clip_weights)
         clip = self.clips[c]
         replace = len(clip) < num_sources + 1
@@ -307,19 +318,19 @@ class ClipDataset:
         focused = self._focused_frame(rng, c, len(clip))
         if focused is not None:
             idx[-1] = focused
-        sources, driving, landmarks = self._clip_frames(
+        frames = self._clip_frames(
             rng, c, np.sort(idx[:num_sources]).tolist(), [int(idx[-1])], augment
         )
-        return sources, driving[0], landmarks[0]
+        return frames._replace(driving=frames.driving[0], landmarks=frames.landmarks[0])
 
     def sample_pair(
         self, rng: np.random.Generator, num_sources: int, max_gap: int, augment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    ) -> FrameSamples:
         """Two samples that share their sources, with driving frames 1..`max_gap` frames apart
-        in one clip (for the temporal loss): sources (N, 3, S, S), driving (2, 3, S, S) and
-        their landmarks (2, 68, 2). Flip, colour and any driving-frame move are the same for
-        both frames, so the only change between them is the video's. Clips only: a still has
-        no neighbouring frame."""
+        in one clip (for the temporal loss): sources (N, 3, S, S), driving (2, 3, S, S), their
+        landmarks (2, 68, 2) and the sources' (N, 68, 2). Flip, colour and any driving-frame
+        move are the same for both frames, so the only change between them is the video's.
+        Clips only: a still has no neighbouring frame."""
         usable = [i for i, clip in enumerate(self.clips) if len(clip) > max_gap]
         if not usable:
             raise InputError(
@@ -345,15 +356,15 @@ class ClipDataset:
         sources: list[int],
         driving: list[int],
         augment: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    ) -> FrameSamples:
         """Frames of clip `c` as sources (N, 3, S, S) and driving frames (D, 3, S, S), with
-        the driving frames' landmarks (D, 68, 2). One flip and colour change for all frames
-        (one scene), and on DRIVING_MOTION_SHARE of samples one move for all driving frames."""
+        their landmarks. One flip and colour change for all frames (one scene), and on
+        DRIVING_MOTION_SHARE of samples one move for all driving frames."""
         frames = np.asarray(self.clips[c][[*sources, *driving]])
         if self.landmarks is not None:
-            landmarks = self.landmarks[c][driving].copy()
+            landmarks = self.landmarks[c][[*sources, *driving]].copy()
         else:
-            landmarks = np.full((len(driving), 68, 2), np.nan, dtype=np.float32)
+            landmarks = np.full((len(sources) + len(driving), 68, 2), np.nan, dtype=np.float32)
         x = torch.from_numpy(image_to_tensor(frames))
         n = len(sources)
         if augment:
@@ -362,8 +373,8 @@ class ClipDataset:
                 landmarks = mirror_landmarks(landmarks)
             if rng.random() < DRIVING_MOTION_SHARE:
                 x[n:], theta = move_frames(x[n:], rng)
-                landmarks = move_landmarks(landmarks, theta)
-        return x[:n], x[n:], landmarks
+                landmarks[n:] = move_landmarks(landmarks[n:], theta)
+        return FrameSamples(x[:n], x[n:], landmarks[n:], landmarks[:n])
 
     def batch(
         self, seed: int, step: int, batch_size: int, num_sources: int, rank: int = 0, augment=True
@@ -380,8 +391,9 @@ class ClipDataset:
         rank: int = 0,
         augment: bool = True,
         temporal_gap: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`batch`, and the driving frames' landmarks (B, 68, 2) (NaN where unknown).
+    ) -> FrameSamples:
+        """`batch`, with the driving frames' landmarks (B, 68, 2) and the sources' (B, N, 68,
+        2) (NaN where unknown).
 
         `temporal_gap` > 0: the batch is B/2 temporal pairs (`sample_pair`), samples 2i and
         2i+1 sharing their sources, for the temporal loss."""
@@ -393,16 +405,18 @@ class ClipDataset:
                 self.sample_pair(rng, num_sources, temporal_gap, augment)
                 for _ in range(batch_size // 2)
             ]
-            return (
-                torch.stack([s for src, _, _ in pairs for s in (src, src)]),
-                torch.cat([d for _, d, _ in pairs]),
-                torch.from_numpy(np.concatenate([lm for _, _, lm in pairs])),
+            return FrameSamples(
+                torch.stack([p.sources for p in pairs for _ in range(2)]),
+                torch.cat([p.driving for p in pairs]),
+                torch.from_numpy(np.concatenate([p.landmarks for p in pairs])),
+                torch.from_numpy(np.stack([p.source_landmarks for p in pairs for _ in range(2)])),
             )
         samples = [self.sample(rng, num_sources, augment) for _ in range(batch_size)]
-        return (
-            torch.stack([s[0] for s in samples]),
-            torch.stack([s[1] for s in samples]),
-            torch.from_numpy(np.stack([s[2] for s in samples])),
+        return FrameSamples(
+            torch.stack([s.sources for s in samples]),
+            torch.stack([s.driving for s in samples]),
+            torch.from_numpy(np.stack([s.landmarks for s in samples])),
+            torch.from_numpy(np.stack([s.source_landmarks for s in samples])),
         )
 
 

