@@ -6,8 +6,10 @@ Checks of an expression checkpoint (`ModelConfig.expression_dim` > 0), for issue
    at a time is set to -2 .. +3 standard deviations (mouth open, mouth width, both eyes). A
    network that uses its expression opens the mouth and shuts the eyes along the rows; one
    that ignores it shows the same face in every column.
-2. **Parts** (`--parts`, a picture): the same changes split into what the attention's warp
-   moves and what the generator paints over it.
+2. **Parts** (`--parts`, a picture and numbers): the same changes split into what the
+   attention's warp moves and what the generator paints over it, and how far the warp moves
+   the lids and lips: the mean change of its flow, in pixels, at the photo's eye and mouth
+   landmarks, against the flow at the same number set to 0.
 3. **Reading** (numbers): on the val split's clips, the encoder's expression against the
    dlib landmarks' standardised ratios it was taught (Pearson r per number, over all frames
    with a face). The landmarks are found once and cached, as for training.
@@ -40,10 +42,17 @@ LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 ROWS = {"mouth open": (0,), "mouth width": (1,), "eyes": (2, 3)}
 
 
-def _posed(net, photo: np.ndarray, size: int):
-    """The photo's face crop as a source set, and its own keypoints."""
+# dlib's 68 points of each part whose motion `parts` measures.
+PART_POINTS = {"eyes": tuple(range(36, 48)), "mouth": tuple(range(48, 68))}
+
+
+def _crop(photo: np.ndarray, size: int) -> np.ndarray:
     box = clip_crop_box([FaceDetector().detect(photo)], scale=DEFAULT_SCALE)
-    face = crop_and_resize(photo, box, size)
+    return crop_and_resize(photo, box, size)
+
+
+def _posed(net, face: np.ndarray):
+    """A face crop as a source set, and its own keypoints."""
     image = torch.from_numpy(image_to_tensor(face))
     return net.encode_sources(image[None]), net.detect(image)
 
@@ -58,7 +67,7 @@ def _tile(image: torch.Tensor, label: str) -> np.ndarray:
 @torch.no_grad()
 def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
     """A grid: one row per ROWS entry, one column per LEVELS value, the photo's own pose."""
-    source, kp = _posed(net, photo, size)
+    source, kp = _posed(net, _crop(photo, size))
     rows = []
     for label, dims in ROWS.items():
         tiles = []
@@ -72,18 +81,33 @@ def sweep(net, photo: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def parts(net, photo: np.ndarray, size: int) -> np.ndarray:
+def parts(net, photo: np.ndarray, size: int) -> tuple[np.ndarray, dict[str, float]]:
     """Where each row's change comes from: for the mouth and the eyes at -2, 0 and +3, the
     output, the photo as the attention alone moves it, and the generator's painted share
     (its colours times how much of the warped photo it replaces). A lid the warp closes shows
-    in the middle row; one the generator paints, in the bottom row."""
-    source, kp = _posed(net, photo, size)
-    columns = []
+    in the middle row; one the generator paints, in the bottom row.
+
+    Also the warp's motion per column ("eyes -2": pixels): the mean distance between its flow
+    at that number and at 0, read at the part's landmarks on the photo (dlib)."""
+    from iwarp.landmarks import DlibFaces, to_unit
+
+    face = _crop(photo, size)
+    found = DlibFaces().landmarks(face)
+    if found is None:
+        raise SystemExit("dlib finds no face in the photo's crop: pass another --photo")
+    landmarks = torch.from_numpy(to_unit(found, size))
+    source, kp = _posed(net, face)
+    columns, motion = [], {}
     for label, dims in (("mouth", (0,)), ("eyes", (2, 3))):
+        at = landmarks[list(PART_POINTS[label])][None, None]  # (1, 1, P, 2)
+        flows = {}
         for level in (-2.0, 0.0, 3.0):
             expression = kp.expression.clone()
             expression[:, list(dims)] = level
             inputs = net.warp_to_driving(source, Keypoints(kp.points, kp.strength, expression))
+            flows[level] = torch.nn.functional.grid_sample(
+                inputs.flow.flow[:, 0], at, align_corners=False
+            )  # (1, 2, 1, P): where each landmark's pixel comes from in the photo
             flow = torch.cat([inputs.flow.blended, inputs.flow.unmatched], dim=1)
             colours, keep = net.generator.blend_parts(net.generator.decode(inputs.features), flow)
             out = net.paint(inputs)  # the network's own blend, not a copy of it
@@ -92,7 +116,10 @@ def parts(net, photo: np.ndarray, size: int) -> np.ndarray:
                 for i, t in enumerate((out, inputs.flow.blended, (1 - keep) * colours))
             ]
             columns.append(np.concatenate(tiles, axis=0))
-    return np.concatenate(columns, axis=1)
+        for level in (-2.0, 3.0):
+            shift = (flows[level] - flows[0.0]).norm(dim=1).mean() * size / 2
+            motion[f"{label} {level:+.0f}"] = round(float(shift), 2)
+    return np.concatenate(columns, axis=1), motion
 
 
 def reading(net, size: int, max_clips: int | None) -> dict:
@@ -128,8 +155,10 @@ def main() -> None:
     Image.fromarray(sweep(net, photo, size)).save(args.out, quality=90)
     print(f"sweep: {args.out}")
     if args.parts:
-        Image.fromarray(parts(net, photo, size)).save(args.parts, quality=90)
+        picture, motion = parts(net, photo, size)
+        Image.fromarray(picture).save(args.parts, quality=90)
         print(f"warp and paint: {args.parts}")
+        print("the warp's motion at the part's landmarks, pixels:", json.dumps(motion))
     if args.reading_size:
         result = reading(net, args.reading_size, args.max_clips)
         print(json.dumps(result))

@@ -23,9 +23,11 @@ from iwarp.landmarks import (
     mirror_landmarks,
     standardised_expression,
 )
+from iwarp.media import read_image
 from iwarp.model import ImplicitWarpingNetwork, Keypoints
 from iwarp.model.expression import ExpressionEncoder
 from iwarp.motion import relative_expression
+from iwarp.paths import DEFAULT_AVATAR
 from iwarp.train.losses import (
     expression_loss,
     output_expression_loss,
@@ -233,6 +235,30 @@ def test_generator_parts_recombine_to_its_output(grown) -> None:
         torch.testing.assert_close(
             keep * inputs.flow.blended + (1 - keep) * colours, net.animate(source, kp)
         )
+
+
+def test_parts_measure_the_warps_own_motion_of_lids_and_lips(grown) -> None:
+    """`bench/expression_sweep.py --parts`' numbers: a network whose expression never reaches
+    the queries (the grown one: zero weights) has a warp that does not move at all; once the
+    query encoder reads it, the warp moves at the eyes and mouth."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "expression_sweep.py"
+    spec = importlib.util.spec_from_file_location("expression_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    photo = read_image(DEFAULT_AVATAR)
+    _, still = sweep.parts(grown[1], photo, 256)
+    assert set(still) == {"mouth -2", "mouth +3", "eyes -2", "eyes +3"}
+    assert max(still.values()) == 0.0
+    net = ImplicitWarpingNetwork(grown[1].config).eval().requires_grad_(False)
+    net.load_state_dict(grown[1].state_dict())
+    torch.manual_seed(1)
+    net.query_encoder.unet.stem[0].weight[:, -4:].normal_(0, 0.5)
+    picture, moving = sweep.parts(net, photo, 256)
+    assert picture.shape == (3 * 256, 6 * 256, 3)
+    assert min(moving.values()) > 0.01
 
 
 def test_film_gains_act_where_a_channel_is_active() -> None:
