@@ -276,6 +276,11 @@ class TrainConfig:
     # eyes are from the clip's usual (`ClipDataset.focus_on_expression`): most frames of a
     # clip show the same face, so the open mouths and shut eyes are otherwise rarely asked for.
     expression_focus: float = 0.0
+    # The share of samples with 2 or more sources where one source is the clip's frame whose
+    # mouth and eyes are nearest the driving frame's, at least MATCH_MIN_GAP frames from it
+    # (`ClipDataset.match_sources`): the attention learns to take an open mouth or a shut
+    # lid from the photo that has one, the paper's premise, instead of painting it.
+    matched_source_share: float = 0.0
     # Expression models: the expression encoder (the reader) keeps its weights and runs in
     # eval mode, so that the renderer learns to follow a reader trained apart
     # (`iwarp train-expression`) instead of pulling it back towards its own losses.
@@ -310,6 +315,11 @@ class TrainConfig:
             raise ConfigError(
                 f"expression focus {self.expression_focus} is not a share of samples",
                 "use --expression-focus between 0 (off) and 1",
+            )
+        if not 0 <= self.matched_source_share <= 1:
+            raise ConfigError(
+                f"matched source share {self.matched_source_share} is not a share of samples",
+                "use --matched-source-share between 0 (off) and 1",
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(

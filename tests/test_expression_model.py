@@ -456,3 +456,49 @@ def test_expression_focus_draws_the_clips_extreme_frames() -> None:
         data = dataset()
         data.landmarks = None
         data.focus_on_expression(0.5)
+
+
+def test_matched_sources_bring_the_open_mouth_from_another_frame() -> None:
+    """Frames carry their index in their pixels; frames 10 and 30 of 40 open the mouth wide.
+    With matching on, a sample driven by one of them gets the other among its sources (the
+    only open mouth at least MATCH_MIN_GAP frames away), single and paired; off, or with one
+    source, the batches are those of a dataset that never heard of it."""
+    from iwarp.train.data import ClipDataset
+
+    frames = np.stack([np.full((16, 16, 3), (i, 0, 0), np.uint8) for i in range(40)])
+    landmarks = np.stack([face_68(mouth_gap=0.3 if i in (10, 30) else 0.02) for i in range(40)])
+
+    def dataset(share: float) -> ClipDataset:
+        data = ClipDataset.__new__(ClipDataset)
+        data.clips, data.size, data.clip_weights = [frames], 16, np.ones(1)
+        data.landmarks = [landmarks]
+        data.focus_on_expression(1.0)
+        data.match_sources(share)
+        return data
+
+    def index(x: torch.Tensor) -> np.ndarray:
+        return np.round(x[..., 0, 0, 0].numpy() * 255).astype(int)
+
+    matched = dataset(1.0)
+    for gap in (0, 2):
+        batch = matched.batch_with_landmarks(0, 0, 200, 2, augment=False, temporal_gap=gap)
+        driving, sources = index(batch.driving), index(batch.sources)
+        if gap:  # a pair's sources match its first frame
+            driving, sources = driving[0::2], sources[0::2]
+        open_driven = np.isin(driving, (10, 30))
+        assert open_driven.sum() > 10
+        for d, s in zip(driving[open_driven], sources[open_driven], strict=True):
+            assert (40 - d) in s  # 10 <-> 30
+    plain, off = dataset(0.0), ClipDataset.__new__(ClipDataset)
+    off.clips, off.size, off.clip_weights, off.landmarks = [frames], 16, np.ones(1), [landmarks]
+    off.focus_on_expression(1.0)
+    for data_pair, num_sources in (((plain, off), 2), ((matched, off), 1)):
+        a, b = (d.batch_with_landmarks(0, 3, 8, num_sources, augment=False) for d in data_pair)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="load_landmarks"):
+        off.landmarks = None
+        off.match_sources(0.5)
+    config = get_config("tiny_expression")
+    config.train.matched_source_share = 1.5
+    with pytest.raises(ConfigError, match="matched source share"):
+        config.train.validate()

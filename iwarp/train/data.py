@@ -146,6 +146,11 @@ def prepare_clip(
     return np.stack([crop_and_resize(f, box, size) for f in frames])
 
 
+# A matched source (`ClipDataset.match_sources`) is at least this many frames from the
+# driving frame: a neighbour would be the answer copied, not an expression found elsewhere.
+MATCH_MIN_GAP = 8
+
+
 class FrameSamples(NamedTuple):
     """Training frames and their dlib landmarks in [-1, 1] (NaN where unknown), per sample or
     stacked into a batch (a leading B)."""
@@ -170,6 +175,10 @@ class ClipDataset:
     # sample, and the share of such samples (`focus_on_expression`); None / 0: off.
     expression_weights: list[np.ndarray] | None = None
     expression_share: float = 0.0
+    # Per clip, each frame's standardised expression (T, 4), and the share of multi-source
+    # samples given a source that matches the driving frame's (`match_sources`); None / 0: off.
+    frame_expressions: list[np.ndarray] | None = None
+    matched_share: float = 0.0
 
     def __init__(
         self,
@@ -288,6 +297,41 @@ class ClipDataset:
             self.expression_weights.append(weights / weights.sum())
         self.expression_share = share
 
+    def match_sources(self, share: float) -> None:
+        """On `share` of the samples with 2 or more sources, the last source becomes the
+        clip's frame whose mouth and eyes are nearest the driving frame's (|mouth open|
+        plus half of each eye's distance, standardised), among frames at least
+        MATCH_MIN_GAP from it: the attention can take the open mouth or shut lid from the
+        photo that has one. Needs `load_landmarks`."""
+        from iwarp.landmarks import standardised_expression
+
+        if share <= 0:
+            self.frame_expressions, self.matched_share = None, 0.0
+            return
+        if self.landmarks is None:
+            raise ValueError("match_sources needs the landmarks: call load_landmarks first")
+        self.frame_expressions = [standardised_expression(p) for p in self.landmarks]
+        self.matched_share = share
+
+    def _matched_sources(
+        self, rng: np.random.Generator, c: int, sources: np.ndarray, driving: int
+    ) -> np.ndarray:
+        """`sources` (frame indices), the last replaced by the frame that matches `driving`'s
+        expression on `matched_share` of draws (`match_sources`). Nothing is drawn while
+        matching is off or with one source, so that such runs keep their batches."""
+        if self.matched_share <= 0 or len(sources) < 2 or rng.random() >= self.matched_share:
+            return sources
+        expressions = self.frame_expressions[c]
+        distance = np.abs(expressions - expressions[driving])
+        score = distance[:, 0] + 0.5 * (distance[:, 2] + distance[:, 3])
+        frames = np.arange(len(score))
+        score[np.abs(frames - driving) < MATCH_MIN_GAP] = np.nan
+        if np.isnan(score).all():  # no face on the driving frame, or a short clip
+            return sources
+        matched = sources.copy()
+        matched[-1] = int(np.nanargmin(score))
+        return matched
+
     def _focused_frame(self, rng: np.random.Generator, c: int, count: int) -> int | None:
         """On `expression_share` of draws, one of clip `c`'s first `count` frames drawn by
         `focus_on_expression`'s weights; otherwise None. Nothing is drawn while the focus is
@@ -318,9 +362,8 @@ class ClipDataset:
         focused = self._focused_frame(rng, c, len(clip))
         if focused is not None:
             idx[-1] = focused
-        frames = self._clip_frames(
-            rng, c, np.sort(idx[:num_sources]).tolist(), [int(idx[-1])], augment
-        )
+        sources = self._matched_sources(rng, c, idx[:num_sources], int(idx[-1]))
+        frames = self._clip_frames(rng, c, np.sort(sources).tolist(), [int(idx[-1])], augment)
         return frames._replace(driving=frames.driving[0], landmarks=frames.landmarks[0])
 
     def sample_pair(
@@ -347,6 +390,7 @@ class ClipDataset:
             first = focused
         driving = [first, first + gap]
         idx = rng.choice(len(clip), size=num_sources, replace=len(clip) < num_sources)
+        idx = self._matched_sources(rng, c, idx, first)
         return self._clip_frames(rng, c, np.sort(idx).tolist(), driving, augment)
 
     def _clip_frames(

@@ -276,6 +276,11 @@ class TrainOptions:
         help="share of samples whose driving frame is drawn towards its clip's most open or "
         "shut mouth and eyes (needs the landmarks; default: the config's)",
     )
+    matched_source_share: float | None = setting(
+        "train.matched_source_share",
+        help="share of multi-source samples where one source is the clip's frame whose mouth "
+        "and eyes are nearest the driving frame's (needs the landmarks; default: the config's)",
+    )
     freeze_expression_encoder: bool = setting(
         "train.freeze_expression_encoder",
         False,
@@ -574,11 +579,12 @@ def load_training_landmarks(
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> None:
-    """The driving frames' landmarks, loaded into `data` when the losses or the expression
-    focus need them, and the focus set."""
-    if tc.loss.needs_landmarks or tc.expression_focus > 0:
+    """The frames' landmarks, loaded into `data` when the losses, the expression focus or the
+    matched sources need them, and those two set."""
+    if tc.loss.needs_landmarks or tc.expression_focus > 0 or tc.matched_source_share > 0:
         data.load_landmarks(cache_dir, show_progress)
         data.focus_on_expression(tc.expression_focus)
+        data.match_sources(tc.matched_source_share)
 
 
 def _prepare(
