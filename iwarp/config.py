@@ -192,7 +192,7 @@ class LossWeights:
 
     @property
     def needs_landmarks(self) -> bool:
-        """Whether batches need the driving frames' landmarks."""
+        """Whether batches need the landmarks of their driving frames and sources."""
         return (
             self.landmark_guidance > 0
             or self.landmark_flow > 0
