@@ -33,6 +33,7 @@ from iwarp.face import DEFAULT_SCALE, FaceDetector, clip_crop_box, crop_and_resi
 from iwarp.graphs import image_to_tensor
 from iwarp.media import read_image
 from iwarp.model import Keypoints
+from iwarp.model.warp import values_at
 from iwarp.paths import DEFAULT_AVATAR, shared_data_dir
 from iwarp.train.data import ClipDataset
 from iwarp.train.expression_reader import reading_scores
@@ -99,15 +100,14 @@ def parts(net, photo: np.ndarray, size: int) -> tuple[np.ndarray, dict[str, floa
     source, kp = _posed(net, face)
     columns, motion = [], {}
     for label, dims in (("mouth", (0,)), ("eyes", (2, 3))):
-        at = landmarks[list(PART_POINTS[label])][None, None]  # (1, 1, P, 2)
+        at = landmarks[list(PART_POINTS[label])][None]  # (1, P, 2)
         flows = {}
         for level in (-2.0, 0.0, 3.0):
             expression = kp.expression.clone()
             expression[:, list(dims)] = level
             inputs = net.warp_to_driving(source, Keypoints(kp.points, kp.strength, expression))
-            flows[level] = torch.nn.functional.grid_sample(
-                inputs.flow.flow[:, 0], at, align_corners=False
-            )  # (1, 2, 1, P): where each landmark's pixel comes from in the photo
+            # (1, P, 2): where each landmark's pixel comes from in the photo
+            flows[level] = values_at(inputs.flow.flow[:, 0], at)
             flow = torch.cat([inputs.flow.blended, inputs.flow.unmatched], dim=1)
             colours, keep = net.generator.blend_parts(net.generator.decode(inputs.features), flow)
             out = net.paint(inputs)  # the network's own blend, not a copy of it
@@ -117,7 +117,7 @@ def parts(net, photo: np.ndarray, size: int) -> tuple[np.ndarray, dict[str, floa
             ]
             columns.append(np.concatenate(tiles, axis=0))
         for level in (-2.0, 3.0):
-            shift = (flows[level] - flows[0.0]).norm(dim=1).mean() * size / 2
+            shift = (flows[level] - flows[0.0]).norm(dim=-1).mean() * size / 2
             motion[f"{label} {level:+.0f}"] = round(float(shift), 2)
     return np.concatenate(columns, axis=1), motion
 

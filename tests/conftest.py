@@ -16,6 +16,17 @@ if importlib.util.find_spec("iwarp") is None:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def load_script(path: Path):
+    """A script outside the package (bench/) as a module, loaded once, for its functions; it
+    is registered under its stem, as its dataclasses look their module up."""
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    return sys.modules[path.stem]
+
+
 def shared_data_dir() -> Path:
     """Real footage folder: $IWARP_DATA, else `shared/data` beside the repository."""
     env = os.environ.get("IWARP_DATA")

@@ -20,7 +20,6 @@ trains with issue 17's recipe.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "clips"
@@ -67,12 +68,7 @@ sys.meta_path.insert(0, _NotOnTheGpuMachine())
 
 def _device_check():
     """bench/device_check.py as a module, for its functions."""
-    if "device_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("device_check", SCRIPT.with_suffix(".py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["device_check"] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["device_check"]
+    return load_script(SCRIPT.with_suffix(".py"))
 
 
 def _env(tmp_path: Path, out: Path) -> dict[str, str]:

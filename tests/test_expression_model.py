@@ -35,6 +35,7 @@ from iwarp.train.losses import (
     region_mask,
 )
 from iwarp.train.trainer import TrainStep, load_compatible, seeded_generator
+from tests.conftest import REPO_ROOT, load_script
 
 # Where `expression_film` puts its gains: a weight and a bias in each.
 FILM_MODULES = ["generator"] * 2 + ["key_encoder"] * 2 + ["query_encoder"] * 2
@@ -241,13 +242,7 @@ def test_parts_measure_the_warps_own_motion_of_lids_and_lips(grown) -> None:
     """`bench/expression_sweep.py --parts`' numbers: a network whose expression never reaches
     the queries (the grown one: zero weights) has a warp that does not move at all; once the
     query encoder reads it, the warp moves at the eyes and mouth."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "bench" / "expression_sweep.py"
-    spec = importlib.util.spec_from_file_location("expression_sweep", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script(REPO_ROOT / "bench" / "expression_sweep.py")
     photo = read_image(DEFAULT_AVATAR)
     _, still = sweep.parts(grown[1], photo, 256)
     assert set(still) == {"mouth -2", "mouth +3", "eyes -2", "eyes +3"}

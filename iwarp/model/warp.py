@@ -232,6 +232,13 @@ def render_flow(coordinate_sums: torch.Tensor, photos: torch.Tensor, grid_side: 
     return FlowWarp(blended, (1 - total).clamp(0.0, 1.0), flow, mass)
 
 
+def values_at(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """A field (B, C, H, W) read bilinearly at points (B, P, 2) in [-1, 1] (the grid_sample
+    convention) -> (B, P, C): e.g. a source's flow at landmarks."""
+    values = F.grid_sample(field, points[:, None], mode="bilinear", align_corners=False)
+    return values[:, :, 0].transpose(1, 2)
+
+
 def attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

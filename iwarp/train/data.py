@@ -151,6 +151,13 @@ def prepare_clip(
 MATCH_MIN_GAP = 8
 
 
+def expression_distance(ratios: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """How far standardised expressions (..., 4) are from `reference`: |mouth open| plus half
+    of each eye's distance (the mouth's width left out); NaN where unknown."""
+    distance = np.abs(ratios - reference)
+    return distance[..., 0] + 0.5 * (distance[..., 2] + distance[..., 3])
+
+
 class FrameSamples(NamedTuple):
     """Training frames and their dlib landmarks in [-1, 1] (NaN where unknown), per sample or
     stacked into a batch (a leading B)."""
@@ -175,8 +182,9 @@ class ClipDataset:
     # sample, and the share of such samples (`focus_on_expression`); None / 0: off.
     expression_weights: list[np.ndarray] | None = None
     expression_share: float = 0.0
-    # Per clip, each frame's standardised expression (T, 4), and the share of multi-source
-    # samples given a source that matches the driving frame's (`match_sources`); None / 0: off.
+    # Per clip, each frame's standardised expression (T, 4), found once (`_frame_expressions`),
+    # and the share of multi-source samples given a source that matches the driving frame's
+    # (`match_sources`); 0: off.
     frame_expressions: list[np.ndarray] | None = None
     matched_share: float = 0.0
 
@@ -250,7 +258,7 @@ class ClipDataset:
                 "build the ClipDataset from a folder of clips for landmark guidance",
             )
         faces: DlibFaces | None = None
-        self.landmarks = []
+        self.landmarks, self.frame_expressions = [], None
         for frames, cache_file in tqdm(
             list(zip(self.clips, self.cache_files, strict=True)),
             desc="landmarks",
@@ -281,18 +289,12 @@ class ClipDataset:
         eyes are from its clip's median (standardised openness: |mouth open| + half of each
         eye's distance, plus 0.25 so that every frame can still be drawn). Needs
         `load_landmarks`."""
-        from iwarp.landmarks import standardised_expression
-
         if share <= 0:
             self.expression_weights, self.expression_share = None, 0.0
             return
-        if self.landmarks is None:
-            raise ValueError("focus_on_expression needs the landmarks: call load_landmarks first")
         self.expression_weights = []
-        for points in self.landmarks:
-            ratios = standardised_expression(points)  # (T, 4), NaN without a face
-            distance = np.abs(ratios - np.nanmedian(ratios, axis=0))
-            score = distance[:, 0] + 0.5 * (distance[:, 2] + distance[:, 3])
+        for ratios in self._frame_expressions("focus_on_expression"):
+            score = expression_distance(ratios, np.nanmedian(ratios, axis=0))
             weights = np.nan_to_num(score, nan=0.0) + 0.25
             self.expression_weights.append(weights / weights.sum())
         self.expression_share = share
@@ -303,15 +305,20 @@ class ClipDataset:
         plus half of each eye's distance, standardised), among frames at least
         MATCH_MIN_GAP from it: the attention can take the open mouth or shut lid from the
         photo that has one. Needs `load_landmarks`."""
+        if share > 0:
+            self._frame_expressions("match_sources")
+        self.matched_share = max(share, 0.0)
+
+    def _frame_expressions(self, needed_by: str) -> list[np.ndarray]:
+        """Each clip's per-frame standardised expression (T, 4), NaN without a face: found
+        once from the landmarks, for the expression focus and the matched sources."""
         from iwarp.landmarks import standardised_expression
 
-        if share <= 0:
-            self.frame_expressions, self.matched_share = None, 0.0
-            return
         if self.landmarks is None:
-            raise ValueError("match_sources needs the landmarks: call load_landmarks first")
-        self.frame_expressions = [standardised_expression(p) for p in self.landmarks]
-        self.matched_share = share
+            raise ValueError(f"{needed_by} needs the landmarks: call load_landmarks first")
+        if self.frame_expressions is None:
+            self.frame_expressions = [standardised_expression(p) for p in self.landmarks]
+        return self.frame_expressions
 
     def _matched_sources(
         self, rng: np.random.Generator, c: int, sources: np.ndarray, driving: int
@@ -322,8 +329,7 @@ class ClipDataset:
         if self.matched_share <= 0 or len(sources) < 2 or rng.random() >= self.matched_share:
             return sources
         expressions = self.frame_expressions[c]
-        distance = np.abs(expressions - expressions[driving])
-        score = distance[:, 0] + 0.5 * (distance[:, 2] + distance[:, 3])
+        score = expression_distance(expressions, expressions[driving])
         frames = np.arange(len(score))
         score[np.abs(frames - driving) < MATCH_MIN_GAP] = np.nan
         if np.isnan(score).all():  # no face on the driving frame, or a short clip

@@ -20,6 +20,7 @@ from iwarp.landmarks import LANDMARK_GROUPS, standardised_expression
 from iwarp.model.blocks import make_coordinate_grid
 from iwarp.model.keypoints import KeypointDetector
 from iwarp.model.source_features import IMAGENET_MEAN, IMAGENET_STD
+from iwarp.model.warp import values_at
 
 
 class _EfficientNetLite0Features(nn.Module):
@@ -296,11 +297,10 @@ def landmark_flow_loss(
     at = landmarks[:, index].to(flow.dtype)  # (B, P, 2)
     target = source_landmarks[:, :, index].to(flow.dtype)  # (B, N, P, 2)
     known = torch.isfinite(at).all(-1)[:, None] & torch.isfinite(target).all(-1)  # (B, N, P)
-    grid = torch.nan_to_num(at).repeat_interleave(n, dim=0)[:, None]  # (B*N, 1, P, 2)
+    points_per_source = torch.nan_to_num(at).repeat_interleave(n, dim=0)  # (B*N, P, 2)
 
     def read(field: torch.Tensor) -> torch.Tensor:  # (B, N, C, H, W) -> (B, N, P, C)
-        values = F.grid_sample(field.flatten(0, 1), grid, mode="bilinear", align_corners=False)
-        return values[:, :, 0].transpose(1, 2).reshape(b, n, len(index), -1)
+        return values_at(field.flatten(0, 1), points_per_source).reshape(b, n, len(index), -1)
 
     weight = read(mass.detach())[..., 0] * known  # (B, N, P)
     if float(weight.sum()) == 0:
